@@ -1,0 +1,148 @@
+"""Per-unit ON probability and binary entropy at every rectifier call site (EASIER, step 1-2).
+
+A unit that is (almost) always ON passes its input through unchanged, one that is always OFF outputs a
+constant: either way the rectifier is (nearly) linear there. The layer score is the mean binary entropy of
+its units, in bits, in [0, 1]; the lowest-scoring call site is the cheapest to remove.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import fx, nn
+
+from .graph import CallSite, channel_dim
+
+
+def binary_entropy(p: torch.Tensor) -> torch.Tensor:
+    """H(p) in bits, with H(0) = H(1) = 0."""
+    p = p.double().clamp(0.0, 1.0)
+    q = 1.0 - p
+    h = -(torch.xlogy(p, p) + torch.xlogy(q, q)) / math.log(2.0)
+    return h.clamp(0.0, 1.0)
+
+
+@dataclass
+class SiteStats:
+    """What one call site's units did over the data seen."""
+
+    name: str
+    op: str
+    p_on: torch.Tensor  # per unit, float64
+
+    @property
+    def units(self) -> int:
+        return self.p_on.numel()
+
+    @property
+    def entropy(self) -> float:
+        return float(binary_entropy(self.p_on).mean()) if self.units else 0.0
+
+    def to_dict(self) -> dict:
+        return {"name": self.name, "op": self.op, "units": self.units, "entropy": self.entropy,
+                "mean_p_on": float(self.p_on.mean()) if self.units else 0.0}
+
+
+class OnCounter(nn.Module):
+    """Identity that counts, per unit, how often its input is >= ``threshold``."""
+
+    def __init__(self, dim: int, threshold: float = 0.0) -> None:
+        super().__init__()
+        self.dim, self.threshold = dim, threshold
+        self.on: torch.Tensor | None = None
+        self.seen = 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            on = (x.detach() >= self.threshold).movedim(self.dim, -1).reshape(-1, x.shape[self.dim])
+            counts = on.sum(0, dtype=torch.float64)
+            self.on = counts if self.on is None else self.on + counts
+            self.seen += on.shape[0]
+        return x
+
+    def p_on(self) -> torch.Tensor:
+        if self.on is None:
+            return torch.zeros(0, dtype=torch.float64)
+        on, seen = self.on.clone(), torch.tensor([float(self.seen)], dtype=torch.float64, device=self.on.device)
+        if dist.is_available() and dist.is_initialized():  # every rank saw a shard of the data
+            dist.all_reduce(on)
+            dist.all_reduce(seen)
+        return (on / seen.clamp_min(1)).cpu()
+
+
+def instrument(gm: fx.GraphModule, sites: Iterable[CallSite], threshold: float = 0.0
+               ) -> tuple[fx.GraphModule, dict[str, OnCounter], list[torch.utils.hooks.RemovableHandle]]:
+    """A GraphModule sharing ``gm``'s weights with a counter in front of each call site."""
+    graph = fx.Graph()
+    env: dict[fx.Node, fx.Node] = {}
+    counters: dict[str, OnCounter] = {}
+    owned: dict[str, object] = {}  # GraphModule root: the targets the new graph refers to
+    wanted = {s.name: s for s in sites}
+    for node in gm.graph.nodes:
+        if node.op in ("call_module", "get_attr"):
+            owned[node.target] = _fetch(gm, node.target)
+        site = wanted.get(node.name)
+        if site is not None and site.in_graph:
+            counter = counters[site.name] = OnCounter(channel_dim(gm, site), threshold)
+            target = f"_easier_probe_{len(counters)}"
+            owned[target] = counter
+            x = graph.call_module(target, (env[node.args[0]],))
+            env[node] = graph.node_copy(node, lambda n, node=node, x=x: x if n is node.args[0] else env[n])
+        else:
+            env[node] = graph.node_copy(node, lambda n: env[n])
+    probed = fx.GraphModule(owned, graph)
+    handles = []
+    for site in wanted.values():
+        if not site.in_graph:  # rectifier inside a leaf module: a forward pre-hook sees its input
+            counter = counters[site.name] = OnCounter(1, threshold)
+            handles.append(probed.get_submodule(site.name).register_forward_pre_hook(_counting_hook(counter)))
+    return probed, counters, handles
+
+
+def _counting_hook(counter: OnCounter):
+    def hook(_module: nn.Module, args: tuple) -> None:
+        counter(args[0])
+
+    return hook
+
+
+def _fetch(gm: fx.GraphModule, target: str) -> object:
+    parent, _, attr = target.rpartition(".")
+    return getattr(gm.get_submodule(parent), attr)
+
+
+@contextlib.contextmanager
+def _preserved_buffers(model: nn.Module) -> Iterator[None]:
+    """Train-mode passes update BatchNorm running stats: measuring must not change the model."""
+    saved = {k: v.clone() for k, v in model.state_dict().items() if not v.is_floating_point() or "running" in k}
+    try:
+        yield
+    finally:
+        model.load_state_dict(saved, strict=False)
+
+
+def measure(gm: fx.GraphModule, sites: list[CallSite], loader: Iterable, device: torch.device,
+            batches: int | None = None, train_mode: bool = True, threshold: float = 0.0,
+            progress=None) -> dict[str, SiteStats]:
+    """Run data through ``gm`` and return each call site's per-unit ON probability."""
+    probed, counters, handles = instrument(gm, sites, threshold)
+    was_training = gm.training
+    probed.train(train_mode)
+    try:
+        with _preserved_buffers(gm), torch.no_grad():
+            for i, (x, _y) in enumerate(loader):
+                if batches is not None and i >= batches:
+                    break
+                probed(x.to(device, non_blocking=True))
+                if progress is not None:
+                    progress()
+    finally:
+        for h in handles:
+            h.remove()
+        gm.train(was_training)
+    return {s.name: SiteStats(s.name, s.op, counters[s.name].p_on()) for s in sites}

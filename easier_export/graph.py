@@ -1,0 +1,178 @@
+"""Tracing to torch.fx and the rectifier *call sites* EASIER measures and removes.
+
+A call site is one place in the traced graph where a rectifier runs: a module reused twice (torchvision
+ResNet's ``relu``) gives two call sites that are measured and linearized separately, and functional calls
+(``F.relu``, ``torch.relu_``, ``aten.relu``) count too. Sub-modules whose Python control flow defeats
+symbolic tracing (timm VGG's ``ConvMlp``) become leaves; rectifier modules inside them are still call sites,
+addressed by module path and linearized by swapping in ``nn.Identity``.
+"""
+
+from __future__ import annotations
+
+import copy
+import operator
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import fx, nn
+
+from .errors import UserError
+
+RECTIFIER_MODULES: dict[type[nn.Module], str] = {
+    nn.ReLU: "relu", nn.ReLU6: "relu6", nn.LeakyReLU: "leaky_relu", nn.GELU: "gelu", nn.SiLU: "silu",
+    nn.Hardswish: "hardswish",
+}
+_aten = torch.ops.aten
+RECTIFIER_FUNCTIONS: dict[object, str] = {
+    F.relu: "relu", torch.relu: "relu", torch.relu_: "relu", F.relu_: "relu", F.relu6: "relu6",
+    F.leaky_relu: "leaky_relu", F.gelu: "gelu", F.silu: "silu", F.hardswish: "hardswish",
+    _aten.relu.default: "relu", _aten.relu_.default: "relu", _aten.gelu.default: "gelu",
+    _aten.silu.default: "silu", _aten.silu_.default: "silu", _aten.leaky_relu.default: "leaky_relu",
+    _aten.hardtanh.default: "relu6", _aten.hardswish.default: "hardswish",
+}
+RECTIFIER_METHODS = {"relu": "relu", "relu_": "relu"}
+ALL_RECTIFIERS = frozenset(RECTIFIER_MODULES.values())
+_CHANNEL_FIRST = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+_CHANNEL_LAST = (nn.Linear, nn.LayerNorm)
+
+
+@dataclass(frozen=True)
+class CallSite:
+    """``name``: fx node name, or module path for a rectifier inside a leaf module."""
+
+    name: str
+    op: str
+    in_graph: bool = True
+
+
+class _Tracer(fx.Tracer):
+    def __init__(self, leaves: set[str]) -> None:
+        super().__init__()
+        self.leaves = leaves
+
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        return qualname in self.leaves or super().is_leaf_module(m, qualname)
+
+
+def _try_trace(module: nn.Module, leaves: set[str]) -> tuple[fx.GraphModule | None, Exception | None]:
+    try:
+        tracer = _Tracer(leaves)
+        graph = tracer.trace(module)
+        return fx.GraphModule(tracer.root, graph, module.__class__.__name__), None
+    except Exception as e:  # fx raises TraceError, TypeError, AssertionError... for untraceable code
+        return None, e
+
+
+def _untraceable(module: nn.Module, prefix: str = "") -> list[str]:
+    """Deepest sub-modules whose own forward cannot be traced (their children trace fine)."""
+    if _try_trace(module, set())[0] is not None:
+        return []
+    deeper = [p for name, child in module.named_children()
+              for p in _untraceable(child, f"{prefix}{name}.") if child is not None]
+    return deeper or [prefix.rstrip(".")]
+
+
+def trace(model: nn.Module) -> fx.GraphModule:
+    """Symbolic trace, turning untraceable sub-modules into leaves; a GraphModule is returned as is."""
+    if isinstance(model, fx.GraphModule):
+        return model
+    gm, err = _try_trace(model, set())
+    if gm is not None:
+        return gm
+    leaves = set(_untraceable(model))
+    if "" in leaves:
+        raise UserError(f"cannot trace {type(model).__name__} with torch.fx ({str(err).splitlines()[0]}); "
+                        "export it with torch.export and pass the .pt2 archive instead")
+    gm, err = _try_trace(model, leaves)
+    if gm is None:
+        raise UserError(f"cannot trace {type(model).__name__} even with {sorted(leaves)} as leaves: {err}")
+    gm.meta["leaf_modules"] = sorted(leaves)
+    return gm
+
+
+def _node_op(gm: fx.GraphModule, node: fx.Node) -> str | None:
+    if node.op == "call_module":
+        return RECTIFIER_MODULES.get(type(gm.get_submodule(node.target)))
+    if node.op == "call_function":
+        return RECTIFIER_FUNCTIONS.get(node.target)  # type: ignore[call-overload]
+    if node.op == "call_method":
+        return RECTIFIER_METHODS.get(node.target)  # type: ignore[call-overload]
+    return None
+
+
+def find_call_sites(gm: fx.GraphModule, rectifiers: Iterable[str] = ALL_RECTIFIERS) -> list[CallSite]:
+    """All rectifier call sites, in execution order, whose kind is in ``rectifiers``."""
+    wanted = set(rectifiers)
+    unknown = wanted - ALL_RECTIFIERS
+    if unknown:
+        raise UserError(f"unknown rectifier(s) {sorted(unknown)}; choose from {sorted(ALL_RECTIFIERS)}")
+    sites = []
+    for node in gm.graph.nodes:
+        op = _node_op(gm, node)
+        if op in wanted:
+            sites.append(CallSite(node.name, op))
+        elif node.op == "call_module":  # rectifiers inside a leaf module (one that did not trace)
+            for path, mod in gm.get_submodule(node.target).named_modules(prefix=node.target):
+                if RECTIFIER_MODULES.get(type(mod)) in wanted:
+                    sites.append(CallSite(path, RECTIFIER_MODULES[type(mod)], in_graph=False))
+    return sites
+
+
+def channel_dim(gm: fx.GraphModule, site: CallSite) -> int:
+    """Which dim holds units: 1 after conv/BN (NCHW maps), -1 after linear/LayerNorm (tokens)."""
+    if not site.in_graph:
+        return 1
+    node = _node(gm, site.name).args[0]
+    while isinstance(node, fx.Node):
+        if node.op == "call_module":
+            mod = gm.get_submodule(node.target)
+            if isinstance(mod, _CHANNEL_FIRST):
+                return 1
+            if isinstance(mod, _CHANNEL_LAST):
+                return -1
+        if node.op == "call_function" and node.target in (F.linear, F.layer_norm, _aten.linear.default):
+            return -1
+        if node.op == "call_function" and node.target in (F.conv2d, _aten.convolution.default,
+                                                          _aten.conv2d.default):
+            return 1
+        if node.op == "placeholder" or not node.args:
+            break
+        node = node.args[0] if node.target not in (operator.add, torch.add) else _first_node(node.args)
+    return 1
+
+
+def _first_node(args: tuple) -> fx.Node | None:
+    return next((a for a in args if isinstance(a, fx.Node)), None)
+
+
+def _node(gm: fx.GraphModule, name: str) -> fx.Node:
+    for node in gm.graph.nodes:
+        if node.name == name:
+            return node
+    raise KeyError(name)
+
+
+def linearize(gm: fx.GraphModule, names: Iterable[str]) -> fx.GraphModule:
+    """A copy of ``gm`` with the named call sites replaced by the identity (the rest untouched)."""
+    names = list(names)
+    out = copy.deepcopy(gm)
+    in_graph = {n.name: n for n in out.graph.nodes}
+    for name in names:
+        if name in in_graph:
+            node = in_graph[name]
+            node.replace_all_uses_with(node.args[0])
+            out.graph.erase_node(node)
+        else:
+            try:
+                out.get_submodule(name)
+            except AttributeError:
+                raise UserError(f"no activation call site named '{name}' in the model") from None
+            parent, _, attr = name.rpartition(".")
+            setattr(out.get_submodule(parent), attr, nn.Identity())
+    out.graph.lint()
+    out.recompile()
+    out.meta.setdefault("removed", [])
+    out.meta["removed"] = list(out.meta["removed"]) + names
+    return out

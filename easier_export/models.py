@@ -1,0 +1,182 @@
+"""Every MODEL form the CLI accepts, loaded in one place, with one-line errors for bad input.
+
+Forms: ``timm:NAME``, ``torchvision:NAME``, a builtin name (``cifar_resnet20``...), a state-dict file with an
+``--arch``, a ``torch.export`` archive (``.pt2``), a linearized checkpoint written by this tool, and a pickled
+``nn.Module`` (only with ``trust_pickle``: unpickling runs arbitrary code).
+"""
+
+from __future__ import annotations
+
+import difflib
+import pickle
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .arch import BUILTINS
+from .errors import UserError
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+LINEARIZED_FORMAT = "easier-export/linearized-v1"
+
+
+@dataclass
+class LoadedModel:
+    model: nn.Module
+    source: str
+    mean: tuple[float, ...] = IMAGENET_MEAN
+    std: tuple[float, ...] = IMAGENET_STD
+    input_size: tuple[int, int, int] = (3, 224, 224)
+    removed: list[str] = field(default_factory=list)  # call sites already linearized (linearized checkpoints)
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def num_classes(self) -> int | None:
+        return head_classes(self.model)
+
+
+def _suggest(name: str, choices: list[str]) -> str:
+    close = difflib.get_close_matches(name, choices, n=3, cutoff=0.5)
+    return f" Did you mean: {', '.join(close)}?" if close else ""
+
+
+def build_arch(arch: str, num_classes: int | None = None) -> nn.Module:
+    """Instantiate an architecture by name with random weights (nothing is ever downloaded)."""
+    kwargs: dict[str, Any] = {} if num_classes is None else {"num_classes": num_classes}
+    prefix, _, name = arch.partition(":")
+    if not name:
+        prefix, name = "builtin", arch
+    if prefix == "timm":
+        import timm
+
+        if not timm.is_model(name):
+            raise UserError(f"unknown timm model '{name}'.{_suggest(name, timm.list_models())}")
+        return timm.create_model(name, pretrained=False, **kwargs)
+    if prefix == "torchvision":
+        import torchvision
+
+        names = torchvision.models.list_models()
+        if name not in names:
+            raise UserError(f"unknown torchvision model '{name}'.{_suggest(name, names)}")
+        return torchvision.models.get_model(name, weights=None, **kwargs)
+    if prefix == "builtin" and name in BUILTINS:
+        return BUILTINS[name](**kwargs)
+    known = [f"timm:NAME, torchvision:NAME, {', '.join(BUILTINS)}"]
+    raise UserError(f"unknown model '{arch}' (expected {known[0]}).{_suggest(name, list(BUILTINS))}")
+
+
+def _unwrap_state_dict(obj: Any) -> dict[str, torch.Tensor]:
+    for key in ("state_dict", "model", "model_state_dict"):
+        if isinstance(obj, dict) and isinstance(obj.get(key), dict):
+            obj = obj[key]
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise UserError("the weights file holds no state dict (expected tensors under 'state_dict'/'model')")
+    prefix = "module."
+    if obj and all(k.startswith(prefix) for k in obj):
+        obj = {k[len(prefix):]: v for k, v in obj.items()}
+    return obj
+
+
+def load_state_dict(model: nn.Module, obj: Any, what: str) -> None:
+    """Strict load with a readable mismatch message (which keys are missing, which unexpected)."""
+    state = _unwrap_state_dict(obj)
+    result = model.load_state_dict(state, strict=False)
+    problems = []
+    if result.missing_keys:
+        problems.append(f"missing {len(result.missing_keys)} keys ({_short(result.missing_keys)})")
+    if result.unexpected_keys:
+        problems.append(f"unexpected {len(result.unexpected_keys)} keys ({_short(result.unexpected_keys)})")
+    if problems:
+        raise UserError(f"{what} does not match the architecture: {'; '.join(problems)}")
+
+
+def _short(keys: list[str], n: int = 4) -> str:
+    return ", ".join(keys[:n]) + (", ..." if len(keys) > n else "")
+
+
+def _torch_load(path: Path, trust_pickle: bool) -> Any:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=not trust_pickle)
+    except pickle.UnpicklingError as e:
+        raise UserError(
+            f"{path} contains pickled Python objects (a whole nn.Module?), which can run arbitrary code when "
+            "loaded, so files load with weights_only=True; re-run with --trust-pickle if you trust its source"
+        ) from e
+    except (RuntimeError, EOFError, OSError) as e:
+        raise UserError(f"cannot read {path}: {str(e).splitlines()[0]}") from e
+
+
+def _finish(model: nn.Module, source: str, num_classes: int | None, removed: list[str] | None = None,
+            notes: list[str] | None = None) -> LoadedModel:
+    if num_classes is not None and head_classes(model) not in (None, num_classes):
+        raise UserError(f"{source} has {head_classes(model)} output classes but --num-classes is {num_classes}")
+    cfg = getattr(model, "pretrained_cfg", None) or getattr(model, "default_cfg", None) or {}
+    size = tuple(cfg.get("input_size", (3, 224, 224)))
+    return LoadedModel(model.eval(), source, tuple(cfg.get("mean", IMAGENET_MEAN)),
+                       tuple(cfg.get("std", IMAGENET_STD)), size, removed or [], notes or [])  # type: ignore[arg-type]
+
+
+def load_model(source: str, num_classes: int | None = None, weights: str | Path | None = None,
+               arch: str | None = None, trust_pickle: bool = False) -> LoadedModel:
+    """Resolve any MODEL form into an eval-mode nn.Module plus its preprocessing config."""
+    path = Path(source)
+    looks_like_file = path.suffix in {".pt", ".pth", ".th", ".pt2", ".bin", ".ckpt"} or path.exists()
+    if not looks_like_file:
+        model = build_arch(source, num_classes)
+        notes = []
+        if weights is not None:
+            load_state_dict(model, _torch_load(_existing(weights), False), f"weights file {weights}")
+        else:
+            notes.append(f"{source}: no --weights given, using random initialisation")
+            warnings.warn(notes[-1], stacklevel=2)
+        return _finish(model, source, num_classes, notes=notes)
+
+    path = _existing(path)
+    if path.suffix == ".pt2":
+        try:
+            program = torch.export.load(path)
+        except Exception as e:  # torch raises many types for a bad archive
+            raise UserError(f"cannot load torch.export archive {path}: {str(e).splitlines()[0]}") from e
+        return _finish(program.module(), str(path), num_classes)
+
+    obj = _torch_load(path, trust_pickle)
+    if isinstance(obj, nn.Module):
+        return _finish(obj, str(path), num_classes)
+    if isinstance(obj, dict) and obj.get("format") == LINEARIZED_FORMAT:
+        recipe = obj["recipe"]
+        model = build_arch(recipe["arch"], recipe.get("num_classes"))
+        from .graph import linearize, trace
+
+        gm = linearize(trace(model), recipe["removed"])
+        load_state_dict(gm, obj["state_dict"], f"linearized checkpoint {path}")
+        loaded = _finish(gm, recipe["arch"], num_classes, removed=list(recipe["removed"]))
+        loaded.mean, loaded.std = tuple(recipe["mean"]), tuple(recipe["std"])
+        loaded.input_size = tuple(recipe["input_size"])  # type: ignore[assignment]
+        return loaded
+    if arch is None:
+        raise UserError(f"{path} is a state dict: say which architecture it belongs to with --arch "
+                        "(e.g. --arch timm:resnet18)")
+    model = build_arch(arch, num_classes)
+    load_state_dict(model, obj, f"state dict {path}")
+    return _finish(model, arch, num_classes)
+
+
+def _existing(path: str | Path) -> Path:
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"no such file: {path}")
+    return path
+
+
+def head_classes(model: nn.Module) -> int | None:
+    """Number of classes: rows of the last Linear, else of the last 2-D weight (exported programs)."""
+    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    if linears:
+        return linears[-1].out_features
+    weights = [p for name, p in model.named_parameters() if name.endswith("weight") and p.dim() == 2]
+    return weights[-1].shape[0] if weights else None
