@@ -1,0 +1,93 @@
+"""Finetuning and validation, the same code on one process or under torchrun (DDP)."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, DistributedSampler
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def is_distributed() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def is_main_process() -> bool:
+    return not is_distributed() or dist.get_rank() == 0
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader: DataLoader, device: torch.device) -> float:
+    """Top-1 accuracy in percent (summed over ranks under DDP)."""
+    was_training = model.training
+    model.eval()
+    correct = torch.zeros(2, dtype=torch.float64, device=device)
+    for x, y in loader:
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        correct[0] += (model(x).argmax(-1) == y).sum()
+        correct[1] += y.numel()
+    if is_distributed():
+        dist.all_reduce(correct)
+    model.train(was_training)
+    return float(100.0 * correct[0] / correct[1].clamp_min(1))
+
+
+def seed_everything(seed: int, loader: DataLoader | None = None) -> None:
+    """Seed per round, not per run, so a resumed run replays exactly what an uninterrupted one does."""
+    torch.manual_seed(seed)
+    if loader is not None and loader.generator is not None:
+        loader.generator.manual_seed(seed)
+    if loader is not None and isinstance(loader.sampler, DistributedSampler):
+        loader.sampler.seed = seed
+
+
+def finetune(model: nn.Module, loader: DataLoader, device: torch.device, epochs: float, lr: float,
+             weight_decay: float = 5e-4, on_step: Callable[[], None] | None = None) -> float:
+    """SGD + momentum with a cosine schedule; returns the mean training loss of the last epoch.
+
+    ``epochs`` may be fractional (e.g. 0.25 = a quarter of an epoch), for quick rounds on big datasets.
+    """
+    if epochs <= 0:
+        return float("nan")
+    steps = max(1, math.ceil(epochs * len(loader)))
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=weight_decay, nesterov=True)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * s / steps)))
+    use_amp = device.type == "cuda"
+    scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
+    net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None) \
+        if is_distributed() else model
+    model.train()
+    loss_fn = nn.CrossEntropyLoss()
+    step, epoch, total, count = 0, 0, 0.0, 0
+    while step < steps:
+        if isinstance(loader.sampler, DistributedSampler):
+            loader.sampler.set_epoch(epoch)
+        total, count = 0.0, 0
+        for x, y in loader:
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            with torch.autocast(device.type, enabled=use_amp):
+                loss = loss_fn(net(x), y)
+            opt.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.step(opt)
+            scaler.update()
+            sched.step()
+            total, count, step = total + loss.item(), count + 1, step + 1
+            if on_step is not None:
+                on_step()
+            if step >= steps:
+                break
+        epoch += 1
+    model.eval()
+    return total / max(count, 1)
