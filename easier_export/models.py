@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import difflib
 import pickle
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -133,7 +132,6 @@ def load_model(source: str, num_classes: int | None = None, weights: str | Path 
             load_state_dict(model, _torch_load(_existing(weights), False), f"weights file {weights}")
         else:
             notes.append(f"{source}: no --weights given, using random initialisation")
-            warnings.warn(notes[-1], stacklevel=2)
         return _finish(model, source, num_classes, notes=notes)
 
     path = _existing(path)
@@ -149,7 +147,7 @@ def load_model(source: str, num_classes: int | None = None, weights: str | Path 
         return _finish(obj, str(path), num_classes)
     if isinstance(obj, dict) and obj.get("format") == LINEARIZED_FORMAT:
         recipe = obj["recipe"]
-        model = build_arch(recipe["arch"], recipe.get("num_classes"))
+        model = load_model(recipe["arch"], recipe.get("num_classes"), trust_pickle=trust_pickle).model
         from .graph import linearize, trace
 
         gm = linearize(trace(model), recipe["removed"])

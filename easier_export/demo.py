@@ -1,0 +1,46 @@
+"""The embedded default job: a small residual CNN trained on scikit-learn's digits, then compressed.
+
+Needs no file and no network; on 2 CPU cores the whole run takes a minute or two.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from .arch import DemoNet
+from .data import digits
+from .io import save_torch
+from .linearize import LoopConfig
+from .models import LoadedModel
+from .pipeline import CompressConfig, compress, ensure_writable
+from .train import evaluate, finetune, seed_everything
+from .ui import info, progress
+
+
+def trained_demo_model(out_dir: Path, epochs: int, seed: int) -> DemoNet:
+    """Train once and keep the weights, so a rerun (or a resumed run) starts from the same model."""
+    path = out_dir / "demo_cnn.pt"
+    model = DemoNet()
+    if path.exists():
+        model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+        info(f"using the trained demo model in {path}")
+        return model.eval()
+    loaders = digits(seed=seed)
+    seed_everything(seed, loaders.train)
+    with progress("train demo CNN on digits", epochs * len(loaders.train)) as advance:
+        finetune(model, loaders.train, torch.device("cpu"), epochs, lr=0.05, weight_decay=1e-4, on_step=advance)
+    info(f"trained demo CNN: {evaluate(model, loaders.val, torch.device('cpu')):.2f}% top-1 on digits val")
+    save_torch(model.state_dict(), path)
+    return model.eval()
+
+
+def run_demo(out_dir: Path, epochs: int = 12, finetune_epochs: float = 2.0, max_drop: float = 1.0,
+             fold: str = "auto", seed: int = 0) -> dict:
+    out_dir = ensure_writable(Path(out_dir))
+    model = trained_demo_model(out_dir, epochs, seed)
+    loaded = LoadedModel(model, "demo_cnn", mean=(0.5,), std=(0.5,), input_size=(1, 16, 16))
+    cfg = CompressConfig(LoopConfig(max_drop=max_drop, finetune_epochs=finetune_epochs, lr=0.01, seed=seed),
+                         fold=fold, device="cpu", bench_seconds=1.0)
+    return compress(loaded, digits(seed=seed), out_dir, cfg)

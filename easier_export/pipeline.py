@@ -1,0 +1,155 @@
+"""`compress`, stage by stage: EASIER loop → fold → ONNX export → verify → benchmark → report."""
+
+from __future__ import annotations
+
+import itertools
+import warnings
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from torch import fx, nn
+
+from . import __version__
+from .bench import bench
+from .data import Loaders
+from .errors import UserError, VerificationError
+from .export import export_onnx, mark_unverified, print_verify, verify_onnx
+from .fold import fold_model
+from .graph import find_call_sites, trace
+from .io import save_torch
+from .linearize import LoopConfig, LoopResult, run_loop
+from .models import LINEARIZED_FORMAT, LoadedModel
+from .report import model_stats, summary_table, write_report
+from .train import is_main_process, resolve_device
+from .ui import console, info
+
+
+@dataclass
+class CompressConfig:
+    loop: LoopConfig = field(default_factory=LoopConfig)
+    fold: str = "auto"
+    target: str = "cpu"
+    device: str = "auto"
+    simplify: bool = True
+    atol: float = 1e-4
+    rtol: float = 1e-3
+    min_top1: float = 0.99
+    verify_batches: int = 4
+    bench_devices: tuple[str, ...] = ("cpu",)
+    bench_batches: tuple[int, ...] = (1, 8)
+    threads: int | None = None
+    bench_seconds: float = 2.0
+
+
+def ensure_writable(out_dir: Path) -> Path:
+    """Fail at the start, not after an hour of finetuning, when the output folder cannot be written."""
+    probe = out_dir / ".write-test"
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        probe.write_text("")
+        probe.unlink()
+    except OSError as e:
+        raise UserError(f"output directory {out_dir} is not writable ({e.strerror})") from e
+    return out_dir
+
+
+def save_linearized(path: Path, loaded: LoadedModel, result: LoopResult) -> Path:
+    """State dict + the recipe to rebuild it: architecture, removed call sites, preprocessing."""
+    recipe = {"arch": loaded.source, "num_classes": loaded.num_classes, "removed": result.removed,
+              "input_size": list(loaded.input_size), "mean": list(loaded.mean), "std": list(loaded.std)}
+    state = {k: v.detach().cpu() for k, v in result.model.state_dict().items()}
+    return save_torch({"format": LINEARIZED_FORMAT, "recipe": recipe, "state_dict": state}, path)
+
+
+def val_batches(loaders: Loaders, n: int) -> list[torch.Tensor]:
+    return [x for x, _ in itertools.islice(iter(loaders.val), n)]
+
+
+def export_and_verify(model: nn.Module, reference: nn.Module, example: torch.Tensor, path: Path,
+                      inputs: list[torch.Tensor], metadata: dict[str, str], cfg: CompressConfig) -> dict:
+    """Export, then prove the file reproduces ``reference``; a failure keeps the file as *.unverified.onnx."""
+    info_ = export_onnx(model, example, path, metadata, simplify=cfg.simplify)
+    result = verify_onnx(path, reference, inputs, cfg.atol, cfg.rtol, cfg.min_top1)
+    print_verify(result, console)
+    info_["verify"] = result.to_dict()
+    if not result.passed:
+        info_["path"] = str(mark_unverified(path))
+    return info_
+
+
+def compress(loaded: LoadedModel, loaders: Loaders, out_dir: Path, cfg: CompressConfig) -> dict:
+    """Run every stage and return the report (also written to ``out_dir``)."""
+    out_dir = ensure_writable(Path(out_dir))
+    device = resolve_device(cfg.device)
+    original = loaded.model.eval()
+    gm = trace(original)
+    n_sites = len(find_call_sites(gm, cfg.loop.rectifiers))
+    if n_sites == 0:
+        raise UserError(f"{loaded.source} has no {'/'.join(cfg.loop.rectifiers)} activations to remove")
+    info(f"[bold]{loaded.source}[/]: {n_sites} activation call sites; finetuning on {device}")
+
+    result = run_loop(gm, loaded.source, loaders.train, loaders.val, cfg.loop, device, out_dir)
+    if not is_main_process():
+        return {}
+    linearized = result.model.cpu().eval()
+    save_linearized(out_dir / "linearized.pt", loaded, result)
+
+    inputs = val_batches(loaders, cfg.verify_batches)
+    example = inputs[0][:1]
+    info(f"folding (mode {cfg.fold}, target {cfg.target})")
+    folded, folds = fold_model(linearized, example, mode=cfg.fold, target=cfg.target,
+                               cache=out_dir / "latency_table.json", threads=cfg.threads)
+
+    meta = {"source": loaded.source, "removed_activations": ",".join(result.removed),
+            "folds_applied": str(sum(f.applied for f in folds))}
+    onnx_dir = out_dir / "onnx"
+    info("exporting ONNX")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        exports = {
+            "original": export_onnx(original, example, onnx_dir / "original.onnx", meta, cfg.simplify),
+            "linearized": export_onnx(linearized, example, onnx_dir / "linearized.onnx", meta, cfg.simplify),
+        }
+        # model.onnx is checked against the *linearized* model: that proves the folds and the export at once.
+        exports["folded"] = export_and_verify(folded, linearized, example, out_dir / "model.onnx", inputs, meta, cfg)
+    verify = exports["folded"]["verify"]
+
+    info("benchmarking (onnxruntime)")
+    bench_rows = bench({k: Path(v["path"]) for k, v in exports.items()}, tuple(example.shape[1:]),
+                       cfg.bench_devices, cfg.bench_batches, cfg.threads, max_seconds=cfg.bench_seconds)
+
+    report = build_report(loaded, cfg, result, original, folded, example, folds, exports, bench_rows)
+    write_report(report, out_dir)
+    console.print(summary_table(report))
+    if not verify["passed"]:
+        raise VerificationError(f"model.onnx does not reproduce the PyTorch model: {verify['reason']} "
+                                f"(kept as {Path(exports['folded']['path']).name})")
+    return report
+
+
+def build_report(loaded: LoadedModel, cfg: CompressConfig, result: LoopResult, original: nn.Module,
+                 folded: fx.GraphModule, example: torch.Tensor, folds: list, exports: dict,
+                 bench_rows: list[dict]) -> dict:
+    removed_round = {name: r.round for r in result.history if r.within_budget for name in r.removed}
+    return {
+        "schema_version": 1,
+        "tool": {"name": "easier-export", "version": __version__},
+        "model": {"source": loaded.source, "input_size": list(example.shape[1:]),
+                  "num_classes": loaded.num_classes},
+        "settings": {**asdict(cfg.loop), **{k: v for k, v in asdict(cfg).items() if k != "loop"}},
+        "original": {"top1": result.base_top1, **model_stats(original, example),
+                     "onnx_bytes": exports["original"]["size_bytes"]},
+        "compressed": {"top1": result.final_top1, **model_stats(folded, example),
+                       "onnx_bytes": exports["folded"]["size_bytes"], "removed": result.removed},
+        "entropy": [{"name": e["name"], "op": e["op"], "units": e["units"], "entropy": e["entropy"],
+                     "removed_round": removed_round.get(e["name"])} for e in result.entropy0],
+        "rounds": [{k: v for k, v in asdict(r).items() if k != "score"} | {"entropy": r.score}
+                   for r in result.history],
+        "folds": [f.to_dict() for f in folds],
+        "export": {k: v for k, v in exports["folded"].items() if k != "verify"},
+        "verify": exports["folded"]["verify"],
+        "bench": bench_rows,
+        "outputs": {"model": Path(exports["folded"]["path"]).name, "linearized": "linearized.pt",
+                    "report_json": "report.json", "report_md": "report.md"},
+    }
