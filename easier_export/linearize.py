@@ -93,7 +93,7 @@ def score_sites(gm: fx.GraphModule, sites: list[CallSite], loader, device: torch
                 round_seed: int) -> tuple[dict[str, float], dict[str, SiteStats]]:
     if cfg.criterion == "random":
         gen = torch.Generator().manual_seed(round_seed)
-        return {s.name: float(v) for s, v in zip(sites, torch.rand(len(sites), generator=gen))}, {}
+        return {s.name: float(v) for s, v in zip(sites, torch.rand(len(sites), generator=gen), strict=True)}, {}
     if cfg.criterion not in CRITERIA:
         raise UserError(f"unknown --criterion '{cfg.criterion}' (choose from random, {', '.join(CRITERIA)})")
     total = cfg.entropy_batches if cfg.entropy_batches is not None else len(loader)

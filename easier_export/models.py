@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
+from torch import fx, nn
 
 from .arch import BUILTINS
 from .errors import UserError
@@ -140,7 +140,9 @@ def load_model(source: str, num_classes: int | None = None, weights: str | Path 
             program = torch.export.load(path)
         except Exception as e:  # torch raises many types for a bad archive
             raise UserError(f"cannot load torch.export archive {path}: {str(e).splitlines()[0]}") from e
-        return _finish(program.module(), str(path), num_classes)
+        unlifted = program.module()
+        # A plain GraphModule: the unlifted module refuses .train()/.eval(), which every stage calls.
+        return _finish(fx.GraphModule(unlifted, unlifted.graph), str(path), num_classes)
 
     obj = _torch_load(path, trust_pickle)
     if isinstance(obj, nn.Module):

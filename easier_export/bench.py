@@ -1,0 +1,223 @@
+"""Latency of ONNX models under onnxruntime (PyTorch eager as a reference), measured fairly side by side."""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import platform
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import torch
+from torch import nn
+
+from .errors import UserError
+from .export import eval_copy
+
+logger = logging.getLogger(__name__)
+
+Runner = Callable[[], None]
+DEVICES = ("cpu", "cuda")
+
+
+def bench(
+    onnx_models: dict[str, Path],
+    input_shape: tuple[int, int, int],
+    devices: Sequence[str] = ("cpu",),
+    batches: Sequence[int] = (1,),
+    threads: int | None = None,
+    torch_models: dict[str, nn.Module] | None = None,
+    warmup: int = 10,
+    min_iters: int = 30,
+    max_seconds: float = 2.0,
+    repeats: int = 3,
+) -> list[dict]:
+    """Time every model on every (device, batch); one row per model, backend, device and batch.
+
+    Each model gets at least ``min_iters`` timed runs and keeps going until it has used about
+    ``max_seconds``. The runs are split into ``repeats`` rounds that alternate between the models
+    (A, B, A, B, ...), so clock boosts, thermal drift or a noisy neighbour hit every model alike
+    and the ratios within one call are fair.
+    """
+    unknown = set(devices) - set(DEVICES)
+    if unknown:
+        raise UserError(f"unknown benchmark device(s) {sorted(unknown)}: choose from {list(DEVICES)}")
+    missing = [str(p) for p in onnx_models.values() if not Path(p).is_file()]
+    if missing:
+        raise UserError(f"ONNX model(s) not found: {', '.join(missing)}")
+    threads = threads or physical_cores()
+    versions = {"onnxruntime": ort.__version__, "torch": torch.__version__}
+    cpu = cpu_name()
+    rows = []
+    previous_threads = torch.get_num_threads()
+    torch.set_num_threads(threads)  # the eager reference gets the same CPU budget as onnxruntime
+    try:
+        for device in devices:
+            rows += _bench_device(onnx_models, torch_models or {}, input_shape, device, batches, threads,
+                                  (warmup, min_iters, max_seconds, repeats))
+    finally:
+        torch.set_num_threads(previous_threads)
+    return [{**row, "versions": versions, "cpu": cpu} for row in rows]
+
+
+def _bench_device(onnx_models: dict[str, Path], torch_models: dict[str, nn.Module],
+                  input_shape: tuple[int, int, int], device: str, batches: Sequence[int], threads: int,
+                  budget: tuple[int, int, float, int]) -> list[dict]:
+    if device == "cuda" and not cuda_usable():
+        logger.warning("cuda benchmark requested but no usable GPU (ORT CUDA EP + torch.cuda); skipped")
+        return []
+    providers = _providers(device)
+    rows = []
+    for batch in batches:
+        x = np.random.default_rng(0).standard_normal((batch, *input_shape), dtype=np.float32)
+        runners: dict[tuple[str, str, str], Runner] = {}
+        for label, path in onnx_models.items():
+            runner, provider = _ort_runner(Path(path), x, device, providers, threads)
+            runners[label, "onnxruntime", provider] = runner
+        for label, model in torch_models.items():
+            runners[label, "torch", "eager"] = _torch_runner(model, x, device)
+        times = _interleaved(list(runners.values()), *budget)
+        for (label, backend, provider), ms in zip(runners, times, strict=True):
+            rows.append({"label": label, "backend": backend, "provider": provider, "device": device,
+                         "batch": batch, "threads": threads, **_stats(ms)})
+    return rows
+
+
+
+def speedups(rows: list[dict], baseline_label: str) -> dict[tuple[str, str, int], dict[str, float]]:
+    """p50 of ``baseline_label`` divided by each other label's p50, per (backend, device, batch)."""
+    base = {config_key(r): r["p50_ms"] for r in rows if r["label"] == baseline_label}
+    out: dict[tuple[str, str, int], dict[str, float]] = {}
+    for r in rows:
+        key = config_key(r)
+        if r["label"] != baseline_label and key in base:
+            out.setdefault(key, {})[r["label"]] = base[key] / r["p50_ms"]
+    return out
+
+
+def config_key(row: dict) -> tuple[str, str, int]:
+    """What makes two rows comparable: same backend, device and batch, different model."""
+    return row["backend"], row["device"], row["batch"]
+
+
+def physical_cores() -> int:
+    """Physical cores (one ORT thread per core beats one per hyper-thread); logical count as a fallback."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            cores, phys = set(), None
+            for line in f:
+                key, _, value = line.partition(":")
+                key = key.strip()
+                if key == "physical id":
+                    phys = value.strip()
+                elif key == "core id":
+                    cores.add((phys, value.strip()))
+        if cores:
+            return min(len(cores), len(os.sched_getaffinity(0)))
+    except OSError:
+        pass
+    return os.cpu_count() or 1
+
+
+def cpu_name() -> str:
+    """The marketing name of the CPU: ``platform.processor()`` is often just the architecture on Linux."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.partition(":")[2].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def cuda_usable() -> bool:
+    """Both sides need the GPU: ORT for the ONNX runs and torch for the eager reference and device checks."""
+    return "CUDAExecutionProvider" in ort.get_available_providers() and torch.cuda.is_available()
+
+
+def _providers(device: str) -> list[str]:
+    if device == "cpu":
+        return ["CPUExecutionProvider"]
+    gpu = ["TensorrtExecutionProvider", "CUDAExecutionProvider"]
+    return [p for p in gpu if p in ort.get_available_providers()] + ["CPUExecutionProvider"]
+
+
+def _session(path: Path, providers: list[str], threads: int) -> ort.InferenceSession:
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.log_severity_level = 3  # keep provider fallback chatter off the console
+    return ort.InferenceSession(str(path), options, providers=providers)
+
+
+def _ort_runner(path: Path, x: np.ndarray, device: str, providers: list[str],
+                threads: int) -> tuple[Runner, str]:
+    try:
+        session = _session(path, providers, threads)
+    except Exception as e:  # a TensorRT EP whose libraries are missing fails here
+        if providers[0] != "TensorrtExecutionProvider":
+            raise
+        logger.warning("TensorRT execution provider unusable (%s); using CUDA", str(e).splitlines()[0])
+        providers = providers[1:]
+        session = _session(path, providers, threads)
+    provider = session.get_providers()[0]
+    input_name = session.get_inputs()[0].name
+    if device == "cpu":
+        return (lambda: session.run(None, {input_name: x})), provider
+
+    # IO binding keeps the input resident on the GPU and the output there too: we time the model, not PCIe.
+    binding = session.io_binding()
+    binding.bind_ortvalue_input(input_name, ort.OrtValue.ortvalue_from_numpy(x, "cuda", 0))
+    for output in session.get_outputs():
+        binding.bind_output(output.name, "cuda")
+
+    def run() -> None:
+        session.run_with_iobinding(binding)
+        binding.synchronize_outputs()
+
+    return run, provider
+
+
+def _torch_runner(model: nn.Module, x: np.ndarray, device: str) -> Runner:
+    model = eval_copy(model, device)
+    inp = torch.from_numpy(x).to(device)
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+
+    def run() -> None:
+        with torch.inference_mode():
+            model(inp)
+        sync()
+
+    return run
+
+
+def _interleaved(runners: list[Runner], warmup: int, min_iters: int, max_seconds: float,
+                 repeats: int) -> list[list[float]]:
+    """Per-iteration milliseconds for each runner, measured in alternating chunks."""
+    for run in runners:
+        for _ in range(warmup):
+            run()
+    chunk_iters = math.ceil(min_iters / repeats)
+    chunk_seconds = max_seconds / repeats
+    times: list[list[float]] = [[] for _ in runners]
+    for _ in range(repeats):
+        for run, ms in zip(runners, times, strict=True):
+            start = time.perf_counter()
+            done = 0
+            while done < chunk_iters or time.perf_counter() - start < chunk_seconds:
+                t0 = time.perf_counter()
+                run()
+                ms.append((time.perf_counter() - t0) * 1e3)
+                done += 1
+    return times
+
+
+def _stats(ms: list[float]) -> dict:
+    p50, p90 = np.percentile(ms, [50, 90])
+    return {"p50_ms": float(p50), "p90_ms": float(p90), "mean_ms": float(np.mean(ms)), "iters": len(ms)}

@@ -1,0 +1,251 @@
+"""Export a classifier to one self-contained ONNX file and prove it reproduces the PyTorch model."""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import io
+import logging
+import os
+from collections import Counter
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import torch
+from rich.console import Console
+from torch import nn
+
+from . import __version__
+from .errors import UserError
+from .io import atomic_write
+
+logger = logging.getLogger(__name__)
+
+MIN_OPSET = 18
+INPUT_NAME = "input"
+OUTPUT_NAME = "logits"
+
+
+def eval_copy(model: nn.Module, device: str | torch.device = "cpu") -> nn.Module:
+    """An eval-mode copy on ``device``: exporting or timing never flips the caller's train flag or device."""
+    return copy.deepcopy(model).to(device).eval()
+
+
+def export_onnx(
+    model: nn.Module,
+    example: torch.Tensor,
+    path: Path,
+    metadata: dict[str, str] | None = None,
+    simplify: bool = True,
+    opset: int = MIN_OPSET,
+) -> dict:
+    """Export ``model`` to a single ONNX file with a dynamic batch axis and a static spatial size.
+
+    The dynamo exporter is tried first; the TorchScript exporter is the fallback for models
+    torch.export cannot trace. Returns a JSON-ready description of what was written.
+    """
+    if opset < MIN_OPSET:
+        raise UserError(f"ONNX opset {opset} is too old: use {MIN_OPSET} or newer")
+    path = Path(path)
+    model = eval_copy(model)
+    # torch.export specialises a size-1 dimension, so trace a batch of 2 to keep the batch axis symbolic.
+    example = example.detach().cpu()
+    if example.shape[0] < 2:
+        example = example.expand(2, *example.shape[1:]).contiguous()
+    notes: list[str] = []
+    with torch.no_grad():
+        try:
+            proto, exporter = _export_dynamo(model, example, opset), "dynamo"
+        except Exception as e:  # any tracing failure: the legacy exporter handles more Python control flow
+            notice = f"dynamo export failed ({_describe(e)}); used the TorchScript exporter"
+            logger.warning(notice)
+            notes.append(notice)
+            proto, exporter = _export_torchscript(model, example, opset), "torchscript"
+
+    simplified = False
+    if simplify:
+        proto, simplified, note = _simplify(proto, example)
+        if note:
+            notes.append(note)
+    onnx.checker.check_model(proto, full_check=True)
+    existing = {prop.key: prop.value for prop in proto.metadata_props}
+    onnx.helper.set_model_props(proto, {**existing, **(metadata or {}), "easier_export.version": __version__})
+    atomic_write(path, lambda p: onnx.save_model(proto, p, save_as_external_data=False))
+
+    op_counts = Counter(node.op_type for node in proto.graph.node)
+    return {
+        "path": str(path),
+        "exporter": exporter,
+        "opset": _default_opset(proto),
+        "simplified": simplified,
+        "notes": notes,
+        "size_bytes": path.stat().st_size,
+        "nodes": len(proto.graph.node),
+        "op_counts": dict(sorted(op_counts.items())),
+    }
+
+
+def _export_dynamo(model: nn.Module, example: torch.Tensor, opset: int) -> onnx.ModelProto:
+    program = torch.onnx.export(
+        model,
+        (example,),
+        dynamo=True,
+        verbose=False,
+        opset_version=opset,
+        input_names=[INPUT_NAME],
+        output_names=[OUTPUT_NAME],
+        dynamic_shapes=({0: torch.export.Dim("batch", min=1)},),
+    )
+    # Taking the in-memory proto keeps the weights inline (ONNXProgram.save would split them off into .data).
+    return program.model_proto
+
+
+def _export_torchscript(model: nn.Module, example: torch.Tensor, opset: int) -> onnx.ModelProto:
+    buffer = io.BytesIO()
+    torch.onnx.export(
+        model,
+        (example,),
+        buffer,
+        dynamo=False,
+        opset_version=opset,
+        input_names=[INPUT_NAME],
+        output_names=[OUTPUT_NAME],
+        dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}},
+    )
+    return onnx.load_from_string(buffer.getvalue())
+
+
+def _simplify(proto: onnx.ModelProto, example: torch.Tensor) -> tuple[onnx.ModelProto, bool, str]:
+    """onnxsim is an optimisation, never a requirement: any failure keeps the exported graph."""
+    import onnxsim
+
+    shapes = {proto.graph.input[0].name: list(example.shape)}
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):  # onnxsim prints its check progress
+            simplified, ok = onnxsim.simplify(proto, check_n=1, test_input_shapes=shapes)
+    except Exception as e:
+        return proto, False, f"onnxsim failed ({_describe(e)}); kept the unsimplified model"
+    if not ok:
+        return proto, False, "onnxsim check failed (outputs differ); kept the unsimplified model"
+    return simplified, True, ""
+
+
+def _default_opset(proto: onnx.ModelProto) -> int:
+    return next(o.version for o in proto.opset_import if o.domain in ("", "ai.onnx"))
+
+
+def _describe(e: BaseException) -> str:
+    """Exception type and first message line: exporter errors can run to hundreds of lines."""
+    first = (str(e).strip().splitlines() or [""])[0][:200]
+    return f"{type(e).__name__}: {first}"
+
+
+@dataclass
+class VerifyResult:
+    """Outcome of running the ONNX file and the PyTorch model on the same batches."""
+
+    max_abs: float
+    mean_abs: float
+    top1_agree: float
+    batches: int
+    passed: bool
+    reason: str
+    atol: float
+    rtol: float
+    min_top1: float
+    violations: int  # elements outside atol + rtol * |ref|
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def verify_onnx(
+    path: Path,
+    model: nn.Module,
+    inputs: Iterable[torch.Tensor],
+    atol: float = 1e-4,
+    rtol: float = 1e-3,
+    min_top1: float = 0.99,
+    providers: list[str] | None = None,
+) -> VerifyResult:
+    """Compare onnxruntime with PyTorch eval batch by batch.
+
+    Passing needs both checks: every element within ``atol + rtol * |ref|`` (numerics) and top-1
+    agreement of at least ``min_top1`` (what the user actually sees from a classifier).
+    """
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(path), providers=providers or ["CPUExecutionProvider"])
+    input_name = session.get_inputs()[0].name
+    model = eval_copy(model)
+    batches = elements = violations = agree = samples = 0
+    max_abs = sum_abs = 0.0
+    with torch.no_grad():
+        for x in inputs:
+            x = x.detach().cpu().float()
+            ref = model(x).numpy()
+            out = session.run(None, {input_name: x.numpy()})[0]
+            diff = np.abs(out.astype(np.float64) - ref)
+            max_abs = max(max_abs, float(diff.max()))
+            sum_abs += float(diff.sum())
+            elements += diff.size
+            violations += int((diff > atol + rtol * np.abs(ref)).sum())
+            agree += int((out.argmax(-1) == ref.argmax(-1)).sum())
+            samples += ref.shape[0]
+            batches += 1
+    if not batches:
+        raise UserError("verification needs at least one input batch")
+
+    top1_agree = agree / samples
+    failures = []
+    if violations:
+        failures.append(
+            f"tolerance: {violations}/{elements} elements exceed atol {atol:.0e} + rtol {rtol:.0e}*|ref| "
+            f"(max abs diff {max_abs:.1e})"
+        )
+    if top1_agree < min_top1:
+        failures.append(f"top-1 agreement {top1_agree:.4f} < {min_top1}")
+    return VerifyResult(
+        max_abs=max_abs,
+        mean_abs=sum_abs / elements,
+        top1_agree=top1_agree,
+        batches=batches,
+        passed=not failures,
+        reason="; ".join(failures),
+        atol=atol,
+        rtol=rtol,
+        min_top1=min_top1,
+        violations=violations,
+    )
+
+
+def verify_lines(result: VerifyResult) -> list[tuple[bool, str]]:
+    """One (ok, text) line per check, shared by the console output and the Markdown report."""
+    tol_ok = result.violations == 0
+    top1_ok = result.top1_agree >= result.min_top1
+    bound = f"atol {result.atol:.0e} + rtol {result.rtol:.0e}·|ref|"
+    tol = f"max abs diff {result.max_abs:.1e} {'≤' if tol_ok else '>'} {bound}"
+    if not tol_ok:
+        tol += f" ({result.violations} elements)"
+    return [
+        (tol_ok, tol),
+        (True, f"mean abs diff {result.mean_abs:.1e} over {result.batches} batches"),
+        (top1_ok, f"top-1 agreement {result.top1_agree:.4f} {'≥' if top1_ok else '<'} {result.min_top1}"),
+    ]
+
+
+def print_verify(result: VerifyResult, console: Console) -> None:
+    for ok, text in verify_lines(result):
+        console.print(f"[green]✓[/green] {text}" if ok else f"[red]✗[/red] {text}")
+
+
+def mark_unverified(path: Path) -> Path:
+    """Rename a file that failed verification so nobody ships it by accident."""
+    path = Path(path)
+    target = path.with_name(f"{path.stem}.unverified.onnx")
+    os.replace(path, target)
+    return target

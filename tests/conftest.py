@@ -1,0 +1,35 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+SHARED = Path(__file__).resolve().parents[1].parent / "shared"
+
+
+def make_image_folder(root: Path, classes: int = 3, per_class: int = 4, size: int = 16,
+                      splits: tuple[str, ...] = ("train", "val")) -> Path:
+    """A tiny ImageFolder whose classes differ in colour, so a model can learn it."""
+    gen = torch.Generator().manual_seed(0)
+    for split in splits:
+        for c in range(classes):
+            folder = root / split / f"class{c}"
+            folder.mkdir(parents=True, exist_ok=True)
+            for i in range(per_class):
+                base = torch.zeros(size, size, 3)
+                base[..., c % 3] = 200
+                pixels = (base + 40 * torch.rand(size, size, 3, generator=gen)).clamp(0, 255).byte().numpy()
+                Image.fromarray(pixels).save(folder / f"{i}.png")
+    return root
+
+
+@pytest.fixture
+def image_folder(tmp_path: Path) -> Path:
+    return make_image_folder(tmp_path / "data")
+
+
+@pytest.fixture(autouse=True)
+def _seed() -> None:
+    torch.manual_seed(0)

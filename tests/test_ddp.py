@@ -1,0 +1,63 @@
+"""Scale-out: two gloo processes give the same entropy as one and keep identical weights when finetuning."""
+
+import os
+import socket
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch.utils.data import TensorDataset
+
+from easier_export.arch import DemoNet
+from easier_export.data import _loader
+from easier_export.entropy import measure
+from easier_export.graph import find_call_sites, trace
+from easier_export.train import finetune
+
+N = 64
+
+
+def _data():
+    gen = torch.Generator().manual_seed(0)
+    return TensorDataset(torch.randn(N, 1, 16, 16, generator=gen), torch.randint(0, 10, (N,), generator=gen))
+
+
+def _model():
+    torch.manual_seed(0)
+    return trace(DemoNet())
+
+
+def _worker(rank: int, port: int, queue) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    try:
+        gm = _model()
+        loader = _loader(_data(), 8, False, 0, 0)
+        stats = measure(gm, find_call_sites(gm), loader, torch.device("cpu"), train_mode=False)
+        finetune(gm, _loader(_data(), 8, True, 0, 0), torch.device("cpu"), 1, 0.05)
+        # plain lists: tensors would be shared through file descriptors that die with this process
+        queue.put((rank, {k: v.p_on.tolist() for k, v in stats.items()}, gm.state_dict()["stem.0.weight"].tolist()))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_two_gloo_processes_match_one():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    procs = [ctx.Process(target=_worker, args=(r, port, queue)) for r in range(2)]
+    for p in procs:
+        p.start()
+    results = dict((r, (p_on, w)) for r, p_on, w in (queue.get(timeout=300) for _ in procs))
+    for p in procs:
+        p.join(timeout=60)
+        assert p.exitcode == 0
+
+    gm = _model()
+    single = measure(gm, find_call_sites(gm), _loader(_data(), 8, False, 0, 0), torch.device("cpu"), train_mode=False)
+    for rank in (0, 1):
+        for name, stats in single.items():
+            assert results[rank][0][name] == stats.p_on.tolist()
+    assert results[0][1] == results[1][1]  # DDP kept the replicas in step

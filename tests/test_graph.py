@@ -1,0 +1,74 @@
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from easier_export.errors import UserError
+from easier_export.graph import find_call_sites, linearize, trace
+from easier_export.models import build_arch
+
+
+@pytest.mark.parametrize(("arch", "count"), [
+    ("timm:resnet18", 17), ("torchvision:resnet18", 17), ("timm:mobilenetv2_100", 35),
+    ("torchvision:mobilenet_v2", 35), ("timm:vgg16_bn", 15), ("torchvision:vgg16_bn", 15),
+    ("timm:swin_tiny_patch4_window7_224", 12), ("torchvision:swin_t", 12), ("cifar_resnet20", 19),
+    ("cifar_resnet32", 31),
+])
+def test_call_site_counts(arch, count):
+    gm = trace(build_arch(arch, num_classes=10))
+    assert len(find_call_sites(gm)) == count
+
+
+class Reused(nn.Module):
+    """One ReLU module called twice plus functional and in-place calls: four call sites."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(2, 2, 1)
+        self.relu = nn.ReLU()
+
+    def forward(self, x):
+        x = self.relu(self.conv(x))
+        x = self.relu(self.conv(x))
+        x = F.relu(x)
+        return torch.relu_(x - 1)
+
+
+def test_reused_module_is_two_call_sites_and_functional_calls_count():
+    gm = trace(Reused())
+    names = [s.name for s in find_call_sites(gm)]
+    assert len(names) == 4
+    only_first = linearize(gm, [names[0]])
+    assert len(find_call_sites(only_first)) == 3
+    assert len(find_call_sites(gm)) == 4  # the input module is untouched
+
+
+def test_rectifier_selection():
+    gm = trace(build_arch("torchvision:swin_t", num_classes=10))
+    assert find_call_sites(gm, ["relu"]) == []
+    with pytest.raises(UserError, match="unknown rectifier"):
+        find_call_sites(gm, ["tanh"])
+
+
+def test_linearized_equals_original_where_removed_activations_never_fired():
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Conv2d(4, 4, 3), nn.ReLU(), nn.Flatten())
+    with torch.no_grad():
+        model[0].bias.fill_(100.0)  # first ReLU always ON: the identity
+    gm = trace(model)
+    x = torch.rand(2, 3, 8, 8)
+    torch.testing.assert_close(linearize(gm, ["_1"])(x), model(x))
+    assert not torch.allclose(linearize(gm, ["_3"])(x), model(x))
+
+
+def test_untraceable_submodule_becomes_leaf_with_call_sites_inside():
+    gm = trace(build_arch("timm:vgg16_bn", num_classes=10))
+    leaf_sites = [s for s in find_call_sites(gm) if not s.in_graph]
+    assert [s.name for s in leaf_sites] == ["pre_logits.act1", "pre_logits.act2"]
+    x = torch.randn(1, 3, 32, 32)
+    out = linearize(gm, ["pre_logits.act1"]).eval()(x)
+    assert out.shape == (1, 10)
+
+
+def test_unknown_call_site_is_a_user_error():
+    with pytest.raises(UserError, match="no activation call site"):
+        linearize(trace(nn.Sequential(nn.ReLU())), ["nope"])

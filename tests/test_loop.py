@@ -1,0 +1,80 @@
+import pytest
+import torch
+
+from easier_export import linearize as loop_mod
+from easier_export.arch import DemoNet
+from easier_export.data import digits
+from easier_export.errors import UserError
+from easier_export.graph import find_call_sites, trace
+from easier_export.linearize import LoopConfig, pick, run_loop
+
+CPU = torch.device("cpu")
+
+
+@pytest.fixture(scope="module")
+def loaders():
+    return digits(batch_size=128)
+
+
+def _run(loaders, out, **overrides):
+    torch.manual_seed(0)
+    cfg = LoopConfig(**{"max_drop": 100.0, "finetune_epochs": 0.3, "max_removed": 3, "entropy_batches": 2,
+                        **overrides})
+    return run_loop(trace(DemoNet()), "demo_cnn", loaders.train, loaders.val, cfg, CPU, out)
+
+
+def test_pick_lowest_or_all_zeros_and_one_shot():
+    cfg = LoopConfig()
+    assert pick({"a": 0.5, "b": 0.2, "c": 0.9}, cfg, 0) == ["b"]
+    assert pick({"a": 0.0, "b": 0.2, "c": 0.0}, cfg, 0) == ["a", "c"]
+    assert pick({"a": 0.5, "b": 0.2, "c": 0.9}, LoopConfig(one_shot=2), 0) == ["b", "a"]
+    assert pick({"a": 0.0, "b": 0.0}, LoopConfig(max_removed=3), 2) == ["a"]
+
+
+def test_loop_stops_at_budget_and_keeps_last_good_model(loaders, tmp_path):
+    result = _run(loaders, tmp_path, max_drop=-1000.0)  # impossible budget: first round must be rejected
+    assert result.removed == []
+    assert [r.within_budget for r in result.history] == [False]
+    assert len(find_call_sites(result.model)) == 6
+
+
+def test_resume_after_kill_gives_same_history(loaders, tmp_path, monkeypatch):
+    reference = _run(loaders, tmp_path / "a")
+    assert len(reference.removed) == 3
+
+    real_finetune, calls = loop_mod.finetune, []
+
+    def dying_finetune(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:  # killed during round 3
+            raise KeyboardInterrupt
+        return real_finetune(*args, **kwargs)
+
+    monkeypatch.setattr(loop_mod, "finetune", dying_finetune)
+    with pytest.raises(KeyboardInterrupt):
+        _run(loaders, tmp_path / "b")
+    monkeypatch.setattr(loop_mod, "finetune", real_finetune)
+    resumed = _run(loaders, tmp_path / "b")
+
+    assert resumed.resumed_rounds == 2
+    assert [r.removed for r in resumed.history] == [r.removed for r in reference.history]
+    assert [r.val_top1 for r in resumed.history] == pytest.approx([r.val_top1 for r in reference.history])
+    x = next(iter(loaders.val))[0]
+    torch.testing.assert_close(resumed.model(x), reference.model(x))
+
+
+def test_changed_settings_refuse_to_resume(loaders, tmp_path):
+    _run(loaders, tmp_path, max_removed=1)
+    with pytest.raises(UserError, match="different settings .*max_removed"):
+        _run(loaders, tmp_path, max_removed=2)
+
+
+def test_one_shot_removes_k_in_one_round(loaders, tmp_path):
+    result = _run(loaders, tmp_path, one_shot=4, max_removed=None)
+    assert len(result.history) == 1 and len(result.removed) == 4
+
+
+def test_random_criterion_is_seeded(loaders, tmp_path):
+    a = _run(loaders, tmp_path / "a", criterion="random", max_removed=2)
+    b = _run(loaders, tmp_path / "b", criterion="random", max_removed=2)
+    assert a.removed == b.removed

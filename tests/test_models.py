@@ -1,0 +1,66 @@
+import pytest
+import torch
+
+from easier_export.errors import UserError
+from easier_export.graph import find_call_sites
+from easier_export.models import build_arch, load_model
+
+
+def test_state_dict_with_module_prefix_nested_under_state_dict(tmp_path):
+    net = build_arch("cifar_resnet20")
+    path = tmp_path / "ckpt.th"
+    torch.save({"best_prec1": 91.0, "state_dict": {f"module.{k}": v for k, v in net.state_dict().items()}}, path)
+    for loaded in (load_model(str(path), arch="cifar_resnet20"), load_model("cifar_resnet20", weights=path)):
+        x = torch.randn(2, 3, 32, 32)
+        torch.testing.assert_close(loaded.model(x), net.eval()(x))
+        assert loaded.input_size == (3, 32, 32)
+
+
+def test_state_dict_needs_arch(tmp_path):
+    path = tmp_path / "sd.pt"
+    torch.save(build_arch("demo_cnn").state_dict(), path)
+    with pytest.raises(UserError, match="--arch"):
+        load_model(str(path))
+
+
+def test_mismatched_state_dict_lists_keys(tmp_path):
+    path = tmp_path / "sd.pt"
+    torch.save(build_arch("demo_cnn").state_dict(), path)
+    with pytest.raises(UserError, match=r"missing \d+ keys \(conv1\.weight.*unexpected \d+ keys \(stem"):
+        load_model(str(path), arch="cifar_resnet20")
+
+
+def test_export_archive_loads_and_has_call_sites(tmp_path):
+    net = build_arch("demo_cnn").eval()
+    x = torch.randn(1, 1, 16, 16)
+    path = tmp_path / "net.pt2"
+    torch.export.save(torch.export.export(net, (x,)), path)
+    loaded = load_model(str(path))
+    torch.testing.assert_close(loaded.model(x), net(x))
+    from easier_export.graph import trace
+
+    assert len(find_call_sites(trace(loaded.model))) == 6
+
+
+def test_pickle_refused_then_accepted(tmp_path):
+    net = build_arch("demo_cnn").eval()
+    path = tmp_path / "net.pt"
+    torch.save(net, path)
+    with pytest.raises(UserError, match="--trust-pickle"):
+        load_model(str(path))
+    loaded = load_model(str(path), trust_pickle=True)
+    x = torch.randn(1, 1, 16, 16)
+    torch.testing.assert_close(loaded.model(x), net(x))
+
+
+@pytest.mark.parametrize(("name", "hint"), [("timm:resnet181", "resnet18"), ("torchvision:resnet19", "resnet18"),
+                                            ("cifar_resnet21", "cifar_resnet20")])
+def test_unknown_names_suggest_close_ones(name, hint):
+    with pytest.raises(UserError, match=f"Did you mean: .*{hint}"):
+        load_model(name)
+
+
+def test_num_classes_reheads_and_random_init_is_noted():
+    loaded = load_model("torchvision:resnet18", num_classes=7)
+    assert loaded.num_classes == 7
+    assert any("random initialisation" in n for n in loaded.notes)
