@@ -309,6 +309,24 @@ PLOTS: dict[str, tuple[str, Callable[[dict], Figure | None]]] = {
 }
 
 
+def plot_entropy(sites: list[dict], path: Path) -> Path | None:
+    """The entropy bar chart alone (the `entropy` command), from its per-site rows."""
+    fig = _entropy_plot({"entropy": sites})
+    return None if fig is None else atomic_write(path, lambda p: fig.savefig(p, format="png", dpi=120))
+
+
+def bench_table(rows: list[dict], baseline: str) -> Table:
+    """p50/p90 per model and setting with the speed-up over ``baseline`` (the `bench` command)."""
+    ratios = speedups(rows, baseline)
+    table = Table("model", "backend", "device", "batch", "p50 ms", "p90 ms", f"speed-up vs {baseline}",
+                  title="latency")
+    for r in rows:
+        ratio = ratios.get((r["backend"], r["device"], r["batch"]), {}).get(r["label"])
+        table.add_row(r["label"], r["provider"], r["device"], str(r["batch"]), f"{r['p50_ms']:.3f}",
+                      f"{r['p90_ms']:.3f}", "–" if ratio is None else f"×{ratio:.2f}")
+    return table
+
+
 # ---------------------------------------------------------------------------------------------- writing
 
 

@@ -1,0 +1,29 @@
+"""The embedded default job end to end: train on digits, remove activations, fold, export, verify, bench."""
+
+import json
+
+import numpy as np
+import onnxruntime as ort
+import torch
+
+from easier_export.data import digits
+from easier_export.demo import run_demo
+from easier_export.models import load_model
+
+
+def test_demo_pipeline_removes_activations_and_onnx_matches_pytorch(tmp_path):
+    report = run_demo(tmp_path, epochs=6, finetune_epochs=1.0, max_drop=5.0, fold="all")
+    assert len(report["compressed"]["removed"]) >= 1
+    assert report["original"]["top1"] > 80.0
+    assert report["verify"]["passed"] and report["verify"]["max_abs"] <= 1e-4
+    assert json.loads((tmp_path / "report.json").read_text())["compressed"]["removed"] == report["compressed"]["removed"]
+
+    # Independently: the shipped ONNX against the linearized checkpoint, on real digit images.
+    linearized = load_model(str(tmp_path / "linearized.pt")).model.eval()
+    session = ort.InferenceSession(str(tmp_path / "model.onnx"), providers=["CPUExecutionProvider"])
+    x, _ = next(iter(digits().val))
+    with torch.no_grad():
+        expected = linearized(x).numpy()
+    got = session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]
+    assert np.abs(got - expected).max() <= 1e-4
+    assert {"original", "linearized", "folded"} <= {row["label"] for row in report["bench"]}
