@@ -11,11 +11,19 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler
 
+from .errors import UserError
+
 
 def resolve_device(name: str = "auto") -> torch.device:
+    """``auto``: the GPU if there is one (this rank's GPU under torchrun), else the CPU."""
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+        if not torch.cuda.is_available():
+            return torch.device("cpu")
+        return torch.device("cuda", dist.get_rank() % torch.cuda.device_count() if is_distributed() else 0)
+    try:
+        return torch.device(name)
+    except RuntimeError:
+        raise UserError(f"unknown --device '{name}' (use auto, cpu or cuda[:N])") from None
 
 
 def is_distributed() -> bool:

@@ -1,0 +1,78 @@
+"""Erase ops that are the identity in eval mode, so the linear ops around them become adjacent.
+
+- ``nn.Identity``; dropout modules (``nn.Dropout*``, ``nn.AlphaDropout``, timm ``DropPath``, torchvision
+  ``StochasticDepth``) that are not training;
+- dropout / stochastic-depth *functions* called with ``training=False``;
+- any call site marked ``node.meta[REMOVED_META_KEY]`` by the EASIER stage (a removed rectifier).
+
+Every erased node ``y = f(x)`` has its users rewired to ``x``. A dropout still in training mode is refused:
+it is random, not the identity.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.fx import GraphModule, Node
+from torchvision.ops import stochastic_depth
+
+from ._common import REMOVED_META_KEY, FoldRecord, bypass, finish, fresh_copy, module_of
+
+_DROP_MODULES = (nn.modules.dropout._DropoutNd,)
+_DROP_MODULE_NAMES = ("DropPath", "StochasticDepth", "DropBlock2d")
+
+# function -> (position, keyword, default) of its "training" argument
+_DROP_FUNCTIONS = {
+    F.dropout: (2, "training", True),
+    F.dropout1d: (2, "training", True),
+    F.dropout2d: (2, "training", True),
+    F.dropout3d: (2, "training", True),
+    F.alpha_dropout: (2, "training", False),
+    F.feature_alpha_dropout: (2, "training", False),
+    torch.dropout: (2, "train", None),
+    stochastic_depth: (3, "training", True),
+}
+
+
+def _training_flag(node: Node) -> object:
+    pos, key, default = _DROP_FUNCTIONS[node.target]
+    if key in node.kwargs:
+        return node.kwargs[key]
+    return node.args[pos] if len(node.args) > pos else default
+
+
+def identity_reason(gm: GraphModule, node: Node) -> str | None:
+    """"" when the node is an eval-mode identity that can be erased, a refusal reason when it is a dropout
+    that is not the identity, None when the node is no identity candidate at all."""
+    if not node.args or not isinstance(node.args[0], Node):
+        return None
+    if node.meta.get(REMOVED_META_KEY):
+        return ""
+    if node.op == "call_function" and node.target in _DROP_FUNCTIONS:
+        flag = _training_flag(node)
+        return "" if flag is False else f"dropout training={flag!r}: random, not the identity"
+    mod = module_of(gm, node)
+    if isinstance(mod, nn.Identity):
+        return ""
+    if isinstance(mod, _DROP_MODULES) or type(mod).__name__ in _DROP_MODULE_NAMES:
+        return "dropout module in training mode" if mod.training else ""
+    return None
+
+
+def fold_identity(gm: GraphModule) -> tuple[GraphModule, list[FoldRecord]]:
+    """Erase every eval-mode identity op; returns a new module and one record per candidate."""
+    gm = fresh_copy(gm)
+    records = []
+    for node in list(gm.graph.nodes):
+        reason = identity_reason(gm, node)
+        if reason is None:
+            continue
+        mod = module_of(gm, node)
+        detail = type(mod).__name__ if mod is not None else getattr(node.target, "__name__", str(node.target))
+        if node.meta.get(REMOVED_META_KEY):
+            detail = f"removed {detail}"
+        records.append(FoldRecord("identity", [node.name], detail, applied=not reason, reason=reason))
+        if not reason:
+            bypass(gm, node, node.args[0])
+    return finish(gm), records
