@@ -21,7 +21,7 @@ from torch.fx.passes.shape_prop import ShapeProp
 REMOVED_META_KEY = "easier_removed"
 """``node.meta[REMOVED_META_KEY] = True`` marks a call site the EASIER stage removed (erased by identity)."""
 
-EXACT_RTOL = 1e9
+EXACT_RTOL = 1e-9
 """Largest float64 relative error (to the output scale) at which a merged op counts as exact."""
 
 PADDING_REASON = "padding: border values differ (needs padding relocation)"
