@@ -77,14 +77,14 @@ def _loaders(loaded, data: Path, batch_size: int, workers: int, seed: int = 0):
 
 def _loop_config(max_drop: float, finetune_epochs: float, lr: float, max_removed: int | None,
                  one_shot: int | None, criterion: str, rectifiers: str, entropy_batches: int | None,
-                 entropy_mode: str, threshold: float, seed: int):
+                 entropy_mode: str, threshold: float, seed: int, baseline_epochs: float = 0.0):
     from .linearize import LoopConfig
 
     if entropy_mode not in ("train", "eval"):
         raise UserError(f"--entropy-mode must be train or eval, got '{entropy_mode}'")
     return LoopConfig(max_drop, finetune_epochs, lr, max_removed, one_shot, criterion,
                       tuple(sorted(r.strip() for r in rectifiers.split(","))), entropy_batches, entropy_mode,
-                      threshold, seed)
+                      threshold, seed, baseline_epochs)
 
 
 MaxDrop = Annotated[float, typer.Option(help="accuracy budget: largest allowed top-1 drop, in points")]
@@ -97,6 +97,8 @@ EntropyBatches = Annotated[int | None, typer.Option(help="batches per entropy pa
 EntropyMode = Annotated[str, typer.Option(help="train (as EASIER does) or eval mode for entropy passes")]
 Threshold = Annotated[float, typer.Option(help="a unit is ON when its pre-activation is >= this")]
 Seed = Annotated[int, typer.Option(help="random seed")]
+BaselineEpochs = Annotated[float, typer.Option(help="finetune the original this long first, so the budget is "
+                                                    "measured from a model adapted to DATA")]
 Fold = Annotated[str, typer.Option(help="auto (only merges measured faster), all, or none")]
 Target = Annotated[str, typer.Option(help="device the fold planner measures on: cpu or cuda")]
 BenchDevices = Annotated[str, typer.Option(help="benchmark devices, comma list of cpu,cuda")]
@@ -113,14 +115,15 @@ def compress(model: ModelArg, data: Data, out: Out = Path("runs/compress"), weig
              lr: Lr = 0.01, max_removed: MaxRemoved = None, one_shot: OneShot = None,
              criterion: Criterion = "entropy", rectifiers: Rectifiers = "relu,relu6,leaky_relu,gelu,silu,hardswish",
              entropy_batches: EntropyBatches = 20, entropy_mode: EntropyMode = "train", threshold: Threshold = 0.0,
-             seed: Seed = 0, fold: Fold = "auto", target: Target = "cpu", bench_devices: BenchDevices = "cpu",
+             seed: Seed = 0, baseline_epochs: BaselineEpochs = 0.0, fold: Fold = "auto", target: Target = "cpu",
+             bench_devices: BenchDevices = "cpu",
              bench_batches: BenchBatches = "1,8", threads: Threads = None, no_simplify: NoSimplify = False) -> None:
     """Run the whole pipeline: entropy → linearize/finetune rounds → fold → ONNX → verify → bench → report."""
     from .pipeline import CompressConfig
     from .pipeline import compress as run
 
     loop = _loop_config(max_drop, finetune_epochs, lr, max_removed, one_shot, criterion, rectifiers,
-                        entropy_batches, entropy_mode, threshold, seed)
+                        entropy_batches, entropy_mode, threshold, seed, baseline_epochs)
     cfg = CompressConfig(loop, _choice(fold, ("auto", "all", "none"), "fold"),
                          _choice(target, ("cpu", "cuda"), "target"), device, not no_simplify,
                          bench_devices=tuple(bench_devices.split(",")),
@@ -207,7 +210,7 @@ def linearize(model: ModelArg, data: Data, out: Out = Path("runs/linearize"), we
               one_shot: OneShot = None, criterion: Criterion = "entropy",
               rectifiers: Rectifiers = "relu,relu6,leaky_relu,gelu,silu,hardswish",
               entropy_batches: EntropyBatches = 20, entropy_mode: EntropyMode = "train",
-              threshold: Threshold = 0.0, seed: Seed = 0) -> None:
+              threshold: Threshold = 0.0, seed: Seed = 0, baseline_epochs: BaselineEpochs = 0.0) -> None:
     """Only the EASIER loop: writes linearized.pt (resumable; rerun to continue)."""
     from .graph import trace
     from .linearize import run_loop
@@ -215,7 +218,7 @@ def linearize(model: ModelArg, data: Data, out: Out = Path("runs/linearize"), we
     from .train import is_main_process, resolve_device
 
     cfg = _loop_config(max_drop, finetune_epochs, lr, max_removed, one_shot, criterion, rectifiers,
-                       entropy_batches, entropy_mode, threshold, seed)
+                       entropy_batches, entropy_mode, threshold, seed, baseline_epochs)
     with _distributed():
         loaded = _load(model, weights, arch, num_classes, trust_pickle, input_size, mean, std)
         loaders = _loaders(loaded, data, batch_size, workers, seed)

@@ -39,6 +39,7 @@ class LoopConfig:
     entropy_mode: str = "train"
     threshold: float = 0.0
     seed: int = 0
+    baseline_epochs: float = 0.0  # finetune the original first (e.g. after a data-domain shift): a fair baseline
 
 
 @dataclass
@@ -60,6 +61,7 @@ class LoopState:
     base_top1: float
     removed: list[str] = field(default_factory=list)
     state_dict: dict | None = None
+    baseline: dict | None = None  # weights of the finetuned original (with baseline_epochs)
     history: list[dict] = field(default_factory=list)
     entropy0: list[dict] = field(default_factory=list)
     finished: bool = False
@@ -135,6 +137,10 @@ def save_state(out_dir: Path, state: LoopState) -> None:
         save_torch(asdict(state), out_dir / STATE_FILE)
 
 
+def _cpu_state(module: torch.nn.Module) -> dict:
+    return {k: v.detach().cpu() for k, v in module.state_dict().items()}
+
+
 def run_loop(gm: fx.GraphModule, source: str, train_loader, val_loader, cfg: LoopConfig, device: torch.device,
              out_dir: Path) -> LoopResult:
     """Iteratively linearize ``gm`` (the traced original) within the accuracy budget."""
@@ -143,13 +149,20 @@ def run_loop(gm: fx.GraphModule, source: str, train_loader, val_loader, cfg: Loo
     state = load_state(out_dir, fingerprint)
     resumed = 0
     if state is None:
-        with progress("validate original", None):
-            state = LoopState(fingerprint, evaluate(gm, val_loader, device))
+        state = LoopState(fingerprint, 0.0)
+        if cfg.baseline_epochs > 0:
+            seed_everything(cfg.seed * 100_003, train_loader)
+            with progress("finetune original (baseline)", math.ceil(cfg.baseline_epochs * len(train_loader))) as adv:
+                finetune(gm, train_loader, device, cfg.baseline_epochs, cfg.lr, on_step=adv)
+            state.baseline = _cpu_state(gm)
+        state.base_top1 = evaluate(gm, val_loader, device)
         info(f"original top-1 {state.base_top1:.2f}%  (budget: ≥ {state.base_top1 - cfg.max_drop:.2f}%)")
         save_state(out_dir, state)
     else:
         resumed = len(state.history)
         info(f"resuming from {out_dir / STATE_FILE}: {resumed} round(s) done, removed {len(state.removed)}")
+    if state.baseline is not None:  # the original stays the finetuned baseline on resume too
+        gm.load_state_dict(state.baseline)
     current = linearize(gm, state.removed) if state.removed else gm
     if state.state_dict is not None:
         current.load_state_dict(state.state_dict)
@@ -182,7 +195,7 @@ def run_loop(gm: fx.GraphModule, source: str, train_loader, val_loader, cfg: Loo
         if within:
             current = candidate
             state.removed = state.removed + chosen
-            state.state_dict = {k: v.detach().cpu() for k, v in current.state_dict().items()}
+            state.state_dict = _cpu_state(current)
         state.finished = not within or cfg.one_shot is not None
         save_state(out_dir, state)
 

@@ -16,7 +16,8 @@ def test_demo_pipeline_removes_activations_and_onnx_matches_pytorch(tmp_path):
     assert len(report["compressed"]["removed"]) >= 1
     assert report["original"]["top1"] > 80.0
     assert report["verify"]["passed"] and report["verify"]["max_abs"] <= 1e-4
-    assert json.loads((tmp_path / "report.json").read_text())["compressed"]["removed"] == report["compressed"]["removed"]
+    written = json.loads((tmp_path / "report.json").read_text())
+    assert written["compressed"]["removed"] == report["compressed"]["removed"]
 
     # Independently: the shipped ONNX against the linearized checkpoint, on real digit images.
     linearized = load_model(str(tmp_path / "linearized.pt")).model.eval()

@@ -78,3 +78,11 @@ def test_random_criterion_is_seeded(loaders, tmp_path):
     a = _run(loaders, tmp_path / "a", criterion="random", max_removed=2)
     b = _run(loaders, tmp_path / "b", criterion="random", max_removed=2)
     assert a.removed == b.removed
+
+
+def test_baseline_finetuning_sets_budget_and_survives_resume(loaders, tmp_path):
+    first = _run(loaders, tmp_path, baseline_epochs=6.0, lr=0.05, max_removed=1)
+    untouched = _run(loaders, tmp_path / "plain", lr=0.05, max_removed=1)
+    assert first.base_top1 > untouched.base_top1 + 20  # measured after training the (random) original
+    resumed = _run(loaders, tmp_path, baseline_epochs=6.0, lr=0.05, max_removed=1)
+    assert resumed.base_top1 == first.base_top1 and resumed.resumed_rounds == 1
