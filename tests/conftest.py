@@ -6,6 +6,20 @@ import pytest
 import torch
 from PIL import Image
 
+
+def run_cli(capsys: pytest.CaptureFixture, *argv: str) -> tuple[int, str]:
+    """Run the CLI in-process; returns (exit code, everything printed)."""
+    from easier_export.cli import main
+
+    try:
+        main([*argv])
+        code = 0
+    except SystemExit as exc:
+        code = exc.code
+    captured = capsys.readouterr()
+    return code, captured.out + captured.err
+
+
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 
 

@@ -6,19 +6,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import make_image_folder
+from conftest import run_cli as run
 
-from easier_export.cli import main
 from easier_export.models import build_arch
-
-
-def run(capsys, *argv: str) -> tuple[int, str]:
-    try:
-        main([*argv])
-        code = 0
-    except SystemExit as exc:
-        code = exc.code
-    captured = capsys.readouterr()
-    return code, captured.out + captured.err
 
 
 @pytest.fixture
@@ -46,8 +37,6 @@ def test_state_dict_mismatch(capsys, image_folder, weights):
 
 @pytest.mark.parametrize("missing", ["train", "val"])
 def test_missing_split(capsys, tmp_path, missing, weights):
-    from conftest import make_image_folder
-
     root = make_image_folder(tmp_path / "d", splits=tuple(s for s in ("train", "val") if s != missing))
     code, out = run(capsys, "compress", "cifar_resnet20", "--weights", str(weights), "--num-classes", "3",
                     "--data", str(root))
