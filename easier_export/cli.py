@@ -77,14 +77,17 @@ def _loaders(loaded, data: Path, batch_size: int, workers: int, seed: int = 0):
 
 def _loop_config(max_drop: float, finetune_epochs: float, lr: float, max_removed: int | None,
                  one_shot: int | None, criterion: str, rectifiers: str, entropy_batches: int | None,
-                 entropy_mode: str, threshold: float, seed: int, baseline_epochs: float = 0.0):
+                 entropy_mode: str, threshold: float, seed: int, baseline_epochs: float = 0.0,
+                 relocate_padding: bool = False):
     from .linearize import LoopConfig
 
     if entropy_mode not in ("train", "eval"):
         raise UserError(f"--entropy-mode must be train or eval, got '{entropy_mode}'")
-    return LoopConfig(max_drop, finetune_epochs, lr, max_removed, one_shot, criterion,
-                      tuple(sorted(r.strip() for r in rectifiers.split(","))), entropy_batches, entropy_mode,
-                      threshold, seed, baseline_epochs)
+    return LoopConfig(max_drop=max_drop, finetune_epochs=finetune_epochs, lr=lr, max_removed=max_removed,
+                      one_shot=one_shot, criterion=criterion,
+                      rectifiers=tuple(sorted(r.strip() for r in rectifiers.split(","))),
+                      entropy_batches=entropy_batches, entropy_mode=entropy_mode, threshold=threshold, seed=seed,
+                      relocate_padding=relocate_padding, baseline_epochs=baseline_epochs)
 
 
 MaxDrop = Annotated[float, typer.Option(help="accuracy budget: largest allowed top-1 drop, in points")]
@@ -97,6 +100,8 @@ EntropyBatches = Annotated[int | None, typer.Option(help="batches per entropy pa
 EntropyMode = Annotated[str, typer.Option(help="train (as EASIER does) or eval mode for entropy passes")]
 Threshold = Annotated[float, typer.Option(help="a unit is ON when its pre-activation is >= this")]
 Seed = Annotated[int, typer.Option(help="random seed")]
+RelocatePadding = Annotated[bool, typer.Option(help="move a conv's padding onto the conv before a removed "
+                                                      "activation, so the two can later merge exactly")]
 BaselineEpochs = Annotated[float, typer.Option(help="finetune the original this long first, so the budget is "
                                                     "measured from a model adapted to DATA")]
 Fold = Annotated[str, typer.Option(help="auto (only merges measured faster), all, or none")]
@@ -115,7 +120,8 @@ def compress(model: ModelArg, data: Data, out: Out = Path("runs/compress"), weig
              lr: Lr = 0.01, max_removed: MaxRemoved = None, one_shot: OneShot = None,
              criterion: Criterion = "entropy", rectifiers: Rectifiers = "relu,relu6,leaky_relu,gelu,silu,hardswish",
              entropy_batches: EntropyBatches = 20, entropy_mode: EntropyMode = "train", threshold: Threshold = 0.0,
-             seed: Seed = 0, baseline_epochs: BaselineEpochs = 0.0, fold: Fold = "auto", target: Target = "cpu",
+             seed: Seed = 0, baseline_epochs: BaselineEpochs = 0.0, relocate_padding: RelocatePadding = False,
+             fold: Fold = "auto", target: Target = "cpu",
              bench_devices: BenchDevices = "cpu",
              bench_batches: BenchBatches = "1,8", threads: Threads = None, no_simplify: NoSimplify = False) -> None:
     """Run the whole pipeline: entropy → linearize/finetune rounds → fold → ONNX → verify → bench → report."""
@@ -123,7 +129,7 @@ def compress(model: ModelArg, data: Data, out: Out = Path("runs/compress"), weig
     from .pipeline import compress as run
 
     loop = _loop_config(max_drop, finetune_epochs, lr, max_removed, one_shot, criterion, rectifiers,
-                        entropy_batches, entropy_mode, threshold, seed, baseline_epochs)
+                        entropy_batches, entropy_mode, threshold, seed, baseline_epochs, relocate_padding)
     cfg = CompressConfig(loop, _choice(fold, ("auto", "all", "none"), "fold"),
                          _choice(target, ("cpu", "cuda"), "target"), device, not no_simplify,
                          bench_devices=tuple(bench_devices.split(",")),
@@ -210,7 +216,8 @@ def linearize(model: ModelArg, data: Data, out: Out = Path("runs/linearize"), we
               one_shot: OneShot = None, criterion: Criterion = "entropy",
               rectifiers: Rectifiers = "relu,relu6,leaky_relu,gelu,silu,hardswish",
               entropy_batches: EntropyBatches = 20, entropy_mode: EntropyMode = "train",
-              threshold: Threshold = 0.0, seed: Seed = 0, baseline_epochs: BaselineEpochs = 0.0) -> None:
+              threshold: Threshold = 0.0, seed: Seed = 0, baseline_epochs: BaselineEpochs = 0.0,
+              relocate_padding: RelocatePadding = False) -> None:
     """Only the EASIER loop: writes linearized.pt (resumable; rerun to continue)."""
     from .graph import trace
     from .linearize import run_loop
@@ -218,14 +225,14 @@ def linearize(model: ModelArg, data: Data, out: Out = Path("runs/linearize"), we
     from .train import is_main_process, resolve_device
 
     cfg = _loop_config(max_drop, finetune_epochs, lr, max_removed, one_shot, criterion, rectifiers,
-                       entropy_batches, entropy_mode, threshold, seed, baseline_epochs)
+                       entropy_batches, entropy_mode, threshold, seed, baseline_epochs, relocate_padding)
     with _distributed():
         loaded = _load(model, weights, arch, num_classes, trust_pickle, input_size, mean, std)
         loaders = _loaders(loaded, data, batch_size, workers, seed)
         result = run_loop(trace(loaded.model), loaded.source, loaders.train, loaders.val, cfg,
                           resolve_device(device), ensure_writable(out))
         if is_main_process():
-            save_linearized(out / "linearized.pt", loaded, result)
+            save_linearized(out / "linearized.pt", loaded, result, cfg.relocate_padding)
             console.print(f"removed {len(result.removed)} activations, top-1 {result.base_top1:.2f}% → "
                           f"{result.final_top1:.2f}%; wrote {out / 'linearized.pt'}")
 
@@ -329,7 +336,7 @@ def _static_input_shape(proto) -> tuple[int, int, int]:
 
 @app.command()
 def demo(out: Out = Path("runs/demo"), epochs: Annotated[int, typer.Option(help="training epochs")] = 12,
-         finetune_epochs: Epochs = 2.0, max_drop: MaxDrop = 1.0, fold: Fold = "auto", seed: Seed = 0) -> None:
+         finetune_epochs: Epochs = 4.0, max_drop: MaxDrop = 1.0, fold: Fold = "auto", seed: Seed = 0) -> None:
     """Train a small residual CNN on scikit-learn's digits, then run the whole `compress` pipeline on it."""
     from .demo import run_demo
 

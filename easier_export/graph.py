@@ -154,14 +154,53 @@ def _node(gm: fx.GraphModule, name: str) -> fx.Node:
     raise KeyError(name)
 
 
-def linearize(gm: fx.GraphModule, names: Iterable[str]) -> fx.GraphModule:
-    """A copy of ``gm`` with the named call sites replaced by the identity (the rest untouched)."""
+def _sole_conv(gm: fx.GraphModule, node: object) -> nn.Conv2d | None:
+    """The Conv2d a call_module node runs, if that module is called from this node only."""
+    if not (isinstance(node, fx.Node) and node.op == "call_module"):
+        return None
+    mod = gm.get_submodule(node.target)
+    calls = sum(n.op == "call_module" and n.target == node.target for n in gm.graph.nodes)
+    return mod if isinstance(mod, nn.Conv2d) and calls == 1 else None
+
+
+def relocate_padding(gm: fx.GraphModule, act: fx.Node) -> bool:
+    """conv1 [→ BN] → act → conv2: move conv2's zero padding onto conv1 (p1 += s1·p2, p2 = 0).
+
+    Once ``act`` is gone, conv1·conv2 merge exactly only if conv2 pads nothing (its padding would otherwise
+    see conv1's real border outputs in the merged kernel). Moving the padding changes border values, so the
+    loop applies it *before* finetuning. Returns whether it applied.
+    """
+    users = list(act.users)
+    conv2 = _sole_conv(gm, users[0]) if len(users) == 1 else None
+    producer = act.args[0]
+    if isinstance(producer, fx.Node) and producer.op == "call_module" and len(producer.users) == 1 and isinstance(
+            gm.get_submodule(producer.target), nn.BatchNorm2d):
+        producer = producer.args[0]
+    conv1 = _sole_conv(gm, producer)
+    if conv1 is None or conv2 is None or isinstance(conv2.padding, str) or isinstance(conv1.padding, str):
+        return False
+    if conv1.padding_mode != "zeros" or conv2.padding_mode != "zeros" or not any(conv2.padding):
+        return False
+    conv1.padding = tuple(p1 + s1 * p2 for p1, s1, p2 in zip(conv1.padding, conv1.stride, conv2.padding,
+                                                              strict=True))
+    conv2.padding = (0, 0)
+    return True
+
+
+def linearize(gm: fx.GraphModule, names: Iterable[str], relocate: bool = False) -> fx.GraphModule:
+    """A copy of ``gm`` with the named call sites replaced by the identity (the rest untouched).
+
+    ``relocate``: also move padding across each removed activation between two convs (see
+    :func:`relocate_padding`); the order of ``names`` matters then, so replay them in removal order.
+    """
     names = list(names)
     out = copy.deepcopy(gm)
     in_graph = {n.name: n for n in out.graph.nodes}
     for name in names:
         if name in in_graph:
             node = in_graph[name]
+            if relocate:
+                relocate_padding(out, node)
             node.replace_all_uses_with(node.args[0])
             out.graph.erase_node(node)
         else:

@@ -39,6 +39,7 @@ class LoopConfig:
     entropy_mode: str = "train"
     threshold: float = 0.0
     seed: int = 0
+    relocate_padding: bool = False  # move padding across removed activations so conv·conv merges are exact
     baseline_epochs: float = 0.0  # finetune the original first (e.g. after a data-domain shift): a fair baseline
 
 
@@ -163,7 +164,7 @@ def run_loop(gm: fx.GraphModule, source: str, train_loader, val_loader, cfg: Loo
         info(f"resuming from {out_dir / STATE_FILE}: {resumed} round(s) done, removed {len(state.removed)}")
     if state.baseline is not None:  # the original stays the finetuned baseline on resume too
         gm.load_state_dict(state.baseline)
-    current = linearize(gm, state.removed) if state.removed else gm
+    current = linearize(gm, state.removed, cfg.relocate_padding) if state.removed else gm
     if state.state_dict is not None:
         current.load_state_dict(state.state_dict)
     current = current.to(device)
@@ -181,7 +182,7 @@ def run_loop(gm: fx.GraphModule, source: str, train_loader, val_loader, cfg: Loo
         if rnd == 1:
             state.entropy0 = [s.to_dict() for s in stats.values()]
         chosen = pick(scores, cfg, len(state.removed))
-        candidate = linearize(current, chosen).to(device)
+        candidate = linearize(current, chosen, cfg.relocate_padding).to(device)
         seed_everything(round_seed, train_loader)
         with progress(f"round {rnd}: finetune", math.ceil(cfg.finetune_epochs * len(train_loader))) as advance:
             finetune(candidate, train_loader, device, cfg.finetune_epochs, cfg.lr, on_step=advance)

@@ -152,7 +152,7 @@ def load_model(source: str, num_classes: int | None = None, weights: str | Path 
         model = load_model(recipe["arch"], recipe.get("num_classes"), trust_pickle=trust_pickle).model
         from .graph import linearize, trace
 
-        gm = linearize(trace(model), recipe["removed"])
+        gm = linearize(trace(model), recipe["removed"], recipe.get("relocate_padding", False))
         load_state_dict(gm, obj["state_dict"], f"linearized checkpoint {path}")
         loaded = _finish(gm, recipe["arch"], num_classes, removed=list(recipe["removed"]))
         loaded.mean, loaded.std = tuple(recipe["mean"]), tuple(recipe["std"])

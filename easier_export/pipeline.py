@@ -54,9 +54,10 @@ def ensure_writable(out_dir: Path) -> Path:
     return out_dir
 
 
-def save_linearized(path: Path, loaded: LoadedModel, result: LoopResult) -> Path:
+def save_linearized(path: Path, loaded: LoadedModel, result: LoopResult, relocate_padding: bool) -> Path:
     """State dict + the recipe to rebuild it: architecture, removed call sites, preprocessing."""
     recipe = {"arch": loaded.source, "num_classes": loaded.num_classes, "removed": result.removed,
+              "relocate_padding": relocate_padding,
               "input_size": list(loaded.input_size), "mean": list(loaded.mean), "std": list(loaded.std)}
     state = {k: v.detach().cpu() for k, v in result.model.state_dict().items()}
     return save_torch({"format": LINEARIZED_FORMAT, "recipe": recipe, "state_dict": state}, path)
@@ -93,7 +94,7 @@ def compress(loaded: LoadedModel, loaders: Loaders, out_dir: Path, cfg: Compress
     if not is_main_process():
         return {}
     linearized = result.model.cpu().eval()
-    save_linearized(out_dir / "linearized.pt", loaded, result)
+    save_linearized(out_dir / "linearized.pt", loaded, result, cfg.loop.relocate_padding)
 
     inputs = val_batches(loaders, cfg.verify_batches)
     example = inputs[0][:1]
