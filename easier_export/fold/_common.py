@@ -347,3 +347,14 @@ def conv_with_constant(
     conv.weight.data.copy_(weight)
     return conv.eval()
 
+
+def match_pair(gm: GraphModule, node: Node, kind: type[nn.Module], name: str) -> Candidate | None:
+    """``second(first(x))`` where both are private ``kind`` modules and ``first``'s output feeds only ``second``."""
+    second = private_module(gm, node, kind)
+    if second is None:
+        return None
+    src = single_input(node)
+    first = private_module(gm, src, kind)
+    if first is None or sole_user(src) is not node:
+        return None
+    return Candidate(name, [src, node], src.args[0], [first, second], f"{describe(first)} · {describe(second)}")

@@ -30,15 +30,12 @@ from ._common import (
     FoldRecord,
     Merge,
     as_float64,
-    describe,
     dilated_weight,
     expand_groups,
     fold_to_fixpoint,
+    match_pair,
     plain_conv2d_reason,
-    private_module,
     refuse,
-    single_input,
-    sole_user,
     verified_conv,
 )
 
@@ -74,16 +71,7 @@ def _compose_weights(w1: Tensor, w2: Tensor, groups: int, stride: tuple[int, int
 
 
 def match_conv_pair(gm: GraphModule, node: Node) -> Candidate | None:
-    """``second(first(x))`` where both are private convs and ``first``'s output feeds only ``second``."""
-    second = private_module(gm, node, nn.Conv2d)
-    if second is None:
-        return None
-    src = single_input(node)
-    first = private_module(gm, src, nn.Conv2d)
-    if first is None or sole_user(src) is not node:
-        return None
-    detail = f"{describe(first)} · {describe(second)}"
-    return Candidate("conv_conv", [src, node], src.args[0], [first, second], detail)
+    return match_pair(gm, node, nn.Conv2d, "conv_conv")
 
 
 def build_conv_pair(cand: Candidate) -> Merge:

@@ -17,11 +17,8 @@ from ._common import (
     FoldRecord,
     Merge,
     bias64,
-    describe,
     fold_to_fixpoint,
-    private_module,
-    single_input,
-    sole_user,
+    match_pair,
 )
 
 
@@ -35,15 +32,7 @@ def compose_linears(first: nn.Linear, second: nn.Linear) -> Merge:
 
 
 def match_linear_pair(gm: GraphModule, node: Node) -> Candidate | None:
-    second = private_module(gm, node, nn.Linear)
-    if second is None:
-        return None
-    src = single_input(node)
-    first = private_module(gm, src, nn.Linear)
-    if first is None or sole_user(src) is not node:
-        return None
-    detail = f"{describe(first)} · {describe(second)}"
-    return Candidate("linear_linear", [src, node], src.args[0], [first, second], detail)
+    return match_pair(gm, node, nn.Linear, "linear_linear")
 
 
 def build_linear_pair(cand: Candidate) -> Merge:
