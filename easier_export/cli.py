@@ -56,11 +56,9 @@ def _load(model: str, weights: Path | None, arch: str | None, num_classes: int |
           input_size: int | None, mean: str | None, std: str | None):
     from .models import load_model
 
-    loaded = load_model(model, num_classes, weights, arch, trust_pickle)
+    loaded = load_model(model, num_classes, weights, arch, trust_pickle, input_size)
     for note in loaded.notes:
         console.print(f"[yellow]warning:[/] {note}")
-    if input_size is not None:
-        loaded.input_size = (loaded.input_size[0], input_size, input_size)
     loaded.mean = _floats(mean, "mean") or loaded.mean
     loaded.std = _floats(std, "std") or loaded.std
     if len(loaded.mean) != loaded.input_size[0] or len(loaded.std) != loaded.input_size[0]:

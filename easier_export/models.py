@@ -44,8 +44,11 @@ def _suggest(name: str, choices: list[str]) -> str:
     return f" Did you mean: {', '.join(close)}?" if close else ""
 
 
-def build_arch(arch: str, num_classes: int | None = None) -> nn.Module:
-    """Instantiate an architecture by name with random weights (nothing is ever downloaded)."""
+def build_arch(arch: str, num_classes: int | None = None, img_size: int | None = None) -> nn.Module:
+    """Instantiate an architecture by name with random weights (nothing is ever downloaded).
+
+    ``img_size`` reaches timm models built for a fixed input size (Swin, ViT), so they run at e.g. 32x32.
+    """
     kwargs: dict[str, Any] = {} if num_classes is None else {"num_classes": num_classes}
     prefix, _, name = arch.partition(":")
     if not name:
@@ -55,6 +58,11 @@ def build_arch(arch: str, num_classes: int | None = None) -> nn.Module:
 
         if not timm.is_model(name):
             raise UserError(f"unknown timm model '{name}'.{_suggest(name, timm.list_models())}")
+        if img_size is not None:
+            try:
+                return timm.create_model(name, pretrained=False, img_size=img_size, **kwargs)
+            except TypeError:  # convolutional nets take any size and no img_size argument
+                pass
         return timm.create_model(name, pretrained=False, **kwargs)
     if prefix == "torchvision":
         import torchvision
@@ -121,12 +129,20 @@ def _finish(model: nn.Module, source: str, num_classes: int | None, removed: lis
 
 
 def load_model(source: str, num_classes: int | None = None, weights: str | Path | None = None,
-               arch: str | None = None, trust_pickle: bool = False) -> LoadedModel:
+               arch: str | None = None, trust_pickle: bool = False, img_size: int | None = None) -> LoadedModel:
     """Resolve any MODEL form into an eval-mode nn.Module plus its preprocessing config."""
+    loaded = _load_any(source, num_classes, weights, arch, trust_pickle, img_size)
+    if img_size is not None:
+        loaded.input_size = (loaded.input_size[0], img_size, img_size)
+    return loaded
+
+
+def _load_any(source: str, num_classes: int | None, weights: str | Path | None, arch: str | None,
+              trust_pickle: bool, img_size: int | None) -> LoadedModel:
     path = Path(source)
     looks_like_file = path.suffix in {".pt", ".pth", ".th", ".pt2", ".bin", ".ckpt"} or path.exists()
     if not looks_like_file:
-        model = build_arch(source, num_classes)
+        model = build_arch(source, num_classes, img_size)
         notes = []
         if weights is not None:
             load_state_dict(model, _torch_load(_existing(weights), False), f"weights file {weights}")
@@ -149,7 +165,8 @@ def load_model(source: str, num_classes: int | None = None, weights: str | Path 
         return _finish(obj, str(path), num_classes)
     if isinstance(obj, dict) and obj.get("format") == LINEARIZED_FORMAT:
         recipe = obj["recipe"]
-        model = load_model(recipe["arch"], recipe.get("num_classes"), trust_pickle=trust_pickle).model
+        model = load_model(recipe["arch"], recipe.get("num_classes"), trust_pickle=trust_pickle,
+                           img_size=recipe["input_size"][-1]).model
         from .graph import linearize, trace
 
         gm = linearize(trace(model), recipe["removed"], recipe.get("relocate_padding", False))
@@ -161,7 +178,7 @@ def load_model(source: str, num_classes: int | None = None, weights: str | Path 
     if arch is None:
         raise UserError(f"{path} is a state dict: say which architecture it belongs to with --arch "
                         "(e.g. --arch timm:resnet18)")
-    model = build_arch(arch, num_classes)
+    model = build_arch(arch, num_classes, img_size)
     load_state_dict(model, obj, f"state dict {path}")
     return _finish(model, arch, num_classes)
 

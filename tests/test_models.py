@@ -64,3 +64,9 @@ def test_num_classes_reheads_and_random_init_is_noted():
     loaded = load_model("torchvision:resnet18", num_classes=7)
     assert loaded.num_classes == 7
     assert any("random initialisation" in n for n in loaded.notes)
+
+
+def test_input_size_reaches_fixed_size_timm_models():
+    swin = load_model("timm:swin_tiny_patch4_window7_224", num_classes=10, img_size=32).model
+    assert swin(torch.randn(1, 3, 32, 32)).shape == (1, 10)
+    assert load_model("timm:resnet18", num_classes=10, img_size=32).model(torch.randn(1, 3, 32, 32)).shape == (1, 10)
