@@ -88,8 +88,10 @@ def main() -> None:
     args = parser.parse_args()
     if not SHARED.is_dir():
         raise SystemExit(f"needs {SHARED} (CIFAR-10 data and checkpoints)")
-    reports = {d: run(d, args) for d in args.depths}
-    args.table.write_text(table(reports, args))
+    reports = {}
+    for depth in args.depths:  # the table is rewritten after each model: a long run keeps what it finished
+        reports[depth] = run(depth, args)
+        args.table.write_text(table(reports, args))
     print(args.table.read_text())
 
 
