@@ -20,7 +20,7 @@ from .graph import find_call_sites, trace
 from .io import save_torch
 from .linearize import LoopConfig, LoopResult, run_loop
 from .models import LINEARIZED_FORMAT, LoadedModel
-from .report import model_stats, summary_table, write_report
+from .report import model_stats, rounds_table, summary_table, write_report
 from .train import is_main_process, resolve_device
 from .ui import console, info
 
@@ -118,10 +118,13 @@ def compress(loaded: LoadedModel, loaders: Loaders, out_dir: Path, cfg: Compress
 
     info("benchmarking (onnxruntime)")
     bench_rows = bench({k: Path(v["path"]) for k, v in exports.items()}, tuple(example.shape[1:]),
-                       cfg.bench_devices, cfg.bench_batches, cfg.threads, max_seconds=cfg.bench_seconds)
+                       cfg.bench_devices, cfg.bench_batches, cfg.threads, max_seconds=cfg.bench_seconds,
+                       torch_models={"original": original, "folded": folded})  # eager PyTorch as a reference
 
     report = build_report(loaded, cfg, result, original, folded, example, folds, exports, bench_rows)
     write_report(report, out_dir)
+    if report["rounds"]:
+        console.print(rounds_table(report))
     console.print(summary_table(report))
     if not verify["passed"]:
         raise VerificationError(f"model.onnx does not reproduce the PyTorch model: {verify['reason']} "

@@ -234,6 +234,22 @@ def _fmt_top1(top1: float | None) -> str:
     return "–" if top1 is None else f"{top1:.2f}"
 
 
+ROUND_COLUMNS = ("round", "removed", "entropy", "val top-1", "delta", "within budget", "seconds")
+
+
+def round_rows(report: dict) -> list[list[str]]:
+    """One row per EASIER round, shared by the console and report.md."""
+    return [[str(r["round"]), ", ".join(r["removed"]), f"{r['entropy']:.4g}", f"{r['val_top1']:.2f}",
+             f"{r['delta']:+.2f}", _yes(r["within_budget"]), f"{r['seconds']:.1f}"] for r in report["rounds"]]
+
+
+def rounds_table(report: dict) -> Table:
+    table = Table(*ROUND_COLUMNS, title="EASIER rounds")
+    for row in round_rows(report):
+        table.add_row(*row)
+    return table
+
+
 def summary_table(report: dict) -> Table:
     table = Table(title=f"{report['model']['source']}: original vs compressed")
     for name, justify in (("metric", "left"), ("original", "right"), ("compressed", "right"),
@@ -366,11 +382,7 @@ def render_markdown(report: dict) -> str:
 
     if report.get("rounds"):
         lines += ["## Rounds", ""]
-        lines += _md_table(["round", "removed", "entropy", "val top-1", "delta", "within budget", "seconds"],
-                           [[r["round"], ", ".join(r["removed"]), f"{r['entropy']:.4g}",
-                             f"{r['val_top1']:.2f}", f"{r['delta']:+.2f}", _yes(r["within_budget"]),
-                             f"{r['seconds']:.1f}"]
-                            for r in report["rounds"]])
+        lines += _md_table(list(ROUND_COLUMNS), round_rows(report))
     if report.get("folds"):
         lines += ["## Folds", ""]
         lines += _md_table(["kind", "nodes", "detail", "applied", "reason", "µs before", "µs after"],
