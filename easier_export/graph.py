@@ -74,10 +74,32 @@ def _untraceable(module: nn.Module, prefix: str = "") -> list[str]:
     return deeper or [prefix.rstrip(".")]
 
 
+_BN_STATE = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
+
+
+def split_norm_act(model: nn.Module) -> nn.Module:
+    """timm's ``BatchNormAct2d`` runs BatchNorm and its activation in one module; split it into
+    ``Sequential(BatchNorm2d, drop, act)`` (same function) so the BN folds and the activation is its own call site.
+    Returns a copy when anything was split, ``model`` itself otherwise."""
+    fused = [name for name, m in model.named_modules()
+             if isinstance(m, nn.BatchNorm2d) and type(m) is not nn.BatchNorm2d and hasattr(m, "act")]
+    if not fused:
+        return model
+    model = copy.deepcopy(model)
+    for name in fused:
+        m = model.get_submodule(name)
+        bn = nn.BatchNorm2d(m.num_features, m.eps, m.momentum, m.affine, m.track_running_stats)
+        bn.load_state_dict({k: v for k, v in m.state_dict().items() if k in _BN_STATE})
+        parent, _, attr = name.rpartition(".")
+        setattr(model.get_submodule(parent), attr, nn.Sequential(bn, m.drop, m.act).train(m.training))
+    return model
+
+
 def trace(model: nn.Module) -> fx.GraphModule:
     """Symbolic trace, turning untraceable sub-modules into leaves; a GraphModule is returned as is."""
     if isinstance(model, fx.GraphModule):
         return model
+    model = split_norm_act(model)
     gm, err = _try_trace(model, set())
     if gm is not None:
         return gm

@@ -83,8 +83,7 @@ def compress(loaded: LoadedModel, loaders: Loaders, out_dir: Path, cfg: Compress
     """Run every stage and return the report (also written to ``out_dir``)."""
     out_dir = ensure_writable(Path(out_dir))
     device = resolve_device(cfg.device)
-    original = loaded.model.eval()
-    gm = trace(original)
+    gm = trace(loaded.model.eval())
     n_sites = len(find_call_sites(gm, cfg.loop.rectifiers))
     if n_sites == 0:
         raise UserError(f"{loaded.source} has no {'/'.join(cfg.loop.rectifiers)} activations to remove")
@@ -93,6 +92,7 @@ def compress(loaded: LoadedModel, loaders: Loaders, out_dir: Path, cfg: Compress
     result = run_loop(gm, loaded.source, loaders.train, loaders.val, cfg.loop, device, out_dir)
     if not is_main_process():
         return {}
+    original = gm.cpu().eval()  # the traced original, finetuned first if --baseline-epochs asked for it
     linearized = result.model.cpu().eval()
     save_linearized(out_dir / "linearized.pt", loaded, result, cfg.loop.relocate_padding)
 

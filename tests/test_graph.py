@@ -72,3 +72,18 @@ def test_untraceable_submodule_becomes_leaf_with_call_sites_inside():
 def test_unknown_call_site_is_a_user_error():
     with pytest.raises(UserError, match="no activation call site"):
         linearize(trace(nn.Sequential(nn.ReLU())), ["nope"])
+
+
+def test_timm_fused_batchnorm_act_is_split_so_bn_folds():
+    from easier_export.fold import fold_model
+
+    model = build_arch("timm:mobilenetv2_100", num_classes=10).eval()
+    gm = trace(model)
+    x = torch.randn(2, 3, 32, 32)
+    torch.testing.assert_close(gm(x), model(x))
+    assert type(model.bn1).__name__ == "BatchNormAct2d"  # the caller's model is not modified
+    names = [s.name for s in find_call_sites(gm)][2:8]  # both activations of three inverted-residual blocks
+    lin = linearize(gm, names).eval()
+    folded, records = fold_model(lin, x[:1], mode="all")
+    assert any(r.kind == "conv_conv" and r.applied for r in records)
+    torch.testing.assert_close(folded(x), lin(x), atol=1e-4, rtol=1e-4)
