@@ -47,9 +47,25 @@ def _floats(text: str | None, what: str) -> tuple[float, ...] | None:
 
 def _ints(text: str, what: str) -> tuple[int, ...]:
     try:
-        return tuple(int(v) for v in text.split(","))
+        values = tuple(int(v) for v in text.split(","))
     except ValueError:
         raise UserError(f"--{what} takes comma-separated integers, got '{text}'") from None
+    if min(values) < 1:
+        raise UserError(f"--{what} takes positive integers, got '{text}'")
+    return values
+
+
+def _devices(text: str) -> tuple[str, ...]:
+    devices = tuple(d.strip() for d in text.split(","))
+    for d in devices:
+        _choice(d, ("cpu", "cuda"), "bench-devices")
+    return devices
+
+
+def _positive(**values: int | None) -> None:
+    for name, value in values.items():
+        if value is not None and value < 1:
+            raise UserError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
 
 
 def _load(model: str, weights: Path | None, arch: str | None, num_classes: int | None, trust_pickle: bool,
@@ -79,8 +95,6 @@ def _loop_config(max_drop: float, finetune_epochs: float, lr: float, max_removed
                  relocate_padding: bool = False):
     from .linearize import LoopConfig
 
-    if entropy_mode not in ("train", "eval"):
-        raise UserError(f"--entropy-mode must be train or eval, got '{entropy_mode}'")
     return LoopConfig(max_drop=max_drop, finetune_epochs=finetune_epochs, lr=lr, max_removed=max_removed,
                       one_shot=one_shot, criterion=criterion,
                       rectifiers=tuple(sorted(r.strip() for r in rectifiers.split(","))),
@@ -130,9 +144,10 @@ def compress(model: ModelArg, data: Data, out: Out = Path("runs/compress"), weig
                         entropy_batches, entropy_mode, threshold, seed, baseline_epochs, relocate_padding)
     cfg = CompressConfig(loop, _choice(fold, ("auto", "all", "none"), "fold"),
                          _choice(target, ("cpu", "cuda"), "target"), device, not no_simplify,
-                         bench_devices=tuple(bench_devices.split(",")),
-                         bench_batches=_ints(bench_batches, "bench-batches"), threads=threads)
-    with _distributed():
+                         bench_devices=_devices(bench_devices), bench_batches=_ints(bench_batches, "bench-batches"),
+                         threads=threads)
+    _positive(batch_size=batch_size, input_size=input_size, threads=threads)
+    with _distributed(device):
         loaded = _load(model, weights, arch, num_classes, trust_pickle, input_size, mean, std)
         run(loaded, _loaders(loaded, data, batch_size, workers, seed), out, cfg)
     console.print(f"outputs in [bold]{out}[/]")
@@ -147,6 +162,9 @@ def _choice(value: str, choices: tuple[str, ...], what: str) -> str:
 class _distributed:
     """Initialise torch.distributed when launched by torchrun (WORLD_SIZE set), tear it down after."""
 
+    def __init__(self, device: str) -> None:
+        self.device = device
+
     def __enter__(self) -> None:
         import os
 
@@ -156,7 +174,7 @@ class _distributed:
         if self.owner:
             import torch
 
-            backend = "nccl" if torch.cuda.is_available() else "gloo"
+            backend = "nccl" if torch.cuda.is_available() and self.device != "cpu" else "gloo"
             if backend == "nccl":
                 torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
             dist.init_process_group(backend)
@@ -187,6 +205,9 @@ def entropy(model: ModelArg, data: Data, out: Annotated[Path, typer.Option(help=
     from .train import resolve_device
     from .ui import progress
 
+    _positive(batch_size=batch_size, input_size=input_size, entropy_batches=entropy_batches)
+    if entropy_mode not in ("train", "eval"):
+        raise UserError(f"--entropy-mode is train or eval, not {entropy_mode!r}")
     loaded = _load(model, weights, arch, num_classes, trust_pickle, input_size, mean, std)
     loaders = _loaders(loaded, data, batch_size, workers)
     dev = resolve_device(device)
@@ -219,13 +240,15 @@ def linearize(model: ModelArg, data: Data, out: Out = Path("runs/linearize"), we
     """Only the EASIER loop: writes linearized.pt (resumable; rerun to continue)."""
     from .graph import trace
     from .linearize import run_loop
-    from .pipeline import ensure_writable, save_linearized
+    from .pipeline import check_continuation, ensure_writable, save_linearized
     from .train import is_main_process, resolve_device
 
     cfg = _loop_config(max_drop, finetune_epochs, lr, max_removed, one_shot, criterion, rectifiers,
                        entropy_batches, entropy_mode, threshold, seed, baseline_epochs, relocate_padding)
-    with _distributed():
+    _positive(batch_size=batch_size, input_size=input_size)
+    with _distributed(device):
         loaded = _load(model, weights, arch, num_classes, trust_pickle, input_size, mean, std)
+        check_continuation(loaded, cfg.relocate_padding)
         loaders = _loaders(loaded, data, batch_size, workers, seed)
         result = run_loop(trace(loaded.model), loaded.source, loaders.train, loaders.val, cfg,
                           resolve_device(device), ensure_writable(out))
@@ -256,9 +279,11 @@ def fold(model: ModelArg, out: Out = Path("runs/fold"),
     example = torch.randn(1, *loaded.input_size)
     gm = trace(loaded.model)
     folded, records = fold_model(gm, example, mode=_choice(mode, ("auto", "all", "none"), "mode"),
-                                 target=target, cache=out / "latency_table.json", threads=threads)
+                                 target=_choice(target, ("cpu", "cuda"), "target"), cache=out / "latency_table.json",
+                                 threads=threads)
     save_json([r.to_dict() for r in records], out / "fold_plan.json")
-    program = torch.export.export(folded, (example,))
+    program = torch.export.export(folded, (example.expand(2, *example.shape[1:]),),
+                                  dynamic_shapes=({0: torch.export.Dim("batch")},))
     atomic_write(out / "folded.pt2", lambda p: torch.export.save(program, p))
     inputs = [torch.randn(4, *loaded.input_size, generator=torch.Generator().manual_seed(i)) for i in range(2)]
     cfg = CompressConfig(simplify=not no_simplify)
@@ -315,7 +340,11 @@ def bench(models: Annotated[list[Path], typer.Argument(help="ONNX files to compa
     for path in models:
         if not path.is_file():
             raise UserError(f"no such file: {path}")
-    shape = _static_input_shape(onnx.load(str(models[0]), load_external_data=False))
+    try:
+        proto = onnx.load(str(models[0]), load_external_data=False)
+    except Exception as e:  # protobuf raises DecodeError for a file that is not ONNX
+        raise UserError(f"{models[0]} is not an ONNX model ({type(e).__name__})") from None
+    shape = _static_input_shape(proto)
     labels = {path.stem if path.stem not in {p.stem for p in models if p != path} else str(path): path
               for path in models}
     rows = run_bench(labels, shape, tuple(device.split(",")), _ints(batch, "batch"), threads,

@@ -24,8 +24,10 @@ def _loader(ds: Dataset, batch_size: int, shuffle: bool, workers: int, seed: int
     if dist.is_available() and dist.is_initialized():  # torchrun: each rank reads its shard
         sampler = DistributedSampler(ds, shuffle=shuffle, seed=seed)
     gen = torch.Generator().manual_seed(seed)
+    # Training drops a last partial batch: a batch of one breaks BatchNorm in train mode. Workers are not
+    # persistent so that each round's seeding reaches them (resume replays the same data order).
     return DataLoader(ds, batch_size=batch_size, shuffle=shuffle and sampler is None, sampler=sampler,
-                      num_workers=workers, generator=gen, persistent_workers=workers > 0)
+                      num_workers=workers, generator=gen, drop_last=shuffle and len(ds) > batch_size)
 
 
 def image_folder(root: str | Path, input_size: tuple[int, int, int], mean: tuple[float, ...],
@@ -42,8 +44,9 @@ def image_folder(root: str | Path, input_size: tuple[int, int, int], mean: tuple
             raise UserError(f"data directory {root} has no '{split}/' folder (expected {root}/{split}/<class>/*.jpg)")
     _, h, w = input_size
     norm = [transforms.ToTensor(), transforms.Normalize(mean, std)]
-    resize = [] if max(h, w) <= 64 else [transforms.Resize(int(round(max(h, w) / 0.875)))]
-    train_tf = transforms.Compose([*resize, transforms.RandomCrop((h, w), padding=h // 8 if h <= 64 else 0,
+    small = max(h, w) <= 64  # CIFAR-style: resize to the input, pad-and-crop; else ImageNet-style resize + crop
+    resize = [transforms.Resize(min(h, w) if small else int(round(min(h, w) / 0.875)))]
+    train_tf = transforms.Compose([*resize, transforms.RandomCrop((h, w), padding=h // 8 if small else 0,
                                                                   pad_if_needed=True),
                                    transforms.RandomHorizontalFlip(), *norm])
     val_tf = transforms.Compose([*resize, transforms.CenterCrop((h, w)), *norm])

@@ -16,6 +16,7 @@ import torch
 import torch.distributed as dist
 from torch import fx, nn
 
+from .errors import UserError
 from .graph import CallSite, channel_dim
 
 
@@ -51,13 +52,15 @@ class SiteStats:
 class OnCounter(nn.Module):
     """Identity that counts, per unit, how often its input is >= ``threshold``."""
 
-    def __init__(self, dim: int, threshold: float = 0.0) -> None:
+    def __init__(self, dim: int | None, threshold: float = 0.0) -> None:
         super().__init__()
         self.dim, self.threshold = dim, threshold
         self.on: torch.Tensor | None = None
         self.seen = 0
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.dim is None:  # no graph to read it from (inside a leaf module): NCHW maps, else tokens
+            self.dim = 1 if x.dim() == 4 else -1
         with torch.no_grad():
             on = (x.detach() >= self.threshold).movedim(self.dim, -1).reshape(-1, x.shape[self.dim])
             counts = on.sum(0, dtype=torch.float64)
@@ -99,7 +102,7 @@ def instrument(gm: fx.GraphModule, sites: Iterable[CallSite], threshold: float =
     handles = []
     for site in wanted.values():
         if not site.in_graph:  # rectifier inside a leaf module: a forward pre-hook sees its input
-            counter = counters[site.name] = OnCounter(1, threshold)
+            counter = counters[site.name] = OnCounter(None, threshold)
             handles.append(probed.get_submodule(site.name).register_forward_pre_hook(_counting_hook(counter)))
     return probed, counters, handles
 
@@ -145,4 +148,7 @@ def measure(gm: fx.GraphModule, sites: list[CallSite], loader: Iterable, device:
         for h in handles:
             h.remove()
         gm.train(was_training)
+    unseen = [name for name, c in counters.items() if c.on is None]
+    if unseen:  # an empty loader, or a branch the data never takes: no statistics is not zero entropy
+        raise UserError(f"no data reached activation call site(s) {', '.join(unseen[:3])}: nothing to measure")
     return {s.name: SiteStats(s.name, s.op, counters[s.name].p_on()) for s in sites}

@@ -144,8 +144,6 @@ def find_call_sites(gm: fx.GraphModule, rectifiers: Iterable[str] = ALL_RECTIFIE
 
 def channel_dim(gm: fx.GraphModule, site: CallSite) -> int:
     """Which dim holds units: 1 after conv/BN (NCHW maps), -1 after linear/LayerNorm (tokens)."""
-    if not site.in_graph:
-        return 1
     node = _node(gm, site.name).args[0]
     while isinstance(node, fx.Node):
         if node.op == "call_module":

@@ -7,6 +7,7 @@ itself from (seed, round) the resumed history is the one an uninterrupted run wo
 
 from __future__ import annotations
 
+import hashlib
 import math
 import time
 from collections.abc import Callable
@@ -41,6 +42,22 @@ class LoopConfig:
     seed: int = 0
     relocate_padding: bool = False  # move padding across removed activations so conv·conv merges are exact
     baseline_epochs: float = 0.0  # finetune the original first (e.g. after a data-domain shift): a fair baseline
+
+    def __post_init__(self) -> None:
+        """Refuse bad settings before any work is done (and before a state file records them)."""
+        checks = [
+            (self.criterion in ("random", *CRITERIA), f"unknown --criterion '{self.criterion}' "
+                                                      f"(choose from random, {', '.join(CRITERIA)})"),
+            (self.entropy_mode in ("train", "eval"), f"--entropy-mode is train or eval, not {self.entropy_mode!r}"),
+            (self.entropy_batches is None or self.entropy_batches >= 1, "--entropy-batches must be at least 1"),
+            (self.one_shot is None or self.one_shot >= 1, "--one-shot must be at least 1"),
+            (self.max_removed is None or self.max_removed >= 0, "--max-removed must not be negative"),
+            (self.finetune_epochs >= 0 and self.baseline_epochs >= 0, "epochs must not be negative"),
+            (self.lr > 0, "--lr must be positive"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise UserError(message)
 
 
 @dataclass
@@ -97,8 +114,6 @@ def score_sites(gm: fx.GraphModule, sites: list[CallSite], loader, device: torch
     if cfg.criterion == "random":
         gen = torch.Generator().manual_seed(round_seed)
         return {s.name: float(v) for s, v in zip(sites, torch.rand(len(sites), generator=gen), strict=True)}, {}
-    if cfg.criterion not in CRITERIA:
-        raise UserError(f"unknown --criterion '{cfg.criterion}' (choose from random, {', '.join(CRITERIA)})")
     total = cfg.entropy_batches if cfg.entropy_batches is not None else len(loader)
     with progress("entropy", min(total, len(loader))) as advance:
         stats = measure(gm, sites, loader, device, cfg.entropy_batches, cfg.entropy_mode == "train",
@@ -117,8 +132,24 @@ def pick(scores: dict[str, float], cfg: LoopConfig, already: int) -> list[str]:
     return chosen[:budget]
 
 
-def _fingerprint(source: str, cfg: LoopConfig) -> dict:
-    return {"source": source, **asdict(cfg)}
+def _digest(module: torch.nn.Module) -> str:
+    """Identifies the starting weights: resuming onto other weights would mix two runs."""
+    h = hashlib.sha1()
+    for name, tensor in module.state_dict().items():
+        h.update(name.encode())
+        h.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def _data_id(loader) -> dict:
+    ds = loader.dataset
+    return {"root": str(getattr(ds, "root", "")), "size": len(ds), "batch_size": loader.batch_size,
+            "transform": repr(getattr(ds, "transform", None))}
+
+
+def _fingerprint(gm: fx.GraphModule, source: str, cfg: LoopConfig, train_loader, val_loader) -> dict:
+    return {"source": source, **asdict(cfg), "weights": _digest(gm), "removed_before": gm.meta.get("removed", []),
+            "train": _data_id(train_loader), "val": _data_id(val_loader)}
 
 
 def load_state(out_dir: Path, fingerprint: dict) -> LoopState | None:
@@ -145,7 +176,7 @@ def _cpu_state(module: torch.nn.Module) -> dict:
 def run_loop(gm: fx.GraphModule, source: str, train_loader, val_loader, cfg: LoopConfig, device: torch.device,
              out_dir: Path) -> LoopResult:
     """Iteratively linearize ``gm`` (the traced original) within the accuracy budget."""
-    fingerprint = _fingerprint(source, cfg)
+    fingerprint = _fingerprint(gm, source, cfg, train_loader, val_loader)
     gm = gm.to(device)
     state = load_state(out_dir, fingerprint)
     resumed = 0

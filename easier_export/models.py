@@ -32,6 +32,7 @@ class LoadedModel:
     std: tuple[float, ...] = IMAGENET_STD
     input_size: tuple[int, int, int] = (3, 224, 224)
     removed: list[str] = field(default_factory=list)  # call sites already linearized (linearized checkpoints)
+    relocate_padding: bool = False  # how those were linearized
     notes: list[str] = field(default_factory=list)
 
     @property
@@ -92,6 +93,12 @@ def _unwrap_state_dict(obj: Any) -> dict[str, torch.Tensor]:
 def load_state_dict(model: nn.Module, obj: Any, what: str) -> None:
     """Strict load with a readable mismatch message (which keys are missing, which unexpected)."""
     state = _unwrap_state_dict(obj)
+    own = model.state_dict()
+    wrong = [f"{k} {tuple(v.shape)} vs {tuple(own[k].shape)}" for k, v in state.items()
+             if k in own and v.shape != own[k].shape]
+    if wrong:
+        raise UserError(f"{what} does not match the architecture: {len(wrong)} tensors differ in shape "
+                        f"({_short(wrong, 2)}); a different head needs --num-classes")
     result = model.load_state_dict(state, strict=False)
     problems = []
     if result.missing_keys:
@@ -115,7 +122,11 @@ def _torch_load(path: Path, trust_pickle: bool) -> Any:
             "loaded, so files load with weights_only=True; re-run with --trust-pickle if you trust its source"
         ) from e
     except (RuntimeError, EOFError, OSError) as e:
-        raise UserError(f"cannot read {path}: {str(e).splitlines()[0]}") from e
+        raise UserError(f"cannot read {path}: {_first_line(e)}") from e
+
+
+def _first_line(e: BaseException) -> str:
+    return (str(e).strip().splitlines() or [type(e).__name__])[0]
 
 
 def _finish(model: nn.Module, source: str, num_classes: int | None, removed: list[str] | None = None,
@@ -125,7 +136,8 @@ def _finish(model: nn.Module, source: str, num_classes: int | None, removed: lis
     cfg = getattr(model, "pretrained_cfg", None) or getattr(model, "default_cfg", None) or {}
     size = tuple(cfg.get("input_size", (3, 224, 224)))
     return LoadedModel(model.eval(), source, tuple(cfg.get("mean", IMAGENET_MEAN)),
-                       tuple(cfg.get("std", IMAGENET_STD)), size, removed or [], notes or [])  # type: ignore[arg-type]
+                       tuple(cfg.get("std", IMAGENET_STD)), size,  # type: ignore[arg-type]
+                       removed=removed or [], notes=notes or [])
 
 
 def load_model(source: str, num_classes: int | None = None, weights: str | Path | None = None,
@@ -155,15 +167,17 @@ def _load_any(source: str, num_classes: int | None, weights: str | Path | None, 
         try:
             program = torch.export.load(path)
         except Exception as e:  # torch raises many types for a bad archive
-            raise UserError(f"cannot load torch.export archive {path}: {str(e).splitlines()[0]}") from e
+            raise UserError(f"cannot load torch.export archive {path}: {_first_line(e)}") from e
         unlifted = program.module()
         # A plain GraphModule: the unlifted module refuses .train()/.eval(), which every stage calls.
-        return _finish(fx.GraphModule(unlifted, unlifted.graph), str(path), num_classes)
+        loaded = _finish(fx.GraphModule(unlifted, unlifted.graph), str(path.resolve()), num_classes)
+        loaded.input_size = _program_input_size(program, path)
+        return loaded
 
     obj = _torch_load(path, trust_pickle)
     if isinstance(obj, nn.Module):
-        return _finish(obj, str(path), num_classes)
-    if isinstance(obj, dict) and obj.get("format") == LINEARIZED_FORMAT:
+        return _finish(obj, str(path.resolve()), num_classes)
+    if isinstance(obj, dict) and obj.get("format") == LINEARIZED_FORMAT and "recipe" in obj:
         recipe = obj["recipe"]
         model = load_model(recipe["arch"], recipe.get("num_classes"), trust_pickle=trust_pickle,
                            img_size=recipe["input_size"][-1]).model
@@ -173,6 +187,7 @@ def _load_any(source: str, num_classes: int | None, weights: str | Path | None, 
         load_state_dict(gm, obj["state_dict"], f"linearized checkpoint {path}")
         loaded = _finish(gm, recipe["arch"], num_classes, removed=list(recipe["removed"]))
         loaded.mean, loaded.std = tuple(recipe["mean"]), tuple(recipe["std"])
+        loaded.relocate_padding = recipe.get("relocate_padding", False)
         loaded.input_size = tuple(recipe["input_size"])  # type: ignore[assignment]
         return loaded
     if arch is None:
@@ -181,6 +196,19 @@ def _load_any(source: str, num_classes: int | None, weights: str | Path | None, 
     model = build_arch(arch, num_classes, img_size)
     load_state_dict(model, obj, f"state dict {path}")
     return _finish(model, arch, num_classes)
+
+
+def _program_input_size(program: torch.export.ExportedProgram, path: Path) -> tuple[int, int, int]:
+    """(C, H, W) of the archive's image input; every stage runs several batch sizes, so batch must be dynamic."""
+    shapes = [node.meta["val"].shape for node in program.graph.nodes
+              if node.op == "placeholder" and node.name in program.graph_signature.user_inputs]
+    if len(shapes) != 1 or len(shapes[0]) != 4:
+        raise UserError(f"{path}: expected one image input (N, C, H, W), found {[tuple(s) for s in shapes]}")
+    batch, *chw = shapes[0]
+    if isinstance(batch, int):
+        raise UserError(f"{path} was exported with a static batch size ({batch}); re-export it with "
+                        "dynamic_shapes={'x': {0: torch.export.Dim('batch')}}")
+    return tuple(int(d) for d in chw)  # type: ignore[return-value]
 
 
 def _existing(path: str | Path) -> Path:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import os
 import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -44,19 +45,27 @@ class CompressConfig:
 
 def ensure_writable(out_dir: Path) -> Path:
     """Fail at the start, not after an hour of finetuning, when the output folder cannot be written."""
-    probe = out_dir / ".write-test"
+    probe = out_dir / f".write-test-{os.getpid()}"  # per process: torchrun ranks probe at the same time
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
         probe.write_text("")
-        probe.unlink()
+        probe.unlink(missing_ok=True)
     except OSError as e:
         raise UserError(f"output directory {out_dir} is not writable ({e.strerror})") from e
     return out_dir
 
 
+def check_continuation(loaded: LoadedModel, relocate_padding: bool) -> None:
+    """A linearized checkpoint replays its removals with one relocation setting: keep it when continuing."""
+    if loaded.removed and loaded.relocate_padding != relocate_padding:
+        raise UserError("continue a linearized checkpoint with the --relocate-padding setting it was made with "
+                        f"({'on' if loaded.relocate_padding else 'off'})")
+
+
 def save_linearized(path: Path, loaded: LoadedModel, result: LoopResult, relocate_padding: bool) -> Path:
     """State dict + the recipe to rebuild it: architecture, removed call sites, preprocessing."""
-    recipe = {"arch": loaded.source, "num_classes": loaded.num_classes, "removed": result.removed,
+    check_continuation(loaded, relocate_padding)
+    recipe = {"arch": loaded.source, "num_classes": loaded.num_classes, "removed": loaded.removed + result.removed,
               "relocate_padding": relocate_padding,
               "input_size": list(loaded.input_size), "mean": list(loaded.mean), "std": list(loaded.std)}
     state = {k: v.detach().cpu() for k, v in result.model.state_dict().items()}
@@ -83,6 +92,7 @@ def compress(loaded: LoadedModel, loaders: Loaders, out_dir: Path, cfg: Compress
     """Run every stage and return the report (also written to ``out_dir``)."""
     out_dir = ensure_writable(Path(out_dir))
     device = resolve_device(cfg.device)
+    check_continuation(loaded, cfg.loop.relocate_padding)
     gm = trace(loaded.model.eval())
     n_sites = len(find_call_sites(gm, cfg.loop.rectifiers))
     if n_sites == 0:

@@ -21,9 +21,14 @@ def resolve_device(name: str = "auto") -> torch.device:
             return torch.device("cpu")
         return torch.device("cuda", dist.get_rank() % torch.cuda.device_count() if is_distributed() else 0)
     try:
-        return torch.device(name)
+        device = torch.device(name)
     except RuntimeError:
         raise UserError(f"unknown --device '{name}' (use auto, cpu or cuda[:N])") from None
+    if device.type == "cuda" and (not torch.cuda.is_available() or (device.index or 0) >= torch.cuda.device_count()):
+        raise UserError(f"--device {name}: no such CUDA device here (use auto or cpu)")
+    if device.type not in ("cpu", "cuda"):
+        raise UserError(f"--device {name}: only cpu and cuda are supported")
+    return device
 
 
 def is_distributed() -> bool:

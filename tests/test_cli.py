@@ -99,3 +99,11 @@ def test_compress_end_to_end_on_image_folder(capsys, image_folder, weights, tmp_
     assert len(report["compressed"]["removed"]) == 2
     assert report["verify"]["passed"]
     assert report["compressed"]["activations"] == report["original"]["activations"] - 2
+
+
+def test_cuda_device_without_gpu_is_a_usage_error(capsys, image_folder, weights):
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present")
+    code, out = run(capsys, "compress", "cifar_resnet20", "--weights", str(weights), "--num-classes", "3",
+                    "--data", str(image_folder), "--device", "cuda")
+    assert code == 2 and "no such CUDA device" in out

@@ -86,3 +86,34 @@ def test_baseline_finetuning_sets_budget_and_survives_resume(loaders, tmp_path):
     assert first.base_top1 > untouched.base_top1 + 20  # measured after training the (random) original
     resumed = _run(loaders, tmp_path, baseline_epochs=6.0, lr=0.05, max_removed=1)
     assert resumed.base_top1 == first.base_top1 and resumed.resumed_rounds == 1
+
+
+@pytest.mark.parametrize("bad", [{"entropy_batches": 0}, {"one_shot": 0}, {"criterion": "entorpy"},
+                                 {"max_removed": -1}, {"entropy_mode": "test"}])
+def test_bad_settings_are_refused_before_any_work(bad):
+    with pytest.raises(UserError):
+        LoopConfig(**bad)
+
+
+def test_other_starting_weights_refuse_to_resume(loaders, tmp_path):
+    _run(loaders, tmp_path, max_removed=1)
+    torch.manual_seed(1)  # different initial weights, same settings
+    cfg = LoopConfig(max_drop=100.0, finetune_epochs=0.3, max_removed=1, entropy_batches=2)
+    with pytest.raises(UserError, match="weights"):
+        run_loop(trace(DemoNet()), "demo_cnn", loaders.train, loaders.val, cfg, CPU, tmp_path)
+
+
+def test_continuing_a_linearized_checkpoint_keeps_earlier_removals(loaders, tmp_path):
+    from easier_export.models import LoadedModel, load_model
+    from easier_export.pipeline import save_linearized
+
+    first = _run(loaders, tmp_path / "a", max_removed=1)
+    save_linearized(tmp_path / "a.pt", LoadedModel(DemoNet(), "demo_cnn", (0.5,), (0.5,), (1, 16, 16)), first, False)
+    loaded = load_model(str(tmp_path / "a.pt"))
+    assert loaded.removed == first.removed
+    cfg = LoopConfig(max_drop=100.0, finetune_epochs=0.3, max_removed=1, entropy_batches=2)
+    second = run_loop(trace(loaded.model), loaded.source, loaders.train, loaders.val, cfg, CPU, tmp_path / "b")
+    save_linearized(tmp_path / "b.pt", loaded, second, False)
+    both = load_model(str(tmp_path / "b.pt"))
+    assert both.removed == first.removed + second.removed and len(set(both.removed)) == 2
+    assert len(find_call_sites(both.model)) == 4

@@ -30,16 +30,39 @@ def test_mismatched_state_dict_lists_keys(tmp_path):
         load_model(str(path), arch="cifar_resnet20")
 
 
-def test_export_archive_loads_and_has_call_sites(tmp_path):
-    net = build_arch("demo_cnn").eval()
-    x = torch.randn(1, 1, 16, 16)
-    path = tmp_path / "net.pt2"
-    torch.export.save(torch.export.export(net, (x,)), path)
-    loaded = load_model(str(path))
-    torch.testing.assert_close(loaded.model(x), net(x))
+def test_export_archive_loads_with_dynamic_batch_and_has_call_sites(tmp_path):
     from easier_export.graph import trace
 
+    net = build_arch("demo_cnn").eval()
+    x = torch.randn(2, 1, 16, 16)
+    path = tmp_path / "net.pt2"
+    torch.export.save(torch.export.export(net, (x,), dynamic_shapes=({0: torch.export.Dim("batch")},)), path)
+    loaded = load_model(str(path))
+    assert loaded.input_size == (1, 16, 16)
+    for batch in (1, 5):
+        torch.testing.assert_close(loaded.model(x[:1].expand(batch, -1, -1, -1)), net(x[:1].expand(batch, -1, -1, -1)))
     assert len(find_call_sites(trace(loaded.model))) == 6
+
+
+def test_export_archive_with_static_batch_is_refused_clearly(tmp_path):
+    path = tmp_path / "net.pt2"
+    torch.export.save(torch.export.export(build_arch("demo_cnn").eval(), (torch.randn(2, 1, 16, 16),)), path)
+    with pytest.raises(UserError, match="static batch size"):
+        load_model(str(path))
+
+
+def test_wrong_head_size_is_a_user_error(tmp_path):
+    path = tmp_path / "sd.pt"
+    torch.save(build_arch("cifar_resnet20", num_classes=10).state_dict(), path)
+    with pytest.raises(UserError, match=r"differ in shape .*linear\.weight.*--num-classes"):
+        load_model(str(path), arch="cifar_resnet20", num_classes=3)
+
+
+def test_empty_file_is_a_user_error(tmp_path):
+    path = tmp_path / "empty.pt"
+    path.write_bytes(b"")
+    with pytest.raises(UserError, match="cannot read"):
+        load_model(str(path))
 
 
 def test_pickle_refused_then_accepted(tmp_path):

@@ -14,6 +14,7 @@ Timings are cached in a JSON latency table keyed by the op signature, so reruns 
 from __future__ import annotations
 
 import json
+import logging
 import math
 import pathlib
 import statistics
@@ -27,6 +28,7 @@ from onnx import TensorProto, helper, numpy_helper
 from torch import Tensor, nn
 from torch.fx import GraphModule, Node
 
+from ..io import save_json
 from ._common import (
     BiasMapConv2d,
     FoldRecord,
@@ -45,6 +47,8 @@ from ._common import (
 from .conv_conv import compose_convs, match_conv_pair
 from .linear_linear import compose_linears, match_linear_pair
 from .residual import merge_parallel
+
+logger = logging.getLogger(__name__)
 
 MAX_SEGMENT = 6
 """Longest run of ops the planner tries to merge into one."""
@@ -128,7 +132,10 @@ class LatencyTable:
 
     def __post_init__(self) -> None:
         if self.cache is not None and self.cache.exists():
-            self.table = json.loads(self.cache.read_text())
+            try:
+                self.table = dict(json.loads(self.cache.read_text()))
+            except (ValueError, TypeError, OSError) as e:  # a damaged cache only costs re-measuring
+                logger.warning("ignoring unreadable latency table %s (%s)", self.cache, e)
 
     @property
     def providers(self) -> list[str]:
@@ -174,8 +181,7 @@ class LatencyTable:
 
     def save(self) -> None:
         if self.cache is not None:
-            self.cache.parent.mkdir(parents=True, exist_ok=True)
-            self.cache.write_text(json.dumps(self.table, indent=1, sort_keys=True))
+            save_json(dict(sorted(self.table.items())), self.cache)
 
 
 # ---------------------------------------------------------------------------------------------- chains
