@@ -61,3 +61,24 @@ def test_two_gloo_processes_match_one():
         for name, stats in single.items():
             assert results[rank][0][name] == stats.p_on.tolist()
     assert results[0][1] == results[1][1]  # DDP kept the replicas in step
+
+
+def test_linearize_command_under_torchrun(tmp_path, image_folder):
+    """The same command line, launched by torchrun with 2 gloo processes: rank 0 alone writes the outputs."""
+    import subprocess
+    import sys
+
+    from easier_export.models import build_arch
+
+    weights = tmp_path / "w.pt"
+    torch.save(build_arch("cifar_resnet20", num_classes=3).state_dict(), weights)
+    out = tmp_path / "out"
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "easier_export.cli",
+         "linearize", "cifar_resnet20", "--weights", str(weights), "--num-classes", "3", "--data", str(image_folder),
+         "--input-size", "16", "--workers", "0", "--batch-size", "2", "--max-removed", "2", "--max-drop", "100",
+         "--entropy-batches", "1", "--out", str(out)],
+        capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert proc.stdout.count("removed 2 activations") == 1  # printed by rank 0 only
+    assert sorted(p.name for p in out.iterdir()) == ["linearized.pt", "state.pt"]
