@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import time
 from pathlib import Path
 
 import torch
 
+from easier_export.bench import cpu_name
 from easier_export.data import image_folder
 from easier_export.linearize import LoopConfig
 from easier_export.models import load_model
@@ -48,7 +48,7 @@ def table(reports: dict[int, dict], args: argparse.Namespace) -> str:
     lines = [
         "# EASIER on CIFAR-10 ResNet-20/32 (../shared checkpoints and data)",
         "",
-        f"Machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads "
+        f"Machine: {cpu_name()}, {torch.get_num_threads()} threads "
         f"({os.cpu_count()} cores), no GPU; torch {torch.__version__}.",
         f"Settings: `--max-drop {args.max_drop} --finetune-epochs {args.finetune_epochs} --lr {args.lr} "
         f"--entropy-batches {args.entropy_batches} --baseline-epochs {args.baseline_epochs} --fold {args.fold}`; "

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import tempfile
 import time
 import warnings
@@ -21,7 +20,7 @@ from pathlib import Path
 import onnx
 import torch
 
-from easier_export.bench import bench, speedups
+from easier_export.bench import bench, cpu_name, speedups
 from easier_export.entropy import measure
 from easier_export.export import export_onnx, verify_onnx
 from easier_export.fold import fold_model
@@ -121,7 +120,7 @@ def main() -> None:
     lines = [
         "# Folding: latency by removal pattern (onnxruntime CPU, random weights)",
         "",
-        f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, no GPU; onnxruntime "
+        f"Machine: {cpu_name()}, {os.cpu_count()} cores, no GPU; onnxruntime "
         f"intra-op threads {args.threads}; torch {torch.__version__}. p50 of interleaved runs "
         f"({args.seconds:.0f} s budget per model and batch). `none` = activations removed, BatchNorm folded, no "
         "merges; `all` = every exact merge; `auto` = merges the planner measured faster. Speed-ups are vs `none`.",
