@@ -7,6 +7,7 @@ import copy
 import io
 import logging
 import os
+import warnings
 from collections import Counter
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass
@@ -57,7 +58,8 @@ def export_onnx(
     if example.shape[0] < 2:
         example = example.expand(2, *example.shape[1:]).contiguous()
     notes: list[str] = []
-    with torch.no_grad():
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # exporter deprecation chatter; real failures raise
         try:
             proto, exporter = _export_dynamo(model, example, opset), "dynamo"
         except Exception as e:  # any tracing failure: the legacy exporter handles more Python control flow

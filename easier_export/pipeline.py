@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import os
-import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -12,7 +12,7 @@ import torch
 from torch import fx, nn
 
 from . import __version__
-from .bench import bench
+from .bench import bench, speedups
 from .data import Loaders
 from .errors import UserError, VerificationError
 from .export import export_onnx, mark_unverified, print_verify, verify_onnx
@@ -88,6 +88,39 @@ def export_and_verify(model: nn.Module, reference: nn.Module, example: torch.Ten
     return info_
 
 
+MERGE_KINDS = ("conv_conv", "linear_linear", "residual")
+AUTO_FLOOR = 0.97  # an auto plan measured slower than this (folded vs unfolded, end to end) is not shipped
+
+
+def fold_and_ship(linearized: fx.GraphModule, example: torch.Tensor, inputs: list[torch.Tensor], mode: str,
+                  out_dir: Path, meta: dict[str, str], cfg: CompressConfig) -> tuple[fx.GraphModule, list, dict]:
+    """Fold, then export model.onnx and verify it against the *linearized* model (proves folds and export)."""
+    info(f"folding (mode {mode}, target {cfg.target})")
+    folded, folds = fold_model(linearized, example, mode=mode, target=cfg.target,
+                               cache=out_dir / "latency_table.json", threads=cfg.threads)
+    meta = {**meta, "folds_applied": str(sum(f.applied for f in folds))}
+    return folded, folds, export_and_verify(folded, linearized, example, out_dir / "model.onnx", inputs, meta, cfg)
+
+
+def _bench(exports: dict, example: torch.Tensor, cfg: CompressConfig, original: nn.Module,
+           folded: nn.Module) -> list[dict]:
+    info("benchmarking (onnxruntime)")
+    return bench({k: Path(v["path"]) for k, v in exports.items()}, tuple(example.shape[1:]), cfg.bench_devices,
+                 cfg.bench_batches, cfg.threads, max_seconds=cfg.bench_seconds,
+                 torch_models={"original": original, "folded": folded})  # eager PyTorch as a reference
+
+
+def _end_to_end_ratio(rows: list[dict]) -> float:
+    """ORT speed-up of folded over linearized at the smallest benchmarked batch (1.0 when not measured)."""
+    ort_rows = [r for r in rows if r["backend"] == "onnxruntime"]
+    if not ort_rows:
+        return 1.0
+    batch = min(r["batch"] for r in ort_rows)
+    ratios = speedups([r for r in ort_rows if r["batch"] == batch], "linearized")
+    values = [v["folded"] for v in ratios.values() if "folded" in v]
+    return min(values) if values else 1.0
+
+
 def compress(loaded: LoadedModel, loaders: Loaders, out_dir: Path, cfg: CompressConfig) -> dict:
     """Run every stage and return the report (also written to ``out_dir``)."""
     out_dir = ensure_writable(Path(out_dir))
@@ -108,28 +141,22 @@ def compress(loaded: LoadedModel, loaders: Loaders, out_dir: Path, cfg: Compress
 
     inputs = val_batches(loaders, cfg.verify_batches)
     example = inputs[0][:1]
-    info(f"folding (mode {cfg.fold}, target {cfg.target})")
-    folded, folds = fold_model(linearized, example, mode=cfg.fold, target=cfg.target,
-                               cache=out_dir / "latency_table.json", threads=cfg.threads)
-
-    meta = {"source": loaded.source, "removed_activations": ",".join(result.removed),
-            "folds_applied": str(sum(f.applied for f in folds))}
-    onnx_dir = out_dir / "onnx"
+    meta = {"source": loaded.source, "removed_activations": ",".join(result.removed)}
     info("exporting ONNX")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        exports = {
-            "original": export_onnx(original, example, onnx_dir / "original.onnx", meta, cfg.simplify),
-            "linearized": export_onnx(linearized, example, onnx_dir / "linearized.onnx", meta, cfg.simplify),
-        }
-        # model.onnx is checked against the *linearized* model: that proves the folds and the export at once.
-        exports["folded"] = export_and_verify(folded, linearized, example, out_dir / "model.onnx", inputs, meta, cfg)
+    exports = {name: export_onnx(model, example, out_dir / "onnx" / f"{name}.onnx", meta, cfg.simplify)
+               for name, model in (("original", original), ("linearized", linearized))}
+    folded, folds, exports["folded"] = fold_and_ship(linearized, example, inputs, cfg.fold, out_dir, meta, cfg)
+    bench_rows = _bench(exports, example, cfg, original, folded)
+    ratio = _end_to_end_ratio(bench_rows)
+    merges = [f for f in folds if f.applied and f.kind in MERGE_KINDS]
+    if cfg.fold == "auto" and merges and ratio < AUTO_FLOOR and exports["folded"]["verify"]["passed"]:
+        # The planner times ops in isolation; the whole model is the ground truth: never ship a slower plan.
+        info(f"[yellow]the auto fold plan ran ×{ratio:.2f} end to end: keeping BatchNorm folding only[/]")
+        folded, folds, exports["folded"] = fold_and_ship(linearized, example, inputs, "none", out_dir, meta, cfg)
+        folds += [dataclasses.replace(f, applied=False, reason=f"end-to-end check: the plan ran ×{ratio:.2f}")
+                  for f in merges]
+        bench_rows = _bench(exports, example, cfg, original, folded)
     verify = exports["folded"]["verify"]
-
-    info("benchmarking (onnxruntime)")
-    bench_rows = bench({k: Path(v["path"]) for k, v in exports.items()}, tuple(example.shape[1:]),
-                       cfg.bench_devices, cfg.bench_batches, cfg.threads, max_seconds=cfg.bench_seconds,
-                       torch_models={"original": original, "folded": folded})  # eager PyTorch as a reference
 
     report = build_report(loaded, cfg, result, original, folded, example, folds, exports, bench_rows)
     write_report(report, out_dir)

@@ -73,3 +73,29 @@ def test_export_and_bench_commands(capsys, tmp_path):
     rows = json.loads(rows_path.read_text())
     assert {r["label"] for r in rows} == {"a", "b"} and all(r["p50_ms"] > 0 for r in rows)
     assert "speed-up vs a" in text
+
+
+def test_auto_plan_slower_end_to_end_falls_back_to_bn_folding(tmp_path, monkeypatch):
+    """The planner times ops alone; if the whole folded model then runs slower, compress must not ship it."""
+    from easier_export.demo import run_demo
+
+    real_bench = pipeline.bench
+
+    def pessimistic_bench(onnx_models, *args, **kwargs):
+        rows = real_bench(onnx_models, *args, **kwargs)
+        for r in rows:  # pretend every merge made the model twice as slow
+            if r["label"] == "folded" and r["backend"] == "onnxruntime" and pessimistic_bench.slow:
+                r["p50_ms"] = 2 * max(x["p50_ms"] for x in rows if x["label"] == "linearized")
+        pessimistic_bench.slow = False
+        return rows
+
+    pessimistic_bench.slow = True
+    monkeypatch.setattr(pipeline, "bench", pessimistic_bench)
+    real_fold = pipeline.fold_model  # make the "auto" plan deterministic: every exact merge
+    monkeypatch.setattr(pipeline, "fold_model",
+                        lambda gm, example, mode, **kw: real_fold(gm, example, "all" if mode == "auto" else mode, **kw))
+    report = run_demo(tmp_path, epochs=4, finetune_epochs=1.0, max_drop=100.0, fold="auto")
+    merges = [f for f in report["folds"] if f["kind"] in pipeline.MERGE_KINDS]
+    assert any("end-to-end check" in f["reason"] for f in merges)
+    assert not any(f["applied"] for f in merges)
+    assert report["verify"]["passed"]
