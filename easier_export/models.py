@@ -157,7 +157,9 @@ def _load_any(source: str, num_classes: int | None, weights: str | Path | None, 
         model = build_arch(source, num_classes, img_size)
         notes = []
         if weights is not None:
-            load_state_dict(model, _torch_load(_existing(weights), False), f"weights file {weights}")
+            obj = _torch_load(_existing(weights), trust_pickle)
+            state = obj.state_dict() if isinstance(obj, nn.Module) else obj  # a pickled module, if trusted
+            load_state_dict(model, state, f"weights file {weights}")
         else:
             notes.append(f"{source}: no --weights given, using random initialisation")
         return _finish(model, source, num_classes, notes=notes)

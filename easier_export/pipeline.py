@@ -55,6 +55,17 @@ def ensure_writable(out_dir: Path) -> Path:
     return out_dir
 
 
+def dry_run(model: nn.Module, input_size: tuple[int, int, int]) -> None:
+    """One forward pass at the served size before any work: a size the model cannot take fails in one line."""
+    try:
+        with torch.no_grad():
+            model(torch.zeros(2, *input_size))
+    except Exception as e:  # shape errors surface as RuntimeError, ValueError, AssertionError...
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        raise UserError(f"the model does not run on {'x'.join(map(str, input_size))} inputs ({first}); "
+                        "check --input-size") from e
+
+
 def check_continuation(loaded: LoadedModel, relocate_padding: bool) -> None:
     """A linearized checkpoint replays its removals with one relocation setting: keep it when continuing."""
     if loaded.removed and loaded.relocate_padding != relocate_padding:
@@ -127,6 +138,7 @@ def compress(loaded: LoadedModel, loaders: Loaders, out_dir: Path, cfg: Compress
     device = resolve_device(cfg.device)
     check_continuation(loaded, cfg.loop.relocate_padding)
     gm = trace(loaded.model.eval())
+    dry_run(gm, loaded.input_size)
     n_sites = len(find_call_sites(gm, cfg.loop.rectifiers))
     if n_sites == 0:
         raise UserError(f"{loaded.source} has no {'/'.join(cfg.loop.rectifiers)} activations to remove")

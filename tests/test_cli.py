@@ -107,3 +107,9 @@ def test_cuda_device_without_gpu_is_a_usage_error(capsys, image_folder, weights)
     code, out = run(capsys, "compress", "cifar_resnet20", "--weights", str(weights), "--num-classes", "3",
                     "--data", str(image_folder), "--device", "cuda")
     assert code == 2 and "no such CUDA device" in out
+
+
+def test_input_size_the_model_cannot_take(capsys, image_folder):
+    code, out = run(capsys, "compress", "torchvision:vgg16_bn", "--num-classes", "3", "--data", str(image_folder),
+                    "--input-size", "8")
+    assert code == 2 and "does not run on 3x8x8 inputs" in out and "Traceback" not in out
