@@ -42,5 +42,5 @@ def run_demo(out_dir: Path, epochs: int = 12, finetune_epochs: float = 4.0, max_
     model = trained_demo_model(out_dir, epochs, seed)
     loaded = LoadedModel(model, "demo_cnn", mean=(0.5,), std=(0.5,), input_size=(1, 16, 16))
     cfg = CompressConfig(LoopConfig(max_drop=max_drop, finetune_epochs=finetune_epochs, lr=0.01, seed=seed),
-                         fold=fold, device="cpu", bench_seconds=1.0)
+                         fold=fold, device="cpu")
     return compress(loaded, digits(seed=seed), out_dir, cfg)
