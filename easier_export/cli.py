@@ -55,6 +55,15 @@ def _ints(text: str, what: str) -> tuple[int, ...]:
     return values
 
 
+def _target(value: str) -> str:
+    """The fold planner times merges on this device: timing a CUDA plan on the CPU would mislead it."""
+    from .bench import cuda_usable
+
+    if _choice(value, ("cpu", "cuda"), "target") == "cuda" and not cuda_usable():
+        raise UserError("--target cuda needs a usable GPU (torch.cuda and onnxruntime's CUDA provider)")
+    return value
+
+
 def _devices(text: str) -> tuple[str, ...]:
     devices = tuple(d.strip() for d in text.split(","))
     for d in devices:
@@ -143,7 +152,7 @@ def compress(model: ModelArg, data: Data, out: Out = Path("runs/compress"), weig
     loop = _loop_config(max_drop, finetune_epochs, lr, max_removed, one_shot, criterion, rectifiers,
                         entropy_batches, entropy_mode, threshold, seed, baseline_epochs, relocate_padding)
     cfg = CompressConfig(loop, _choice(fold, ("auto", "all", "none"), "fold"),
-                         _choice(target, ("cpu", "cuda"), "target"), device, not no_simplify,
+                         _target(target), device, not no_simplify,
                          bench_devices=_devices(bench_devices), bench_batches=_ints(bench_batches, "bench-batches"),
                          threads=threads)
     _positive(batch_size=batch_size, input_size=input_size, threads=threads)
@@ -279,7 +288,7 @@ def fold(model: ModelArg, out: Out = Path("runs/fold"),
     example = torch.randn(1, *loaded.input_size)
     gm = trace(loaded.model)
     folded, records = fold_model(gm, example, mode=_choice(mode, ("auto", "all", "none"), "mode"),
-                                 target=_choice(target, ("cpu", "cuda"), "target"), cache=out / "latency_table.json",
+                                 target=_target(target), cache=out / "latency_table.json",
                                  threads=threads)
     save_json([r.to_dict() for r in records], out / "fold_plan.json")
     program = torch.export.export(folded, (example.expand(2, *example.shape[1:]),),

@@ -113,3 +113,10 @@ def test_input_size_the_model_cannot_take(capsys, image_folder):
     code, out = run(capsys, "compress", "torchvision:vgg16_bn", "--num-classes", "3", "--data", str(image_folder),
                     "--input-size", "8")
     assert code == 2 and "does not run on 3x8x8 inputs" in out and "Traceback" not in out
+
+
+def test_cuda_fold_target_without_gpu_is_a_usage_error(capsys, tmp_path):
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present")
+    code, out = run(capsys, "fold", "demo_cnn", "--out", str(tmp_path), "--target", "cuda")
+    assert code == 2 and "--target cuda needs a usable GPU" in out
