@@ -294,7 +294,7 @@ def fold(model: ModelArg, out: Out = Path("runs/fold"),
     program = torch.export.export(folded, (example.expand(2, *example.shape[1:]),),
                                   dynamic_shapes=({0: torch.export.Dim("batch")},))
     atomic_write(out / "folded.pt2", lambda p: torch.export.save(program, p))
-    inputs = [torch.randn(4, *loaded.input_size, generator=torch.Generator().manual_seed(i)) for i in range(2)]
+    inputs = _random_batches(loaded.input_size)
     cfg = CompressConfig(simplify=not no_simplify)
     exported = export_and_verify(folded, gm, example, out / "model.onnx", inputs, {"source": source}, cfg)
     applied = sum(r.applied for r in records)
@@ -314,7 +314,6 @@ def export(model: ModelArg, out: Annotated[Path, typer.Option(help="ONNX file")]
            min_top1: Annotated[float, typer.Option(help="minimum top-1 agreement")] = 0.99,
            no_simplify: NoSimplify = False) -> None:
     """Export any loadable model to one verified ONNX file (no compression)."""
-    import torch
 
     from .pipeline import CompressConfig, export_and_verify, val_batches
 
@@ -323,7 +322,7 @@ def export(model: ModelArg, out: Annotated[Path, typer.Option(help="ONNX file")]
     if data is not None:
         inputs = val_batches(_loaders(loaded, data, 16, 0), cfg.verify_batches)
     else:
-        inputs = [torch.randn(4, *loaded.input_size, generator=torch.Generator().manual_seed(i)) for i in range(2)]
+        inputs = _random_batches(loaded.input_size)
     exported = export_and_verify(loaded.model, loaded.model, inputs[0][:1], out, inputs,
                                  {"source": loaded.source}, cfg)
     if not exported["verify"]["passed"]:
@@ -361,6 +360,13 @@ def bench(models: Annotated[list[Path], typer.Argument(help="ONNX files to compa
     console.print(bench_table(rows, baseline=next(iter(labels))))
     if json_out is not None:
         save_json(rows, json_out)
+
+
+def _random_batches(input_size: tuple[int, int, int]) -> list:
+    """Seeded stand-ins for validation images when verifying without --data."""
+    import torch
+
+    return [torch.randn(4, *input_size, generator=torch.Generator().manual_seed(i)) for i in range(2)]
 
 
 def _static_input_shape(proto) -> tuple[int, int, int]:

@@ -21,7 +21,7 @@ from rich.console import Console
 from torch import nn
 
 from . import __version__
-from .errors import UserError
+from .errors import UserError, first_line
 from .io import atomic_write
 
 logger = logging.getLogger(__name__)
@@ -142,8 +142,7 @@ def _default_opset(proto: onnx.ModelProto) -> int:
 
 def _describe(e: BaseException) -> str:
     """Exception type and first message line: exporter errors can run to hundreds of lines."""
-    first = (str(e).strip().splitlines() or [""])[0][:200]
-    return f"{type(e).__name__}: {first}"
+    return f"{type(e).__name__}: {first_line(e)}"
 
 
 @dataclass

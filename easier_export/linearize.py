@@ -169,7 +169,7 @@ def save_state(out_dir: Path, state: LoopState) -> None:
         save_torch(asdict(state), out_dir / STATE_FILE)
 
 
-def _cpu_state(module: torch.nn.Module) -> dict:
+def cpu_state(module: torch.nn.Module) -> dict:
     return {k: v.detach().cpu() for k, v in module.state_dict().items()}
 
 
@@ -186,7 +186,7 @@ def run_loop(gm: fx.GraphModule, source: str, train_loader, val_loader, cfg: Loo
             seed_everything(cfg.seed * 100_003, train_loader)
             with progress("finetune original (baseline)", math.ceil(cfg.baseline_epochs * len(train_loader))) as adv:
                 finetune(gm, train_loader, device, cfg.baseline_epochs, cfg.lr, on_step=adv)
-            state.baseline = _cpu_state(gm)
+            state.baseline = cpu_state(gm)
         state.base_top1 = evaluate(gm, val_loader, device)
         info(f"original top-1 {state.base_top1:.2f}%  (budget: ≥ {state.base_top1 - cfg.max_drop:.2f}%)")
         save_state(out_dir, state)
@@ -227,7 +227,7 @@ def run_loop(gm: fx.GraphModule, source: str, train_loader, val_loader, cfg: Loo
         if within:
             current = candidate
             state.removed = state.removed + chosen
-            state.state_dict = _cpu_state(current)
+            state.state_dict = cpu_state(current)
         state.finished = not within or cfg.one_shot is not None
         save_state(out_dir, state)
 

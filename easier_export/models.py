@@ -17,7 +17,7 @@ import torch
 from torch import fx, nn
 
 from .arch import BUILTINS
-from .errors import UserError
+from .errors import UserError, first_line
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -122,11 +122,7 @@ def _torch_load(path: Path, trust_pickle: bool) -> Any:
             "loaded, so files load with weights_only=True; re-run with --trust-pickle if you trust its source"
         ) from e
     except (RuntimeError, EOFError, OSError) as e:
-        raise UserError(f"cannot read {path}: {_first_line(e)}") from e
-
-
-def _first_line(e: BaseException) -> str:
-    return (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise UserError(f"cannot read {path}: {first_line(e)}") from e
 
 
 def _finish(model: nn.Module, source: str, num_classes: int | None, removed: list[str] | None = None,
@@ -169,7 +165,7 @@ def _load_any(source: str, num_classes: int | None, weights: str | Path | None, 
         try:
             program = torch.export.load(path)
         except Exception as e:  # torch raises many types for a bad archive
-            raise UserError(f"cannot load torch.export archive {path}: {_first_line(e)}") from e
+            raise UserError(f"cannot load torch.export archive {path}: {first_line(e)}") from e
         unlifted = program.module()
         # A plain GraphModule: the unlifted module refuses .train()/.eval(), which every stage calls.
         loaded = _finish(fx.GraphModule(unlifted, unlifted.graph), str(path.resolve()), num_classes)

@@ -14,12 +14,12 @@ from torch import fx, nn
 from . import __version__
 from .bench import bench, speedups
 from .data import Loaders
-from .errors import UserError, VerificationError
+from .errors import UserError, VerificationError, first_line
 from .export import export_onnx, mark_unverified, print_verify, verify_onnx
 from .fold import fold_model
 from .graph import find_call_sites, trace
 from .io import save_torch
-from .linearize import LoopConfig, LoopResult, run_loop
+from .linearize import LoopConfig, LoopResult, cpu_state, run_loop
 from .models import LINEARIZED_FORMAT, LoadedModel
 from .report import model_stats, rounds_table, summary_table, write_report
 from .train import is_main_process, resolve_device
@@ -61,8 +61,7 @@ def dry_run(model: nn.Module, input_size: tuple[int, int, int]) -> None:
         with torch.no_grad():
             model(torch.zeros(2, *input_size))
     except Exception as e:  # shape errors surface as RuntimeError, ValueError, AssertionError...
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
-        raise UserError(f"the model does not run on {'x'.join(map(str, input_size))} inputs ({first}); "
+        raise UserError(f"the model does not run on {'x'.join(map(str, input_size))} inputs ({first_line(e)}); "
                         "check --input-size") from e
 
 
@@ -79,7 +78,7 @@ def save_linearized(path: Path, loaded: LoadedModel, result: LoopResult, relocat
     recipe = {"arch": loaded.source, "num_classes": loaded.num_classes, "removed": loaded.removed + result.removed,
               "relocate_padding": relocate_padding,
               "input_size": list(loaded.input_size), "mean": list(loaded.mean), "std": list(loaded.std)}
-    state = {k: v.detach().cpu() for k, v in result.model.state_dict().items()}
+    state = cpu_state(result.model)
     return save_torch({"format": LINEARIZED_FORMAT, "recipe": recipe, "state_dict": state}, path)
 
 
