@@ -17,6 +17,7 @@ import torch
 from torch import fx, nn
 
 from .arch import BUILTINS
+from .archive import check_archive
 from .errors import UserError, first_line
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -162,6 +163,7 @@ def _load_any(source: str, num_classes: int | None, weights: str | Path | None, 
 
     path = _existing(path)
     if path.suffix == ".pt2":
+        check_archive(path, trust_pickle)  # torch.export.load unpickles marked entries: inspect first
         try:
             program = torch.export.load(path)
         except Exception as e:  # torch raises many types for a bad archive
