@@ -147,13 +147,19 @@ def _providers(device: str) -> list[str]:
     return [p for p in gpu if p in ort.get_available_providers()] + ["CPUExecutionProvider"]
 
 
-def _session(path: Path, providers: list[str], threads: int) -> ort.InferenceSession:
+def session_options(threads: int) -> ort.SessionOptions:
+    """One onnxruntime setup for benchmarks and the fold planner: a merge is chosen under the conditions
+    that judge it."""
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     options.log_severity_level = 3  # keep provider fallback chatter off the console
-    return ort.InferenceSession(str(path), options, providers=providers)
+    return options
+
+
+def _session(path: Path, providers: list[str], threads: int) -> ort.InferenceSession:
+    return ort.InferenceSession(str(path), session_options(threads), providers=providers)
 
 
 def _ort_runner(path: Path, x: np.ndarray, device: str, providers: list[str],

@@ -1,14 +1,17 @@
-"""Choose which exact merges to apply by measuring them (mode "auto").
+"""Choose which exact merges to apply by measuring them in context (mode "auto").
 
 A merge is exact but not always faster: pw 1x1 -> dw 3x3 merges into a dense 3x3 conv that costs ~C_in/1 times
-the depthwise FLOPs. The planner finds *chains* of mergeable ops (conv -> conv -> ... or linear -> linear ...,
-each the sole user of the previous, optionally closed by a residual add over the chain), times every element
-and every exact merged segment as a tiny ONNX graph in onnxruntime on the target at batch 1, and partitions
-each chain by dynamic programming (LayerMerge-style)::
+the depthwise FLOPs, while on small maps every op removed saves a dispatch that single-op timings net out. The
+planner finds *chains* of mergeable ops (conv -> conv -> ... or linear -> linear ..., each the sole user of the
+previous, optionally closed by a residual add over the chain), and times every exact merged *segment* in
+context: the segment's ops as one small ONNX graph (nonzero biases, the add included) against the merged op,
+interleaved in one onnxruntime setup identical to ``bench``'s, repeated until the difference is stable. The
+saving of a segment is ``t(ops) - t(merged)``; each chain is partitioned by dynamic programming
+(LayerMerge-style weighted interval scheduling)::
 
-    best[j] = min_{i <= j} best[i - 1] + cost(i..j),   cost(i..i) = original op,  cost(i..j) = merged op
+    best[j] = max(best[j - 1], max_{i < j} best[i] + saving(i..j - 1)),   savings below the timing noise are 0
 
-Timings are cached in a JSON latency table keyed by the op signature, so reruns measure nothing twice.
+Timings are cached in a JSON latency table keyed by the segment's signature, so reruns measure nothing twice.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from onnx import TensorProto, helper, numpy_helper
 from torch import Tensor, nn
 from torch.fx import GraphModule, Node
 
+from ..bench import physical_cores, session_options
 from ..io import save_json
 from ._common import (
     BiasMapConv2d,
@@ -54,48 +58,86 @@ MAX_SEGMENT = 6
 """Longest run of ops the planner tries to merge into one."""
 
 _OPSET = 17
+Shape = tuple[int, ...]
 
 
 # ---------------------------------------------------------------------------------------------- timing
 
 
-def _tensor(name: str, array: np.ndarray) -> TensorProto:
-    return numpy_helper.from_array(array.astype(np.float32), name)
+@dataclass
+class SegmentSpec:
+    """What a segment computes before merging: ``ops`` in sequence, then optionally ``+ skip(x)``.
+
+    ``add``: the segment ends with the chain's residual add; ``skip``: the conv on that add's other branch
+    (None: the identity).
+    """
+
+    ops: list[nn.Module]
+    in_shape: Shape
+    add: bool = False
+    skip: nn.Module | None = None
+
+    def signature(self) -> str:
+        parts = [_signature(m) for m in self.ops]
+        if self.add:
+            parts.append("add:" + ("identity" if self.skip is None else _signature(self.skip)))
+        return f"{tuple(self.in_shape)}|" + "|".join(parts)
 
 
-Shape = tuple[int, ...]
+class _GraphBuilder:
+    """Small ONNX graphs with random weights and nonzero biases (zero biases would hide bias-map adds)."""
+
+    def __init__(self) -> None:
+        self.rng = np.random.default_rng(0)
+        self.nodes: list[onnx.NodeProto] = []
+        self.inits: list[TensorProto] = []
+
+    def _init(self, shape: Shape) -> str:
+        name = f"w{len(self.inits)}"
+        self.inits.append(numpy_helper.from_array(
+            (0.1 * self.rng.standard_normal(shape)).astype(np.float32), name))
+        return name
+
+    def _node(self, op: str, inputs: list[str], **attrs: object) -> str:
+        out = f"t{len(self.nodes)}"
+        self.nodes.append(helper.make_node(op, inputs, [out], **attrs))
+        return out
+
+    def op(self, module: nn.Module, x: str) -> str:
+        if isinstance(module, nn.Conv2d):
+            inputs = [x, self._init(tuple(module.weight.shape)), self._init((module.out_channels,))]
+            y = self._node("Conv", inputs, kernel_shape=list(module.kernel_size), strides=list(module.stride),
+                           pads=_onnx_pads(module), dilations=list(module.dilation), group=module.groups)
+            if isinstance(module, BiasMapConv2d):
+                y = self._node("Add", [y, self._init(tuple(module.bias_map.shape))])
+            return y
+        y = self._node("MatMul", [x, self._init((module.in_features, module.out_features))])
+        return self._node("Add", [y, self._init((module.out_features,))])
+
+    def add(self, a: str, b: str) -> str:
+        return self._node("Add", [a, b])
+
+    def model(self, in_shape: Shape, out: str) -> onnx.ModelProto:
+        inputs = [helper.make_tensor_value_info("x", TensorProto.FLOAT, in_shape)]
+        outputs = [helper.make_tensor_value_info(out, TensorProto.FLOAT, None)]
+        graph = helper.make_graph(self.nodes, "segment", inputs, outputs, self.inits)
+        return helper.make_model(graph, opset_imports=[helper.make_opsetid("", _OPSET)], ir_version=8)
 
 
-def _op_graph(module: nn.Module | None, in_shape: Shape, out_shape: Shape) -> onnx.ModelProto:
-    """A one-op ONNX model with random initializers; ``module=None`` times ``Add(x, y)``."""
-    rng = np.random.default_rng(0)
-    inputs = [helper.make_tensor_value_info("x", TensorProto.FLOAT, in_shape)]
-    inits, nodes = [], []
-    if module is None:
-        inputs.append(helper.make_tensor_value_info("y", TensorProto.FLOAT, in_shape))
-        nodes.append(helper.make_node("Add", ["x", "y"], ["out"]))
-    elif isinstance(module, nn.Conv2d):
-        inits.append(_tensor("w", rng.standard_normal(tuple(module.weight.shape))))
-        conv_in = ["x", "w"]
-        if module.bias is not None:
-            inits.append(_tensor("b", rng.standard_normal(module.out_channels)))
-            conv_in.append("b")
-        map_ = isinstance(module, BiasMapConv2d)
-        nodes.append(helper.make_node(
-            "Conv", conv_in, ["conv" if map_ else "out"], kernel_shape=list(module.kernel_size),
-            strides=list(module.stride), pads=_onnx_pads(module),
-            dilations=list(module.dilation), group=module.groups))
-        if map_:
-            inits.append(_tensor("map", rng.standard_normal(tuple(module.bias_map.shape))))
-            nodes.append(helper.make_node("Add", ["conv", "map"], ["out"]))
-    else:  # nn.Linear
-        inits.append(_tensor("w", rng.standard_normal((module.in_features, module.out_features))))
-        inits.append(_tensor("b", rng.standard_normal(module.out_features)))
-        nodes.append(helper.make_node("MatMul", ["x", "w"], ["mm"]))
-        nodes.append(helper.make_node("Add", ["mm", "b"], ["out"]))
-    graph = helper.make_graph(nodes, "op", inputs, [helper.make_tensor_value_info("out", TensorProto.FLOAT,
-                                                                                     out_shape)], inits)
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", _OPSET)], ir_version=8)
+def segment_graph(spec: SegmentSpec) -> onnx.ModelProto:
+    """The unmerged segment as one ONNX graph: what the running model executes for it."""
+    g = _GraphBuilder()
+    y = "x"
+    for module in spec.ops:
+        y = g.op(module, y)
+    if spec.add:
+        y = g.add(y, "x" if spec.skip is None else g.op(spec.skip, "x"))
+    return g.model(spec.in_shape, y)
+
+
+def merged_graph(module: nn.Module, in_shape: Shape) -> onnx.ModelProto:
+    g = _GraphBuilder()
+    return g.model(in_shape, g.op(module, "x"))
 
 
 def _onnx_pads(conv: nn.Conv2d) -> list[int]:
@@ -108,33 +150,37 @@ def _onnx_pads(conv: nn.Conv2d) -> list[int]:
     return [*conv.padding, *conv.padding]
 
 
-def _signature(module: nn.Module | None, in_shape: Shape) -> str:
-    if module is None:
-        return f"add|{in_shape}"
+def _signature(module: nn.Module) -> str:
     if isinstance(module, nn.Conv2d):
-        return (f"conv|{in_shape}|w{tuple(module.weight.shape)}|s{module.stride}|p{module.padding}"
-                f"|d{module.dilation}|g{module.groups}|b{module.bias is not None}"
-                f"|map{isinstance(module, BiasMapConv2d)}")
-    return f"linear|{in_shape}|{module.in_features}x{module.out_features}"
+        return (f"conv|w{tuple(module.weight.shape)}|s{module.stride}|p{module.padding}"
+                f"|d{module.dilation}|g{module.groups}|map{isinstance(module, BiasMapConv2d)}")
+    return f"linear|{module.in_features}x{module.out_features}"
 
 
 @dataclass
 class LatencyTable:
-    """Median onnxruntime latency (us, net of the per-call overhead) of single ops, cached as JSON."""
+    """In-context timings of segments, before and after merging (us at batch 1), cached as JSON.
+
+    Each pair of graphs is timed in alternating blocks until the block-to-block spread of the difference is
+    below ``rel_tol`` of the unmerged time (or ``max_seconds`` has passed); a saving smaller than that spread
+    is not trusted (counts as 0), so noise cannot make the planner merge.
+    """
 
     target: str = "cpu"
     threads: int | None = None
     cache: pathlib.Path | None = None
-    warmup: int = 5
-    repeats: int = 25
-    table: dict[str, float] = field(default_factory=dict)
-    _overhead: float | None = None
+    block: int = 10
+    rel_tol: float = 0.03
+    max_seconds: float = 1.0
+    table: dict[str, dict[str, float]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        self.threads = self.threads or physical_cores()
         if self.cache is not None and self.cache.exists():
             try:
-                self.table = dict(json.loads(self.cache.read_text()))
-            except (ValueError, TypeError, OSError) as e:  # a damaged cache only costs re-measuring
+                loaded = json.loads(self.cache.read_text())
+                self.table = {k: v for k, v in loaded.items() if isinstance(v, dict)}  # older files: op timings
+            except (ValueError, TypeError, OSError, AttributeError) as e:  # a damaged cache only costs time
                 logger.warning("ignoring unreadable latency table %s (%s)", self.cache, e)
 
     @property
@@ -143,45 +189,51 @@ class LatencyTable:
             return ["CUDAExecutionProvider"]
         return ["CPUExecutionProvider"]
 
-    def _prefix(self) -> str:
-        return f"{self.providers[0]}|t{self.threads}|"
-
-    def latency(self, module: nn.Module | None, in_shape: Shape, out_shape: Shape) -> float:
-        in_shape, out_shape = (1, *in_shape[1:]), (1, *out_shape[1:])
-        key = self._prefix() + _signature(module, in_shape)
+    def times(self, spec: SegmentSpec, merged: nn.Module) -> tuple[float, float, float]:
+        """(us before, us after, us spread) of replacing the segment by ``merged``, at batch 1."""
+        spec = SegmentSpec(spec.ops, (1, *spec.in_shape[1:]), spec.add, spec.skip)
+        key = f"{self.providers[0]}|t{self.threads}|{spec.signature()}->{_signature(merged)}"
         if key not in self.table:
-            self.table[key] = max(self._time(_op_graph(module, in_shape, out_shape)) - self.overhead, 0.0)
-        return self.table[key]
+            before, after, spread = self._time_pair(segment_graph(spec), merged_graph(merged, spec.in_shape))
+            self.table[key] = {"before": before, "after": after, "spread": spread}
+        entry = self.table[key]
+        return entry["before"], entry["after"], entry["spread"]
 
-    @property
-    def overhead(self) -> float:
-        """Cost of one session call on a trivial graph, subtracted so k ops are not charged k calls."""
-        if self._overhead is None:
-            self._overhead = self._time(_op_graph(None, (1, 1), (1, 1)))
-        return self._overhead
+    def _session(self, model: onnx.ModelProto) -> tuple[ort.InferenceSession, dict]:
+        sess = ort.InferenceSession(model.SerializeToString(), session_options(self.threads),
+                                    providers=self.providers)
+        inp = sess.get_inputs()[0]
+        return sess, {inp.name: np.random.default_rng(1).standard_normal(inp.shape).astype(np.float32)}
 
-    def _time(self, model: onnx.ModelProto) -> float:
-        opts = ort.SessionOptions()
-        if self.threads:
-            opts.intra_op_num_threads = self.threads
-        sess = ort.InferenceSession(model.SerializeToString(), opts, providers=self.providers)
-        feeds = {
-            i.name: np.random.default_rng(1).standard_normal(
-                [d.dim_value for d in i.type.tensor_type.shape.dim]).astype(np.float32)
-            for i in model.graph.input
-        }
-        for _ in range(self.warmup):
-            sess.run(None, feeds)
-        samples = []
-        for _ in range(self.repeats):
-            start = time.perf_counter()
-            sess.run(None, feeds)
-            samples.append((time.perf_counter() - start) * 1e6)
-        return statistics.median(samples)
+    def _time_pair(self, a: onnx.ModelProto, b: onnx.ModelProto) -> tuple[float, float, float]:
+        runs = [self._session(a), self._session(b)]
+        for sess, feeds in runs:
+            for _ in range(3):
+                sess.run(None, feeds)
+        blocks: list[list[float]] = [[], []]
+        start = time.perf_counter()
+        while True:
+            for (sess, feeds), out in zip(runs, blocks, strict=True):
+                samples = []
+                for _ in range(self.block):
+                    t0 = time.perf_counter()
+                    sess.run(None, feeds)
+                    samples.append((time.perf_counter() - t0) * 1e6)
+                out.append(statistics.median(samples))
+            diffs = [x - y for x, y in zip(*blocks, strict=True)]
+            before = statistics.median(blocks[0])
+            spread = _iqr(diffs) if len(diffs) >= 4 else math.inf
+            if spread <= self.rel_tol * before or time.perf_counter() - start > self.max_seconds:
+                return before, statistics.median(blocks[1]), spread
 
     def save(self) -> None:
         if self.cache is not None:
             save_json(dict(sorted(self.table.items())), self.cache)
+
+
+def _iqr(values: list[float]) -> float:
+    q1, _, q3 = statistics.quantiles(values, n=4)
+    return q3 - q1
 
 
 # ---------------------------------------------------------------------------------------------- chains
@@ -260,27 +312,27 @@ def find_chains(gm: GraphModule) -> list[Chain]:
 
 
 @dataclass
-class _Segment:
+class Segment:
+    """Elements ``start..stop`` (inclusive) of a chain, their exact merge and its in-context timing."""
+
     start: int
-    stop: int  # inclusive
+    stop: int
     merge: Merge
     us_before: float
     us_after: float
+    us_spread: float = 0.0
+
+    @property
+    def saving(self) -> float:
+        """Measured saving, 0 when it is within the timing noise."""
+        gain = self.us_before - self.us_after
+        return gain if gain > self.us_spread else 0.0
 
 
-class _ChainPlanner:
+class ChainPlanner:
     def __init__(self, chain: Chain, table: LatencyTable) -> None:
         self.chain, self.table = chain, table
         self.merges: dict[tuple[int, int], Merge] = {}
-
-    def element_cost(self, i: int) -> float:
-        chain = self.chain
-        if i < len(chain.nodes):
-            node = chain.nodes[i]
-            return self.table.latency(chain.modules[i], shape_of(node.args[0]), shape_of(node))
-        out = shape_of(chain.add)
-        skip = self.table.latency(chain.skip, shape_of(chain.source), out) if chain.skip is not None else 0.0
-        return self.table.latency(None, out, out) + skip
 
     def merged(self, i: int, j: int) -> Merge:
         """The exact merge of elements i..j (i < j), built incrementally from i..j-1; a refused prefix is
@@ -301,45 +353,39 @@ class _ChainPlanner:
             return compose_convs(prefix.module, chain.modules[j], in_shape)
         return compose_linears(prefix.module, chain.modules[j])
 
-    def plan(self) -> tuple[list[_Segment], list[_Segment]]:
-        """(chosen segments, exact segments not chosen); refused merges are in ``self.merges``."""
-        n = self.chain.length
-        single = [self.element_cost(i) for i in range(n)]
-        best = [0.0] + [math.inf] * n
-        back = [0] * (n + 1)
-        segments: dict[tuple[int, int], _Segment] = {}
-        for j in range(n):
-            for i in range(max(0, j - MAX_SEGMENT + 1), j + 1):
-                if i == j:
-                    cost = single[i]
-                elif j == len(self.chain.nodes) and i > 0:
-                    continue  # the add can only close a merge of the whole chain
-                else:
-                    merge = self.merged(i, j)
-                    if not merge.ok:
-                        continue
-                    out = shape_of(self.chain.add if j == len(self.chain.nodes) else self.chain.nodes[j])
-                    cost = self.table.latency(merge.module, shape_of(self.chain.nodes[i].args[0]), out)
-                    segments[(i, j)] = _Segment(i, j, merge, sum(single[i : j + 1]), cost)
-                if best[i] + cost < best[j + 1]:
-                    best[j + 1], back[j + 1] = best[i] + cost, i
-        chosen, j = [], n
-        while j > 0:
-            i = back[j]
-            if j - 1 > i:
-                chosen.append(segments[(i, j - 1)])
-            j = i
-        picked = {(s.start, s.stop) for s in chosen}
-        return chosen[::-1], [s for key, s in segments.items() if key not in picked]
+    def spec(self, i: int, j: int) -> SegmentSpec:
+        chain, add = self.chain, j == len(self.chain.nodes)
+        return SegmentSpec(chain.modules[i : min(j, len(chain.nodes) - 1) + 1],
+                           tuple(shape_of(chain.nodes[i].args[0])), add, chain.skip if add else None)
 
-    def segment_nodes(self, seg: _Segment) -> list[Node]:
+    def segments(self) -> list[Segment]:
+        """Every exact merge of two or more elements, timed in context (the add only closes a whole chain)."""
+        out = []
+        n = self.chain.length
+        for j in range(n):
+            for i in range(max(0, j - MAX_SEGMENT + 1), j):
+                if j == len(self.chain.nodes) and i > 0:
+                    continue
+                merge = self.merged(i, j)
+                if merge.ok:
+                    out.append(Segment(i, j, merge, *self.table.times(self.spec(i, j), merge.module)))
+        return out
+
+    def plan(self, usable: list[Segment] | None = None) -> tuple[list[Segment], list[Segment]]:
+        """(chosen segments, exact segments not chosen): the non-overlapping set with the largest saving."""
+        segments = self.segments() if usable is None else usable
+        chosen = best_partition(segments, self.chain.length)[1]
+        picked = {(s.start, s.stop) for s in chosen}
+        return chosen, [s for s in segments if (s.start, s.stop) not in picked]
+
+    def segment_nodes(self, seg: Segment) -> list[Node]:
         chain = self.chain
         nodes = chain.nodes[seg.start : seg.stop + 1]
         if seg.stop == len(chain.nodes):
             nodes = nodes + ([chain.skip_node] if chain.skip_node is not None else []) + [chain.add]
         return nodes
 
-    def describe(self, seg: _Segment) -> str:
+    def describe(self, seg: Segment) -> str:
         chain = self.chain
         parts = [describe(m) for m in chain.modules[seg.start : seg.stop + 1]]
         if seg.stop == len(chain.nodes):
@@ -348,7 +394,31 @@ class _ChainPlanner:
         return f"{text} -> {describe(seg.merge.module)}" if seg.merge.ok else text
 
 
-def _kind(chain: Chain, seg: _Segment) -> str:
+def best_partition(segments: list[Segment], length: int) -> tuple[float, list[Segment]]:
+    """Weighted interval scheduling: the non-overlapping segments with the largest total saving."""
+    ending: dict[int, list[Segment]] = {}
+    for seg in segments:
+        if seg.saving > 0:
+            ending.setdefault(seg.stop, []).append(seg)
+    best = [0.0] * (length + 1)
+    back: list[Segment | None] = [None] * (length + 1)
+    for j in range(1, length + 1):
+        best[j] = best[j - 1]
+        for seg in ending.get(j - 1, []):
+            if best[seg.start] + seg.saving > best[j]:
+                best[j], back[j] = best[seg.start] + seg.saving, seg
+    chosen, j = [], length
+    while j > 0:
+        seg = back[j]
+        if seg is None:
+            j -= 1
+        else:
+            chosen.append(seg)
+            j = seg.start
+    return best[length], chosen[::-1]
+
+
+def _kind(chain: Chain, seg: Segment) -> str:
     if seg.stop == len(chain.nodes):
         return "residual"
     return "conv_conv" if isinstance(chain.modules[0], nn.Conv2d) else "linear_linear"
@@ -361,13 +431,13 @@ def plan_and_fold(
     cache: pathlib.Path | None = None,
     threads: int | None = None,
 ) -> tuple[GraphModule, list[FoldRecord]]:
-    """Apply the set of exact merges with the lowest measured latency on ``target``."""
+    """Apply the set of exact merges with the largest measured saving on ``target``."""
     gm = fresh_copy(gm)
     propagate_shapes(gm, example)
     table = LatencyTable(target, threads, cache)
     records: list[FoldRecord] = []
     for chain in find_chains(gm):
-        planner = _ChainPlanner(chain, table)
+        planner = ChainPlanner(chain, table)
         chosen, others = planner.plan()
         for seg in chosen:
             names = [n.name for n in planner.segment_nodes(seg)]
@@ -375,13 +445,17 @@ def plan_and_fold(
                                       seg.us_before, seg.us_after))
         for seg in others:
             names = [n.name for n in planner.segment_nodes(seg)]
-            verdict = "slower" if seg.us_after >= seg.us_before else "less saving than the chosen plan"
-            reason = f"{verdict} on {target}: {seg.us_before:.1f}us -> {seg.us_after:.1f}us"
+            if seg.saving <= 0:
+                verdict = "slower" if seg.us_after >= seg.us_before else "saving within timing noise"
+            else:
+                verdict = "less saving than the chosen plan"
+            reason = (f"{verdict} on {target}: {seg.us_before:.1f}us -> {seg.us_after:.1f}us "
+                      f"(±{seg.us_spread:.1f}us, in context)")
             records.append(FoldRecord(_kind(chain, seg), names, planner.describe(seg), False, reason,
                                       seg.us_before, seg.us_after))
         for (i, j), merge in planner.merges.items():
             if not merge.ok and (j == i + 1 or planner.merges[(i, j - 1)].ok):
-                seg = _Segment(i, j, merge, 0.0, 0.0)
+                seg = Segment(i, j, merge, 0.0, 0.0)
                 names = [n.name for n in planner.segment_nodes(seg)]
                 records.append(FoldRecord(_kind(chain, seg), names, planner.describe(seg), False,
                                           merge.reason))
