@@ -101,14 +101,16 @@ def _loaders(loaded, data: Path, batch_size: int, workers: int, seed: int = 0):
 def _loop_config(max_drop: float, finetune_epochs: float, lr: float, max_removed: int | None,
                  one_shot: int | None, criterion: str, rectifiers: str, entropy_batches: int | None,
                  entropy_mode: str, threshold: float, seed: int, baseline_epochs: float = 0.0,
-                 relocate_padding: bool = False):
+                 relocate_padding: bool = False, select: str = "entropy", patience: int = 2,
+                 target_speedup: float | None = None):
     from .linearize import LoopConfig
 
     return LoopConfig(max_drop=max_drop, finetune_epochs=finetune_epochs, lr=lr, max_removed=max_removed,
                       one_shot=one_shot, criterion=criterion,
                       rectifiers=tuple(sorted(r.strip() for r in rectifiers.split(","))),
                       entropy_batches=entropy_batches, entropy_mode=entropy_mode, threshold=threshold, seed=seed,
-                      relocate_padding=relocate_padding, baseline_epochs=baseline_epochs)
+                      relocate_padding=relocate_padding, baseline_epochs=baseline_epochs, select=select,
+                      patience=patience, target_speedup=target_speedup)
 
 
 MaxDrop = Annotated[float, typer.Option(help="accuracy budget: largest allowed top-1 drop, in points")]
@@ -125,6 +127,13 @@ RelocatePadding = Annotated[bool, typer.Option(help="move a conv's padding onto 
                                                       "activation, so the two can later merge exactly")]
 BaselineEpochs = Annotated[float, typer.Option(help="finetune the original this long first, so the budget is "
                                                     "measured from a model adapted to DATA")]
+Select = Annotated[str, typer.Option(help="entropy: one activation per round, lowest score first (EASIER); "
+                                          "latency: the fold group (activations whose joint removal completes a "
+                                          "merge) with the least score per microsecond saved on --target")]
+Patience = Annotated[int, typer.Option(help="over-budget candidates in a row (each reverted, then the next one "
+                                            "tried) before the run ends; 0 stops at the first")]
+TargetSpeedup = Annotated[float | None, typer.Option(help="stop once the shipped model measures at least this "
+                                                          "ORT speed-up over the original on --target")]
 Fold = Annotated[str, typer.Option(help="auto (only merges measured faster), all, or none")]
 Target = Annotated[str, typer.Option(help="device the fold planner measures on: cpu or cuda")]
 BenchDevices = Annotated[str, typer.Option(help="benchmark devices, comma list of cpu,cuda")]
@@ -142,6 +151,7 @@ def compress(model: ModelArg, data: Data, out: Out = Path("runs/compress"), weig
              criterion: Criterion = "entropy", rectifiers: Rectifiers = "relu,relu6,leaky_relu,gelu,silu,hardswish",
              entropy_batches: EntropyBatches = 20, entropy_mode: EntropyMode = "train", threshold: Threshold = 0.0,
              seed: Seed = 0, baseline_epochs: BaselineEpochs = 0.0, relocate_padding: RelocatePadding = False,
+             select: Select = "latency", patience: Patience = 2, target_speedup: TargetSpeedup = None,
              fold: Fold = "auto", target: Target = "cpu",
              bench_devices: BenchDevices = "cpu",
              bench_batches: BenchBatches = "1,8", threads: Threads = None, no_simplify: NoSimplify = False) -> None:
@@ -150,7 +160,8 @@ def compress(model: ModelArg, data: Data, out: Out = Path("runs/compress"), weig
     from .pipeline import compress as run
 
     loop = _loop_config(max_drop, finetune_epochs, lr, max_removed, one_shot, criterion, rectifiers,
-                        entropy_batches, entropy_mode, threshold, seed, baseline_epochs, relocate_padding)
+                        entropy_batches, entropy_mode, threshold, seed, baseline_epochs, relocate_padding,
+                        select, patience, target_speedup)
     cfg = CompressConfig(loop, _choice(fold, ("auto", "all", "none"), "fold"),
                          _target(target), device, not no_simplify,
                          bench_devices=_devices(bench_devices), bench_batches=_ints(bench_batches, "bench-batches"),
@@ -203,8 +214,10 @@ def entropy(model: ModelArg, data: Data, out: Annotated[Path, typer.Option(help=
             batch_size: BatchSize = 128, workers: Workers = 2, device: Device = "auto",
             rectifiers: Rectifiers = "relu,relu6,leaky_relu,gelu,silu,hardswish",
             entropy_batches: EntropyBatches = 20, entropy_mode: EntropyMode = "train",
-            threshold: Threshold = 0.0) -> None:
-    """Measure the per-unit binary entropy of every activation call site and print the table."""
+            threshold: Threshold = 0.0, target: Target = "cpu", threads: Threads = None,
+            groups: Annotated[bool, typer.Option(help="also time and list the fold groups: activations whose "
+                                                      "joint removal completes a merge")] = True) -> None:
+    """Measure the per-unit binary entropy of every activation call site and print the table (and fold groups)."""
     from rich.table import Table
 
     from .entropy import measure
@@ -214,7 +227,7 @@ def entropy(model: ModelArg, data: Data, out: Annotated[Path, typer.Option(help=
     from .train import resolve_device
     from .ui import progress
 
-    _positive(batch_size=batch_size, input_size=input_size, entropy_batches=entropy_batches)
+    _positive(batch_size=batch_size, input_size=input_size, entropy_batches=entropy_batches, threads=threads)
     if entropy_mode not in ("train", "eval"):
         raise UserError(f"--entropy-mode is train or eval, not {entropy_mode!r}")
     loaded = _load(model, weights, arch, num_classes, trust_pickle, input_size, mean, std)
@@ -229,7 +242,8 @@ def entropy(model: ModelArg, data: Data, out: Annotated[Path, typer.Option(help=
     for i, r in enumerate(rows):
         table.add_row(str(i), r["name"], r["op"], str(r["units"]), f"{r['entropy']:.4f}", f"{r['mean_p_on']:.3f}")
     console.print(table)
-    save_json({"model": model, "mode": entropy_mode, "sites": rows}, out)
+    found = _fold_groups(gm, sites, loaded.input_size, stats, _target(target), threads) if groups else []
+    save_json({"model": model, "mode": entropy_mode, "sites": rows, "groups": found}, out)
     if plot is not None:
         plot_entropy([{**r, "removed_round": None} for r in rows], plot)
     console.print(f"wrote {out}" + (f" and {plot}" if plot else ""))
@@ -245,24 +259,29 @@ def linearize(model: ModelArg, data: Data, out: Out = Path("runs/linearize"), we
               rectifiers: Rectifiers = "relu,relu6,leaky_relu,gelu,silu,hardswish",
               entropy_batches: EntropyBatches = 20, entropy_mode: EntropyMode = "train",
               threshold: Threshold = 0.0, seed: Seed = 0, baseline_epochs: BaselineEpochs = 0.0,
-              relocate_padding: RelocatePadding = False) -> None:
+              relocate_padding: RelocatePadding = False, select: Select = "entropy", patience: Patience = 2,
+              target: Target = "cpu", threads: Threads = None) -> None:
     """Only the EASIER loop: writes linearized.pt (resumable; rerun to continue)."""
+    from .fold.planner import LatencyTable
     from .graph import trace
     from .linearize import run_loop
     from .pipeline import check_continuation, ensure_writable, save_linearized
     from .train import is_main_process, resolve_device
 
     cfg = _loop_config(max_drop, finetune_epochs, lr, max_removed, one_shot, criterion, rectifiers,
-                       entropy_batches, entropy_mode, threshold, seed, baseline_epochs, relocate_padding)
-    _positive(batch_size=batch_size, input_size=input_size)
+                       entropy_batches, entropy_mode, threshold, seed, baseline_epochs, relocate_padding,
+                       select, patience)
+    _positive(batch_size=batch_size, input_size=input_size, threads=threads)
+    _target(target)
     with _distributed(device):
         loaded = _load(model, weights, arch, num_classes, trust_pickle, input_size, mean, std)
-        check_continuation(loaded, cfg.relocate_padding)
+        check_continuation(loaded, cfg.relocates)
         loaders = _loaders(loaded, data, batch_size, workers, seed)
+        table = LatencyTable(target, threads, ensure_writable(out) / "latency_table.json")
         result = run_loop(trace(loaded.model), loaded.source, loaders.train, loaders.val, cfg,
-                          resolve_device(device), ensure_writable(out))
+                          resolve_device(device), out, table)
         if is_main_process():
-            save_linearized(out / "linearized.pt", loaded, result, cfg.relocate_padding)
+            save_linearized(out / "linearized.pt", loaded, result, cfg.relocates)
             console.print(f"removed {len(result.removed)} activations, top-1 {result.base_top1:.2f}% → "
                           f"{result.final_top1:.2f}%; wrote {out / 'linearized.pt'}")
 
@@ -362,6 +381,28 @@ def bench(models: Annotated[list[Path], typer.Argument(help="ONNX files to compa
         save_json(rows, json_out)
 
 
+def _fold_groups(gm, sites: list, input_size: tuple[int, int, int], stats: dict, target: str,
+                 threads: int | None) -> list[dict]:
+    """Time the fold groups on ``target`` and print them, cheapest risk per microsecond first."""
+    import torch
+    from rich.table import Table
+
+    from .fold.groups import find_groups
+    from .fold.planner import LatencyTable
+
+    names = [s.name for s in sites if s.in_graph]
+    found = find_groups(gm.cpu().eval(), names, torch.zeros(1, *input_size), LatencyTable(target, threads))
+    rows = [{"sites": list(g.sites), "entropy": sum(stats[s].entropy for s in g.sites), "us_saved": g.us_saved,
+             "detail": g.detail} for g in found.candidates(set())]
+    rows.sort(key=lambda r: r["entropy"] / r["us_saved"])
+    table = Table("group", "call sites", "entropy (sum)", f"µs saved ({target}, batch 1)", "merge",
+                  title="fold groups (latency selection order)")
+    for i, r in enumerate(rows):
+        table.add_row(str(i), ", ".join(r["sites"]), f"{r['entropy']:.4f}", f"{r['us_saved']:.1f}", r["detail"])
+    console.print(table if rows else "no fold group saves time on this target")
+    return rows
+
+
 def _random_batches(input_size: tuple[int, int, int]) -> list:
     """Seeded stand-ins for validation images when verifying without --data."""
     import torch
@@ -378,11 +419,12 @@ def _static_input_shape(proto) -> tuple[int, int, int]:
 
 @app.command()
 def demo(out: Out = Path("runs/demo"), epochs: Annotated[int, typer.Option(help="training epochs")] = 12,
-         finetune_epochs: Epochs = 4.0, max_drop: MaxDrop = 1.0, fold: Fold = "auto", seed: Seed = 0) -> None:
-    """Train a small residual CNN on scikit-learn's digits, then run the whole `compress` pipeline on it."""
+         finetune_epochs: Epochs = 4.0, max_drop: MaxDrop = 1.0, fold: Fold = "auto", seed: Seed = 0,
+         select: Select = "latency") -> None:
+    """Train a small inverted-residual CNN on scikit-learn's digits, then run the whole `compress` pipeline."""
     from .demo import run_demo
 
-    run_demo(out, epochs, finetune_epochs, max_drop, _choice(fold, ("auto", "all", "none"), "fold"), seed)
+    run_demo(out, epochs, finetune_epochs, max_drop, _choice(fold, ("auto", "all", "none"), "fold"), seed, select)
 
 
 def main(argv: list[str] | None = None) -> None:

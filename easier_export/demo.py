@@ -1,6 +1,7 @@
-"""The embedded default job: a small residual CNN trained on scikit-learn's digits, then compressed.
+"""The embedded default job: a small inverted-residual CNN trained on scikit-learn's digits, then compressed.
 
-Needs no file and no network; on 2 CPU cores the whole run takes a minute or two.
+Needs no file and no network; on 2 CPU cores the whole run takes a few minutes. The network (``demo_invres``)
+has fold groups that pay on a CPU, so the default latency-aware selection ships a measurably faster model.
 """
 
 from __future__ import annotations
@@ -9,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from .arch import DemoNet
+from .arch import DemoInvRes
 from .data import digits
 from .io import save_torch
 from .linearize import LoopConfig
@@ -19,28 +20,28 @@ from .train import evaluate, finetune, seed_everything
 from .ui import info, progress
 
 
-def trained_demo_model(out_dir: Path, epochs: int, seed: int) -> DemoNet:
+def trained_demo_model(out_dir: Path, epochs: int, seed: int) -> DemoInvRes:
     """Train once and keep the weights, so a rerun (or a resumed run) starts from the same model."""
-    path = out_dir / "demo_cnn.pt"
-    model = DemoNet()
+    path = out_dir / "demo_invres.pt"
+    model = DemoInvRes()
     if path.exists():
         model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
         info(f"using the trained demo model in {path}")
         return model.eval()
     loaders = digits(seed=seed)
     seed_everything(seed, loaders.train)
-    with progress("train demo CNN on digits", epochs * len(loaders.train)) as advance:
+    with progress("train demo network on digits", epochs * len(loaders.train)) as advance:
         finetune(model, loaders.train, torch.device("cpu"), epochs, lr=0.05, weight_decay=1e-4, on_step=advance)
-    info(f"trained demo CNN: {evaluate(model, loaders.val, torch.device('cpu')):.2f}% top-1 on digits val")
+    info(f"trained demo network: {evaluate(model, loaders.val, torch.device('cpu')):.2f}% top-1 on digits val")
     save_torch(model.state_dict(), path)
     return model.eval()
 
 
 def run_demo(out_dir: Path, epochs: int = 12, finetune_epochs: float = 4.0, max_drop: float = 1.0,
-             fold: str = "auto", seed: int = 0) -> dict:
+             fold: str = "auto", seed: int = 0, select: str = "latency") -> dict:
     out_dir = ensure_writable(Path(out_dir))
     model = trained_demo_model(out_dir, epochs, seed)
-    loaded = LoadedModel(model, "demo_cnn", mean=(0.5,), std=(0.5,), input_size=(1, 16, 16))
-    cfg = CompressConfig(LoopConfig(max_drop=max_drop, finetune_epochs=finetune_epochs, lr=0.01, seed=seed),
-                         fold=fold, device="cpu")
+    loaded = LoadedModel(model, "demo_invres", mean=(0.5,), std=(0.5,), input_size=(1, 16, 16))
+    cfg = CompressConfig(LoopConfig(max_drop=max_drop, finetune_epochs=finetune_epochs, lr=0.01, seed=seed,
+                                    select=select), fold=fold, device="cpu")
     return compress(loaded, digits(seed=seed), out_dir, cfg)

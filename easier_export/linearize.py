@@ -7,6 +7,7 @@ itself from (seed, round) the resumed history is the one an uninterrupted run wo
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import math
 import time
@@ -19,12 +20,15 @@ from torch import fx
 
 from .entropy import SiteStats, measure
 from .errors import UserError
+from .fold.groups import FoldGroups, find_groups
+from .fold.planner import LatencyTable
 from .graph import ALL_RECTIFIERS, CallSite, find_call_sites, linearize
 from .io import save_torch
 from .train import evaluate, finetune, is_main_process, seed_everything
 from .ui import info, progress
 
 STATE_FILE = "state.pt"
+SELECTIONS = ("entropy", "latency")
 
 
 @dataclass
@@ -42,6 +46,14 @@ class LoopConfig:
     seed: int = 0
     relocate_padding: bool = False  # move padding across removed activations so conv·conv merges are exact
     baseline_epochs: float = 0.0  # finetune the original first (e.g. after a data-domain shift): a fair baseline
+    select: str = "entropy"  # entropy: one site per round (EASIER); latency: the fold group with least risk per us
+    patience: int = 2  # rejected candidates in a row before the run ends (0: stop at the first, as EASIER does)
+    target_speedup: float | None = None  # stop once the shipped model measures at least this speed-up
+
+    @property
+    def relocates(self) -> bool:
+        """Latency selection removes groups to merge them: their padding is always relocated (exact merges)."""
+        return self.relocate_padding or self.select == "latency"
 
     def __post_init__(self) -> None:
         """Refuse bad settings before any work is done (and before a state file records them)."""
@@ -54,6 +66,11 @@ class LoopConfig:
             (self.max_removed is None or self.max_removed >= 0, "--max-removed must not be negative"),
             (self.finetune_epochs >= 0 and self.baseline_epochs >= 0, "epochs must not be negative"),
             (self.lr > 0, "--lr must be positive"),
+            (self.select in SELECTIONS, f"--select must be one of {', '.join(SELECTIONS)}, got '{self.select}'"),
+            (self.patience >= 0, "--patience must not be negative"),
+            (self.target_speedup is None or self.target_speedup > 0, "--target-speedup must be positive"),
+            (self.select != "latency" or self.one_shot is None, "--one-shot removes sites, not fold groups: "
+                                                                "use it with --select entropy"),
         ]
         for ok, message in checks:
             if not ok:
@@ -69,6 +86,8 @@ class RoundRecord:
     delta: float
     within_budget: bool
     seconds: float
+    us_saved: float | None = None  # latency selection: the group's measured marginal saving (batch 1)
+    speedup: float | None = None  # with a target speed-up: the shipped model measured end to end
 
 
 @dataclass
@@ -83,6 +102,9 @@ class LoopState:
     history: list[dict] = field(default_factory=list)
     entropy0: list[dict] = field(default_factory=list)
     finished: bool = False
+    misses: int = 0  # rejected candidates in a row
+    rejected: list[list[str]] = field(default_factory=list)  # never tried again
+    groups: dict | None = None  # FoldGroups.to_dict(), measured once (latency selection)
 
 
 @dataclass
@@ -94,6 +116,7 @@ class LoopResult:
     history: list[RoundRecord]
     entropy0: list[dict]
     resumed_rounds: int = 0
+    groups: list[dict] = field(default_factory=list)  # fold groups of the original, for the report
 
 
 # --- scoring: lower = removed first ------------------------------------------------------------------
@@ -173,9 +196,51 @@ def cpu_state(module: torch.nn.Module) -> dict:
     return {k: v.detach().cpu() for k, v in module.state_dict().items()}
 
 
+def pick_group(scores: dict[str, float], groups: FoldGroups, removed: list[str], rejected: list[list[str]],
+               budget: int) -> tuple[list[str], float] | None:
+    """The fold group with the least accuracy risk per microsecond saved, and that saving.
+
+    risk = the sum of the group's site scores (entropy by default): a group of two near-linear sites can be
+    cheaper to remove than one switching site, and a large saving is worth more risk. Groups with no measured
+    gain, rejected before, larger than the removal budget, or touching a rejected site are never offered.
+    """
+    banned = {tuple(sorted(r)) for r in rejected}
+    offered = [g for g in groups.candidates(set(removed), allowed=set(scores))
+               if tuple(sorted(g.sites)) not in banned and len(g.sites) <= budget]
+    if not offered:
+        return None
+    best = min(offered, key=lambda g: (sum(scores[s] for s in g.sites) / g.us_saved, g.sites))
+    return list(best.sites), best.us_saved
+
+
+def _choose(scores: dict[str, float], cfg: LoopConfig, state: LoopState,
+            groups: FoldGroups | None) -> tuple[list[str], float | None]:
+    """This round's removal (empty: nothing left to try) and, for a fold group, its measured saving."""
+    banned = {name for r in state.rejected for name in r} if cfg.select == "entropy" else set()
+    open_scores = {n: v for n, v in scores.items() if n not in banned}
+    budget = len(scores) if cfg.max_removed is None else max(cfg.max_removed - len(state.removed), 0)
+    if groups is None:
+        return pick(open_scores, cfg, len(state.removed)) if open_scores else [], None
+    picked = pick_group(open_scores, groups, state.removed, state.rejected, budget)
+    return picked if picked is not None else ([], None)
+
+
+def measure_groups(gm: fx.GraphModule, cfg: LoopConfig, example: torch.Tensor, table: LatencyTable) -> FoldGroups:
+    """Fold groups of the original model, timed once on the target (kept in the state: resume re-times nothing)."""
+    model = copy.deepcopy(gm).cpu().eval()
+    sites = [s.name for s in find_call_sites(model, cfg.rectifiers) if s.in_graph]
+    info(f"timing the merges that {len(sites)} activation call sites could unlock (fold groups)")
+    return find_groups(model, sites, example.cpu(), table)
+
+
 def run_loop(gm: fx.GraphModule, source: str, train_loader, val_loader, cfg: LoopConfig, device: torch.device,
-             out_dir: Path) -> LoopResult:
-    """Iteratively linearize ``gm`` (the traced original) within the accuracy budget."""
+             out_dir: Path, table: LatencyTable | None = None,
+             probe: Callable[[fx.GraphModule], float] | None = None) -> LoopResult:
+    """Iteratively linearize ``gm`` (the traced original) within the accuracy budget.
+
+    ``table`` times fold groups for latency selection (default: CPU, cached in ``out_dir``); ``probe`` measures
+    the shipped model's end-to-end speed-up after a kept round (needed for ``target_speedup``).
+    """
     fingerprint = _fingerprint(gm, source, cfg, train_loader, val_loader)
     gm = gm.to(device)
     state = load_state(out_dir, fingerprint)
@@ -195,7 +260,13 @@ def run_loop(gm: fx.GraphModule, source: str, train_loader, val_loader, cfg: Loo
         info(f"resuming from {out_dir / STATE_FILE}: {resumed} round(s) done, removed {len(state.removed)}")
     if state.baseline is not None:  # the original stays the finetuned baseline on resume too
         gm.load_state_dict(state.baseline)
-    current = linearize(gm, state.removed, cfg.relocate_padding) if state.removed else gm
+    if cfg.select == "latency" and state.groups is None:
+        example = next(iter(val_loader))[0][:1]
+        table = table or LatencyTable("cpu", None, out_dir / "latency_table.json")
+        state.groups = measure_groups(gm, cfg, example, table).to_dict()
+        save_state(out_dir, state)
+    groups = FoldGroups.from_dict(state.groups) if state.groups is not None else None
+    current = linearize(gm, state.removed, cfg.relocates) if state.removed else gm
     if state.state_dict is not None:
         current.load_state_dict(state.state_dict)
     current = current.to(device)
@@ -212,25 +283,41 @@ def run_loop(gm: fx.GraphModule, source: str, train_loader, val_loader, cfg: Loo
         scores, stats = score_sites(current, sites, train_loader, device, cfg, round_seed)
         if rnd == 1:
             state.entropy0 = [s.to_dict() for s in stats.values()]
-        chosen = pick(scores, cfg, len(state.removed))
-        candidate = linearize(current, chosen, cfg.relocate_padding).to(device)
+        chosen, us_saved = _choose(scores, cfg, state, groups)
+        if not chosen:
+            info("no candidate left" + (" with a measured saving" if groups is not None else ""))
+            state.finished = True
+            save_state(out_dir, state)
+            break
+        candidate = linearize(current, chosen, cfg.relocates).to(device)
         seed_everything(round_seed, train_loader)
         with progress(f"round {rnd}: finetune", math.ceil(cfg.finetune_epochs * len(train_loader))) as advance:
             finetune(candidate, train_loader, device, cfg.finetune_epochs, cfg.lr, on_step=advance)
         acc = evaluate(candidate, val_loader, device)
         within = acc >= state.base_top1 - cfg.max_drop
         record = RoundRecord(rnd, chosen, min(scores[n] for n in chosen), acc, acc - state.base_top1, within,
-                             time.perf_counter() - t0)
-        state.history.append(asdict(record))
-        info(f"round {rnd}: removed {', '.join(chosen)} (score {record.score:.3f}) → top-1 {acc:.2f}% "
-             f"(Δ {record.delta:+.2f}) {'kept' if within else 'over budget: stop, keep previous'}")
+                             time.perf_counter() - t0, us_saved)
+        saved = f", saves {us_saved:.1f}us" if us_saved is not None else ""
+        verdict = "kept" if within else f"over budget: reverted ({state.misses + 1} miss(es) in a row)"
+        info(f"round {rnd}: removed {', '.join(chosen)} (score {record.score:.3f}{saved}) → top-1 {acc:.2f}% "
+             f"(Δ {record.delta:+.2f}) {verdict}")
         if within:
             current = candidate
             state.removed = state.removed + chosen
             state.state_dict = cpu_state(current)
-        state.finished = not within or cfg.one_shot is not None
+            state.misses = 0
+            if probe is not None and cfg.target_speedup is not None:
+                record.speedup = probe(current)
+                info(f"shipped model now ×{record.speedup:.2f} (target ×{cfg.target_speedup:.2f})")
+                state.finished = record.speedup >= cfg.target_speedup
+        else:
+            state.rejected.append(chosen)
+            state.misses += 1
+        state.history.append(asdict(record))
+        state.finished = state.finished or state.misses > cfg.patience or cfg.one_shot is not None
         save_state(out_dir, state)
 
     kept = [r["val_top1"] for r in state.history if r["within_budget"]]
+    summary = [] if groups is None else [asdict(g) for g in groups.candidates(set())]
     return LoopResult(current.eval(), state.removed, state.base_top1, kept[-1] if kept else state.base_top1,
-                      [RoundRecord(**r) for r in state.history], state.entropy0, resumed)
+                      [RoundRecord(**r) for r in state.history], state.entropy0, resumed, summary)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import os
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -15,8 +16,9 @@ from . import __version__
 from .bench import bench, speedups
 from .data import Loaders
 from .errors import UserError, VerificationError, first_line
-from .export import export_onnx, mark_unverified, print_verify, verify_onnx
+from .export import eval_copy, export_onnx, mark_unverified, print_verify, verify_onnx
 from .fold import fold_model
+from .fold.planner import LatencyTable
 from .graph import find_call_sites, trace
 from .io import save_torch
 from .linearize import LoopConfig, LoopResult, cpu_state, run_loop
@@ -120,6 +122,24 @@ def _bench(exports: dict, example: torch.Tensor, cfg: CompressConfig, original: 
                  torch_models={"original": original, "folded": folded})  # eager PyTorch as a reference
 
 
+def speedup_probe(original: nn.Module, example: torch.Tensor, work_dir: Path,
+                  cfg: CompressConfig) -> Callable[[fx.GraphModule], float]:
+    """Measures what would ship after a round: fold (``cfg.fold``), export, time against the original on the
+    target at the smallest benchmark batch. The original is exported once, before the loop changes nothing."""
+    base = Path(export_onnx(original, example, work_dir / "original.onnx", {}, cfg.simplify)["path"])
+    batch = min(cfg.bench_batches)
+
+    def probe(model: fx.GraphModule) -> float:
+        folded, _ = fold_model(eval_copy(model), example, mode=cfg.fold, target=cfg.target,
+                               cache=work_dir.parent / "latency_table.json", threads=cfg.threads)
+        path = Path(export_onnx(folded, example, work_dir / "folded.onnx", {}, cfg.simplify)["path"])
+        rows = bench({"original": base, "folded": path}, tuple(example.shape[1:]), (cfg.target,), (batch,),
+                     cfg.threads, max_seconds=cfg.bench_seconds)
+        return speedups(rows, "original")[("onnxruntime", cfg.target, batch)]["folded"]
+
+    return probe
+
+
 def _end_to_end_ratio(rows: list[dict]) -> float:
     """ORT speed-up of folded over linearized at the smallest benchmarked batch (1.0 when not measured)."""
     ort_rows = [r for r in rows if r["backend"] == "onnxruntime"]
@@ -135,7 +155,7 @@ def compress(loaded: LoadedModel, loaders: Loaders, out_dir: Path, cfg: Compress
     """Run every stage and return the report (also written to ``out_dir``)."""
     out_dir = ensure_writable(Path(out_dir))
     device = resolve_device(cfg.device)
-    check_continuation(loaded, cfg.loop.relocate_padding)
+    check_continuation(loaded, cfg.loop.relocates)
     gm = trace(loaded.model.eval())
     dry_run(gm, loaded.input_size)
     n_sites = len(find_call_sites(gm, cfg.loop.rectifiers))
@@ -143,15 +163,17 @@ def compress(loaded: LoadedModel, loaders: Loaders, out_dir: Path, cfg: Compress
         raise UserError(f"{loaded.source} has no {'/'.join(cfg.loop.rectifiers)} activations to remove")
     info(f"[bold]{loaded.source}[/]: {n_sites} activation call sites; finetuning on {device}")
 
-    result = run_loop(gm, loaded.source, loaders.train, loaders.val, cfg.loop, device, out_dir)
+    inputs = val_batches(loaders, cfg.verify_batches)
+    example = inputs[0][:1]
+    table = LatencyTable(cfg.target, cfg.threads, out_dir / "latency_table.json")
+    probe = speedup_probe(gm, example, out_dir / "probe", cfg) if cfg.loop.target_speedup is not None else None
+    result = run_loop(gm, loaded.source, loaders.train, loaders.val, cfg.loop, device, out_dir, table, probe)
     if not is_main_process():
         return {}
     original = gm.cpu().eval()  # the traced original, finetuned first if --baseline-epochs asked for it
     linearized = result.model.cpu().eval()
-    save_linearized(out_dir / "linearized.pt", loaded, result, cfg.loop.relocate_padding)
+    save_linearized(out_dir / "linearized.pt", loaded, result, cfg.loop.relocates)
 
-    inputs = val_batches(loaders, cfg.verify_batches)
-    example = inputs[0][:1]
     meta = {"source": loaded.source, "removed_activations": ",".join(result.removed)}
     info("exporting ONNX")
     exports = {name: export_onnx(model, example, out_dir / "onnx" / f"{name}.onnx", meta, cfg.simplify)
@@ -184,6 +206,7 @@ def build_report(loaded: LoadedModel, cfg: CompressConfig, result: LoopResult, o
                  folded: fx.GraphModule, example: torch.Tensor, folds: list, exports: dict,
                  bench_rows: list[dict]) -> dict:
     removed_round = {name: r.round for r in result.history if r.within_budget for name in r.removed}
+    entropy0 = {e["name"]: e["entropy"] for e in result.entropy0}
     return {
         "schema_version": 1,
         "tool": {"name": "easier-export", "version": __version__},
@@ -198,6 +221,10 @@ def build_report(loaded: LoadedModel, cfg: CompressConfig, result: LoopResult, o
                      "removed_round": removed_round.get(e["name"])} for e in result.entropy0],
         "rounds": [{k: v for k, v in asdict(r).items() if k != "score"} | {"entropy": r.score}
                    for r in result.history],
+        "rejected": [{"round": r.round, "removed": r.removed, "val_top1": r.val_top1}
+                     for r in result.history if not r.within_budget],
+        "groups": [{**g, "sites": list(g["sites"]),
+                    "entropy": sum(entropy0.get(s, float("nan")) for s in g["sites"])} for g in result.groups],
         "folds": [f.to_dict() for f in folds],
         "export": {k: v for k, v in exports["folded"].items() if k != "verify"},
         "verify": exports["folded"]["verify"],

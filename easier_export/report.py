@@ -123,7 +123,10 @@ REPORT_SCHEMA: dict[str, Any] = {
     "compressed": {**_STATS, "removed": [str]},
     "entropy": [{"name": str, "op": str, "units": int, "entropy": NUM, "removed_round": (int, type(None))}],
     "rounds": [{"round": int, "removed": [str], "entropy": NUM, "val_top1": NUM, "delta": NUM,
-                "within_budget": bool, "seconds": NUM}],
+                "within_budget": bool, "seconds": NUM, "us_saved": (int, float, type(None)),
+                "speedup": (int, float, type(None))}],
+    "rejected": [{"round": int, "removed": [str], "val_top1": NUM}],
+    "groups": [{"sites": [str], "us_saved": NUM, "detail": str, "entropy": NUM}],
     "folds": [{"kind": str, "nodes": [str], "detail": str, "applied": bool, "reason": str,
                "us_before": (int, float, type(None)), "us_after": (int, float, type(None))}],
     "export": _Nullable({"path": str, "exporter": str, "opset": int, "simplified": bool, "notes": [str],
@@ -234,12 +237,13 @@ def _fmt_top1(top1: float | None) -> str:
     return "–" if top1 is None else f"{top1:.2f}"
 
 
-ROUND_COLUMNS = ("round", "removed", "entropy", "val top-1", "delta", "within budget", "seconds")
+ROUND_COLUMNS = ("round", "removed", "entropy", "saves µs", "val top-1", "delta", "within budget", "seconds")
 
 
 def round_rows(report: dict) -> list[list[str]]:
     """One row per EASIER round, shared by the console and report.md."""
-    return [[str(r["round"]), ", ".join(r["removed"]), f"{r['entropy']:.4g}", f"{r['val_top1']:.2f}",
+    return [[str(r["round"]), ", ".join(r["removed"]), f"{r['entropy']:.4g}", _us(r.get("us_saved")),
+             f"{r['val_top1']:.2f}",
              f"{r['delta']:+.2f}", _yes(r["within_budget"]), f"{r['seconds']:.1f}"] for r in report["rounds"]]
 
 
@@ -383,6 +387,12 @@ def render_markdown(report: dict) -> str:
     if report.get("rounds"):
         lines += ["## Rounds", ""]
         lines += _md_table(list(ROUND_COLUMNS), round_rows(report))
+    if report.get("groups"):
+        lines += ["## Fold groups", "", "Activations whose joint removal completes a merge, with the merge's "
+                  "measured saving (batch 1, in context) and the group's summed entropy at round 0.", ""]
+        lines += _md_table(["sites", "entropy", "µs saved", "merge"],
+                           [[", ".join(g["sites"]), f"{g['entropy']:.3f}", _us(g["us_saved"]), g["detail"]]
+                            for g in report["groups"]])
     if report.get("folds"):
         lines += ["## Folds", ""]
         lines += _md_table(["kind", "nodes", "detail", "applied", "reason", "µs before", "µs after"],

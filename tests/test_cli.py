@@ -89,7 +89,8 @@ def test_compress_end_to_end_on_image_folder(capsys, image_folder, weights, tmp_
     code, out = run(capsys, "compress", "cifar_resnet20", "--weights", str(weights), "--num-classes", "3",
                     "--data", str(image_folder), "--input-size", "16", "--out", str(out_dir),
                     "--max-drop", "100", "--max-removed", "2", "--finetune-epochs", "1", "--batch-size", "4",
-                    "--workers", "0", "--bench-batches", "1", "--fold", "all", "--entropy-batches", "2")
+                    "--workers", "0", "--bench-batches", "1", "--fold", "all", "--entropy-batches", "2",
+                    "--select", "entropy")
     assert code == 0, out
     for name in ("model.onnx", "linearized.pt", "report.json", "report.md", "state.pt"):
         assert (out_dir / name).is_file(), name

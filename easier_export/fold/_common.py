@@ -21,6 +21,10 @@ from torch.fx.passes.shape_prop import ShapeProp
 REMOVED_META_KEY = "easier_removed"
 """``node.meta[REMOVED_META_KEY] = True`` marks a call site the EASIER stage removed (erased by identity)."""
 
+ORIGIN_META_KEY = "origin"
+"""``node.meta[ORIGIN_META_KEY]``: names of the nodes of the traced model a node stands for, when tracked (fold
+groups map merges back to the activations between them); merged nodes carry the union, in order."""
+
 EXACT_RTOL = 1e-9
 """Largest float64 relative error (to the output scale) at which a merged op counts as exact."""
 
@@ -149,6 +153,8 @@ def replace_subgraph(gm: GraphModule, nodes: list[Node], module: nn.Module, sour
     with gm.graph.inserting_after(last):
         new = gm.graph.call_module(name, (source,))
     new.meta["tensor_meta"] = last.meta.get("tensor_meta")
+    if any(ORIGIN_META_KEY in n.meta for n in nodes):
+        new.meta[ORIGIN_META_KEY] = tuple(name for n in nodes for name in n.meta.get(ORIGIN_META_KEY, ()))
     last.replace_all_uses_with(new)
     for n in reversed(nodes):
         gm.graph.erase_node(n)

@@ -1,0 +1,107 @@
+"""Fold groups: the activations whose joint removal completes a merge, and the latency-aware pick among them."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from easier_export.fold.groups import FoldGroups, GroupSegment, find_groups
+from easier_export.fold.planner import SegmentSpec
+from easier_export.graph import find_call_sites, trace
+from easier_export.linearize import LoopConfig, pick_group, run_loop
+
+
+class WeightCountTable:
+    """Deterministic stand-in for measured latency: cost = weights + 1 per op (a dispatch), no noise."""
+
+    def times(self, spec: SegmentSpec, merged: nn.Module) -> tuple[float, float, float]:
+        ops = [*spec.ops, *([spec.skip] if spec.skip is not None else [])]
+        before = sum(m.weight.numel() + 1 for m in ops) + spec.add
+        return float(before), float(merged.weight.numel() + 1), 0.0
+
+    def save(self) -> None:
+        pass
+
+
+class Net(nn.Module):
+    """An inverted residual block (two ReLUs between pw, dw, pw) and a transformer-style MLP (one GELU)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.pw1, self.bn1, self.a1 = nn.Conv2d(4, 24, 1), nn.BatchNorm2d(24), nn.ReLU()
+        self.dw, self.bn2, self.a2 = nn.Conv2d(24, 24, 3, padding=1, groups=24), nn.BatchNorm2d(24), nn.ReLU()
+        self.pw2 = nn.Conv2d(24, 4, 1)
+        self.fc1, self.gelu, self.drop, self.fc2 = nn.Linear(4, 16), nn.GELU(), nn.Dropout(0.1), nn.Linear(16, 4)
+        self.out = nn.ReLU()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.pw2(self.a2(self.bn2(self.dw(self.a1(self.bn1(self.pw1(x)))))))
+        return self.out(self.fc2(self.drop(self.gelu(self.fc1(x.mean((2, 3)))))))
+
+
+def _groups() -> FoldGroups:
+    gm = trace(Net().eval())
+    sites = [s.name for s in find_call_sites(gm)]
+    return find_groups(gm, sites, torch.randn(1, 4, 8, 8), WeightCountTable())
+
+
+def test_groups_map_merges_back_to_the_activations_between_them() -> None:
+    groups = _groups()
+    by_sites = {g.sites: g for g in groups.candidates(set())}
+    # The block pays only as a whole: pw·dw alone is a dense 3x3 24->... conv, far more weights.
+    assert set(by_sites) == {("a1", "a2"), ("gelu",)}
+    assert "conv 3x3 4->4" in by_sites[("a1", "a2")].detail
+    assert by_sites[("gelu",)].us_saved == (4 * 16 + 1) + (16 * 4 + 1) - (4 * 4 + 1)
+    assert all("out" not in s.sites for s in groups.segments)  # the last ReLU unlocks nothing
+
+
+def test_marginal_gain_after_part_of_a_group_is_gone() -> None:
+    groups = _groups()
+    whole = groups.saving({"a1", "a2", "gelu"})
+    assert groups.saving(set()) == 0 and whole > 0
+    (rest,) = [g for g in groups.candidates({"a1"}) if "a2" in g.sites]
+    assert rest.sites == ("a2",) and rest.us_saved == groups.saving({"a1", "a2"}) - groups.saving({"a1"})
+    assert groups.candidates({"a1", "a2", "gelu"}) == []
+    assert [g.sites for g in groups.candidates(set(), allowed={"a1", "gelu"})] == [("gelu",)]
+
+
+def test_groups_round_trip_through_the_state_file() -> None:
+    groups = _groups()
+    again = FoldGroups.from_dict(groups.to_dict())
+    assert again.candidates(set()) == groups.candidates(set())
+
+
+def test_pick_group_least_risk_per_microsecond() -> None:
+    seg = lambda c, sites, us: GroupSegment(c, 0, 1, sites, "m", us, 0.0, 0.0)  # noqa: E731
+    groups = FoldGroups([seg(0, ("a", "b"), 100.0), seg(1, ("c",), 10.0), seg(2, ("d",), 1.0)], [2, 2, 2])
+    scores = {"a": 0.2, "b": 0.2, "c": 0.2, "d": 0.0001}
+    assert pick_group(scores, groups, [], [], budget=9) == (["d"], 1.0)  # 0.0001/1 is the least risk per us
+    scores["d"] = 0.5
+    assert pick_group(scores, groups, [], [], budget=9) == (["a", "b"], 100.0)  # 0.4/100 < 0.2/10 < 0.5/1
+    assert pick_group(scores, groups, [], [["a", "b"]], budget=9) == (["c"], 10.0)  # rejected: next one
+    assert pick_group(scores, groups, [], [], budget=1) == (["c"], 10.0)  # two sites exceed the budget
+    assert pick_group({"d": 0.1}, groups, [], [], budget=9) == (["d"], 1.0)  # others' sites are gone
+
+
+def test_latency_selection_removes_only_paying_groups_and_reverts_misses(tmp_path, monkeypatch) -> None:
+    """End to end on the demo network: rounds remove whole groups; an over-budget round is reverted and the
+    next candidate tried, until patience runs out; rejected groups are never retried."""
+    from easier_export import linearize as loop_mod
+    from easier_export.arch import DemoInvRes
+    from easier_export.data import digits
+
+    loaders = digits(batch_size=128)
+    accuracies = iter([50.0, 10.0, 60.0, 10.0, 10.0])  # baseline, then rounds: miss, keep, miss, miss
+    monkeypatch.setattr(loop_mod, "evaluate", lambda *a, **k: next(accuracies))
+    monkeypatch.setattr(loop_mod, "find_groups", lambda gm, sites, x, table: find_groups(gm, sites, x,
+                                                                                         WeightCountTable()))
+    cfg = LoopConfig(max_drop=1.0, finetune_epochs=0.05, entropy_batches=1, select="latency", patience=1)
+    result = run_loop(trace(DemoInvRes()), "demo_invres", loaders.train, loaders.val, cfg, torch.device("cpu"),
+                      tmp_path)
+    kept = [r for r in result.history if r.within_budget]
+    assert [r.within_budget for r in result.history] == [False, True, False, False]
+    assert len(kept) == 1 and len(kept[0].removed) == 2 and kept[0].us_saved > 0
+    assert result.removed == kept[0].removed
+    tried = [tuple(sorted(r.removed)) for r in result.history]
+    assert len(set(tried)) == len(tried)  # a rejected group is never tried again
+    assert all(r.removed[0].startswith("stage") for r in result.history)  # stem/down ReLUs unlock nothing
