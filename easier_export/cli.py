@@ -419,7 +419,7 @@ def _static_input_shape(proto) -> tuple[int, int, int]:
 
 @app.command()
 def demo(out: Out = Path("runs/demo"), epochs: Annotated[int, typer.Option(help="training epochs")] = 12,
-         finetune_epochs: Epochs = 4.0, max_drop: MaxDrop = 1.0, fold: Fold = "auto", seed: Seed = 0,
+         finetune_epochs: Epochs = 1.0, max_drop: MaxDrop = 1.0, fold: Fold = "auto", seed: Seed = 0,
          select: Select = "latency") -> None:
     """Train a small inverted-residual CNN on scikit-learn's digits, then run the whole `compress` pipeline."""
     from .demo import run_demo

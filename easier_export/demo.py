@@ -37,7 +37,7 @@ def trained_demo_model(out_dir: Path, epochs: int, seed: int) -> DemoInvRes:
     return model.eval()
 
 
-def run_demo(out_dir: Path, epochs: int = 12, finetune_epochs: float = 4.0, max_drop: float = 1.0,
+def run_demo(out_dir: Path, epochs: int = 12, finetune_epochs: float = 1.0, max_drop: float = 1.0,
              fold: str = "auto", seed: int = 0, select: str = "latency") -> dict:
     out_dir = ensure_writable(Path(out_dir))
     model = trained_demo_model(out_dir, epochs, seed)

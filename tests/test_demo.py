@@ -12,7 +12,7 @@ from easier_export.models import load_model
 
 
 def test_demo_pipeline_removes_activations_and_onnx_matches_pytorch(tmp_path):
-    report = run_demo(tmp_path, epochs=6, finetune_epochs=1.0, max_drop=5.0, fold="all")
+    report = run_demo(tmp_path, epochs=6, finetune_epochs=1.0, max_drop=5.0, fold="all", select="entropy")
     assert len(report["compressed"]["removed"]) >= 1
     assert report["original"]["top1"] > 80.0
     assert report["verify"]["passed"] and report["verify"]["max_abs"] <= 1e-4
