@@ -105,3 +105,29 @@ def test_latency_selection_removes_only_paying_groups_and_reverts_misses(tmp_pat
     tried = [tuple(sorted(r.removed)) for r in result.history]
     assert len(set(tried)) == len(tried)  # a rejected group is never tried again
     assert all(r.removed[0].startswith("stage") for r in result.history)  # stem/down ReLUs unlock nothing
+
+
+def test_target_speedup_stops_after_the_round_that_reaches_it(tmp_path) -> None:
+    from easier_export.arch import DemoNet
+    from easier_export.data import digits
+
+    loaders = digits(batch_size=128)
+    measured = iter([1.2, 1.6, 9.9])
+    cfg = LoopConfig(max_drop=100.0, finetune_epochs=0.05, entropy_batches=1, target_speedup=1.5)
+    result = run_loop(trace(DemoNet()), "demo_cnn", loaders.train, loaders.val, cfg, torch.device("cpu"),
+                      tmp_path, probe=lambda model: next(measured))
+    assert [r.speedup for r in result.history] == [1.2, 1.6]
+    assert len(result.removed) == 2
+
+
+def test_speedup_probe_folds_exports_and_times_the_candidate(tmp_path) -> None:
+    from easier_export.arch import DemoInvRes
+    from easier_export.graph import linearize
+    from easier_export.pipeline import CompressConfig, speedup_probe
+
+    gm = trace(DemoInvRes().eval())
+    x = torch.randn(1, 1, 16, 16)
+    cfg = CompressConfig(fold="all", bench_batches=(1,), bench_seconds=0.2)
+    probe = speedup_probe(gm, x, tmp_path / "probe", cfg)
+    ratio = probe(linearize(gm, [s.name for s in find_call_sites(gm) if "stage" in s.name], True))
+    assert ratio > 0 and (tmp_path / "probe" / "folded.onnx").is_file()
