@@ -22,7 +22,7 @@ from .entropy import SiteStats, measure
 from .errors import UserError
 from .fold.groups import FoldGroups, find_groups
 from .fold.planner import LatencyTable
-from .graph import ALL_RECTIFIERS, CallSite, find_call_sites, linearize
+from .graph import ALL_RECTIFIERS, CallSite, find_call_sites, remove_sites
 from .io import save_torch
 from .train import evaluate, finetune, is_main_process, seed_everything
 from .ui import info, progress
@@ -266,7 +266,7 @@ def run_loop(gm: fx.GraphModule, source: str, train_loader, val_loader, cfg: Loo
         state.groups = measure_groups(gm, cfg, example, table).to_dict()
         save_state(out_dir, state)
     groups = FoldGroups.from_dict(state.groups) if state.groups is not None else None
-    current = linearize(gm, state.removed, cfg.relocates) if state.removed else gm
+    current = remove_sites(gm, state.removed, cfg.relocates) if state.removed else gm
     if state.state_dict is not None:
         current.load_state_dict(state.state_dict)
     current = current.to(device)
@@ -289,7 +289,7 @@ def run_loop(gm: fx.GraphModule, source: str, train_loader, val_loader, cfg: Loo
             state.finished = True
             save_state(out_dir, state)
             break
-        candidate = linearize(current, chosen, cfg.relocates).to(device)
+        candidate = remove_sites(current, chosen, cfg.relocates).to(device)
         seed_everything(round_seed, train_loader)
         with progress(f"round {rnd}: finetune", math.ceil(cfg.finetune_epochs * len(train_loader))) as advance:
             finetune(candidate, train_loader, device, cfg.finetune_epochs, cfg.lr, on_step=advance)

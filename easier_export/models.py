@@ -181,9 +181,9 @@ def _load_any(source: str, num_classes: int | None, weights: str | Path | None, 
         recipe = obj["recipe"]
         model = load_model(recipe["arch"], recipe.get("num_classes"), trust_pickle=trust_pickle,
                            img_size=recipe["input_size"][-1]).model
-        from .graph import linearize, trace
+        from .graph import remove_sites, trace
 
-        gm = linearize(trace(model), recipe["removed"], recipe.get("relocate_padding", False))
+        gm = remove_sites(trace(model), recipe["removed"], recipe.get("relocate_padding", False))
         load_state_dict(gm, obj["state_dict"], f"linearized checkpoint {path}")
         loaded = _finish(gm, recipe["arch"], num_classes, removed=list(recipe["removed"]))
         loaded.mean, loaded.std = tuple(recipe["mean"]), tuple(recipe["std"])

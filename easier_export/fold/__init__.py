@@ -12,7 +12,7 @@ import pathlib
 import torch
 from torch.fx import GraphModule
 
-from ._common import PADDING_REASON, REMOVED_META_KEY, BiasMapConv2d, FoldRecord
+from ._common import PADDING_REASON, BiasMapConv2d, FoldRecord
 from .batchnorm import fold_batchnorm, fold_layernorm_affine
 from .conv_conv import fold_conv_conv
 from .identity import fold_identity
@@ -22,7 +22,6 @@ from .residual import fold_residual
 
 __all__ = [
     "PADDING_REASON",
-    "REMOVED_META_KEY",
     "BiasMapConv2d",
     "FoldRecord",
     "fold_batchnorm",

@@ -18,9 +18,6 @@ from torch import Tensor, nn
 from torch.fx import GraphModule, Node
 from torch.fx.passes.shape_prop import ShapeProp
 
-REMOVED_META_KEY = "easier_removed"
-"""``node.meta[REMOVED_META_KEY] = True`` marks a call site the EASIER stage removed (erased by identity)."""
-
 ORIGIN_META_KEY = "origin"
 """``node.meta[ORIGIN_META_KEY]``: names of the nodes of the traced model a node stands for, when tracked (fold
 groups map merges back to the activations between them); merged nodes carry the union, in order."""
