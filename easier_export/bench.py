@@ -22,6 +22,7 @@ logger = logging.getLogger(__name__)
 
 Runner = Callable[[], None]
 DEVICES = ("cpu", "cuda")
+CPUINFO = Path("/proc/cpuinfo")
 
 
 def bench(
@@ -107,7 +108,7 @@ def config_key(row: dict) -> tuple[str, str, int]:
 def physical_cores() -> int:
     """Physical cores (one ORT thread per core beats one per hyper-thread); logical count as a fallback."""
     try:
-        with open("/proc/cpuinfo") as f:
+        with open(CPUINFO) as f:
             cores, phys = set(), None
             for line in f:
                 key, _, value = line.partition(":")
@@ -126,7 +127,7 @@ def physical_cores() -> int:
 def cpu_name() -> str:
     """The marketing name of the CPU: ``platform.processor()`` is often just the architecture on Linux."""
     try:
-        with open("/proc/cpuinfo") as f:
+        with open(CPUINFO) as f:
             for line in f:
                 if line.startswith("model name"):
                     return line.partition(":")[2].strip()

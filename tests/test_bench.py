@@ -105,6 +105,21 @@ def test_speedups() -> None:
     }
 
 
-def test_machine_facts() -> None:
-    assert 1 <= bm.physical_cores() <= (torch.multiprocessing.cpu_count() or 1)
-    assert bm.cpu_name()
+CPUINFO = """processor\t: {n}
+model name\t: Fake CPU @ 3.00GHz
+physical id\t: {socket}
+core id\t\t: {core}
+"""
+
+
+def test_machine_facts(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """2 sockets x 2 cores x 2 hyper-threads: 4 physical cores, capped by the CPUs this process may use."""
+    info = tmp_path / "cpuinfo"
+    info.write_text("\n".join(CPUINFO.format(n=n, socket=n // 4, core=n % 4 // 2) for n in range(8)))
+    monkeypatch.setattr(bm, "CPUINFO", info)
+    monkeypatch.setattr(bm.os, "sched_getaffinity", lambda _: set(range(8)))
+    assert bm.physical_cores() == 4 and bm.cpu_name() == "Fake CPU @ 3.00GHz"
+    monkeypatch.setattr(bm.os, "sched_getaffinity", lambda _: {0, 1, 2})
+    assert bm.physical_cores() == 3
+    monkeypatch.setattr(bm, "CPUINFO", tmp_path / "missing")
+    assert bm.physical_cores() == (bm.os.cpu_count() or 1)
