@@ -14,7 +14,7 @@ from easier_export.export import export_onnx
 SHAPE = (3, 16, 16)
 FAST = {"warmup": 1, "min_iters": 4, "max_seconds": 0.02, "repeats": 2}
 ROW_KEYS = {"label", "backend", "provider", "device", "batch", "threads", "p50_ms", "p90_ms", "mean_ms",
-            "iters", "versions", "cpu"}
+            "iters", "spread", "noisy", "versions", "cpu"}
 
 
 def net(width: int) -> nn.Module:
@@ -89,7 +89,14 @@ def test_rounds_interleave_models() -> None:
     times = bm._interleaved([lambda: calls.append("A"), lambda: calls.append("B")], warmup=1, min_iters=4,
                             max_seconds=0.0, repeats=2)
     assert "".join(calls) == "AB" + "AABBAABB"
-    assert [len(t) for t in times] == [4, 4]
+    assert [[len(chunk) for chunk in t] for t in times] == [[2, 2], [2, 2]]
+
+
+def test_spread_marks_rows_whose_repeats_disagree() -> None:
+    steady = bm._stats([[1.0, 1.0], [1.02, 1.02], [0.99, 0.99]])
+    assert steady["spread"] == pytest.approx(0.03) and not steady["noisy"]
+    contended = bm._stats([[1.0, 1.0], [3.0, 3.0], [1.0, 1.0]])  # a neighbour took the cores for one repeat
+    assert contended["spread"] == pytest.approx(2.0) and contended["noisy"]
 
 
 def test_speedups() -> None:
