@@ -37,6 +37,7 @@ class CompressConfig:
     simplify: bool = True
     atol: float = 1e-4
     rtol: float = 1e-3
+    scale_tol: float = 1e-4
     min_top1: float = 0.99
     verify_batches: int = 4
     bench_devices: tuple[str, ...] = ("cpu",)
@@ -92,7 +93,7 @@ def export_and_verify(model: nn.Module, reference: nn.Module, example: torch.Ten
                       inputs: list[torch.Tensor], metadata: dict[str, str], cfg: CompressConfig) -> dict:
     """Export, then prove the file reproduces ``reference``; a failure keeps the file as *.unverified.onnx."""
     info_ = export_onnx(model, example, path, metadata, simplify=cfg.simplify)
-    result = verify_onnx(path, reference, inputs, cfg.atol, cfg.rtol, cfg.min_top1)
+    result = verify_onnx(path, reference, inputs, cfg.atol, cfg.rtol, cfg.min_top1, scale_tol=cfg.scale_tol)
     print_verify(result, console)
     info_["verify"] = result.to_dict()
     if not result.passed:
