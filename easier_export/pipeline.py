@@ -80,7 +80,8 @@ def save_linearized(path: Path, loaded: LoadedModel, result: LoopResult, relocat
     check_continuation(loaded, relocate_padding)
     recipe = {"arch": loaded.source, "num_classes": loaded.num_classes, "removed": loaded.removed + result.removed,
               "relocate_padding": relocate_padding,
-              "input_size": list(loaded.input_size), "mean": list(loaded.mean), "std": list(loaded.std)}
+              "input_size": list(loaded.input_size), "mean": list(loaded.mean), "std": list(loaded.std),
+              "crop_pct": loaded.crop_pct, "interpolation": loaded.interpolation}
     state = cpu_state(result.model)
     return save_torch({"format": LINEARIZED_FORMAT, "recipe": recipe, "state_dict": state}, path)
 
