@@ -58,6 +58,17 @@ def ensure_writable(out_dir: Path) -> Path:
     return out_dir
 
 
+def ensure_writable_file(path: Path, option: str) -> Path:
+    """Fail before the work when ``path`` cannot be written (a folder there, a parent that is a file or read-only);
+    creates nothing, so a refused command leaves nothing behind."""
+    if path.is_dir():
+        raise UserError(f"{option} {path} is a directory; give a file name")
+    parent = next(p for p in path.absolute().parents if p.exists())
+    if not parent.is_dir() or not os.access(parent, os.W_OK):
+        raise UserError(f"{option} {path} cannot be written ({parent} is not a writable directory)")
+    return path
+
+
 def dry_run(model: nn.Module, input_size: tuple[int, int, int]) -> None:
     """One forward pass at the served size before any work: a size the model cannot take fails in one line."""
     try:
@@ -193,7 +204,8 @@ def compress(loaded: LoadedModel, loaders: Loaders, out_dir: Path, cfg: Compress
         bench_rows = _bench(exports, example, cfg, original, folded)
     verify = exports["folded"]["verify"]
 
-    report = build_report(loaded, cfg, result, original, folded, example, folds, exports, bench_rows)
+    report = build_report(loaded, cfg, result, original, folded, example, folds, exports, bench_rows,
+                          loaders.skipped)
     write_report(report, out_dir)
     if report["rounds"]:
         console.print(rounds_table(report))
@@ -206,7 +218,7 @@ def compress(loaded: LoadedModel, loaders: Loaders, out_dir: Path, cfg: Compress
 
 def build_report(loaded: LoadedModel, cfg: CompressConfig, result: LoopResult, original: nn.Module,
                  folded: fx.GraphModule, example: torch.Tensor, folds: list, exports: dict,
-                 bench_rows: list[dict]) -> dict:
+                 bench_rows: list[dict], skipped: list[str] | None = None) -> dict:
     removed_round = {name: r.round for r in result.history if r.within_budget for name in r.removed}
     entropy0 = {e["name"]: e["entropy"] for e in result.entropy0}
     return {
@@ -231,6 +243,7 @@ def build_report(loaded: LoadedModel, cfg: CompressConfig, result: LoopResult, o
         "export": {k: v for k, v in exports["folded"].items() if k != "verify"},
         "verify": exports["folded"]["verify"],
         "bench": bench_rows,
+        "data": {"skipped_images": len(skipped or []), "skipped": skipped or []},
         "outputs": {"model": Path(exports["folded"]["path"]).name, "linearized": "linearized.pt",
                     "report_json": "report.json", "report_md": "report.md"},
     }
