@@ -15,7 +15,7 @@ import onnxruntime as ort
 import torch
 from torch import nn
 
-from .errors import UserError
+from .errors import UserError, first_line
 from .export import eval_copy
 
 logger = logging.getLogger(__name__)
@@ -167,10 +167,10 @@ def _ort_runner(path: Path, x: np.ndarray, device: str, providers: list[str],
                 threads: int) -> tuple[Runner, str]:
     try:
         session = _session(path, providers, threads)
-    except Exception as e:  # a TensorRT EP whose libraries are missing fails here
+    except Exception as e:  # a TensorRT EP whose libraries are missing fails here; so does a damaged file
         if providers[0] != "TensorrtExecutionProvider":
-            raise
-        logger.warning("TensorRT execution provider unusable (%s); using CUDA", str(e).splitlines()[0])
+            raise UserError(f"onnxruntime cannot load {path}: {first_line(e)}") from e
+        logger.warning("TensorRT execution provider unusable (%s); using CUDA", first_line(e))
         providers = providers[1:]
         session = _session(path, providers, threads)
     provider = session.get_providers()[0]
