@@ -227,7 +227,10 @@ def _ready(loaded):
 
 @contextlib.contextmanager
 def _resumable(out: Path) -> Iterator[None]:
-    """Ctrl-C in a resumable command: exit 130 saying how many rounds ``out``'s state file keeps."""
+    """Ctrl-C in a resumable command: exit 130 saying how many rounds ``out``'s state file keeps. A state file
+    that cannot be read is refused before any work."""
+    if _rounds_kept(out / STATE_FILE) is None:
+        raise UserError(f"{out / STATE_FILE} is unreadable; delete it to start over")
     try:
         yield
     except KeyboardInterrupt:

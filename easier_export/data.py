@@ -99,7 +99,7 @@ def open_image_folder(root: str | Path, num_classes: int | None = None, skip_bad
 
     root = Path(root).resolve()  # the resume fingerprint records it: relative and absolute spellings agree
     if not root.is_dir():
-        raise UserError(f"data directory {root} does not exist")
+        raise UserError(f"data directory {root} {'is not a directory' if root.exists() else 'does not exist'}")
     for split in ("train", "val"):
         if not (root / split).is_dir():
             raise UserError(f"data directory {root} has no '{split}/' folder (expected {root}/{split}/<class>/*.jpg)")
