@@ -185,7 +185,7 @@ def _load(model: str, weights: Path | None, arch: str | None, num_classes: int |
 
     loaded = load_model(model, num_classes, weights, arch, trust_pickle, _size(input_size))
     for note in loaded.notes:
-        console.print(f"[yellow]warning:[/] {note}")
+        console.print(f"[yellow]warning:[/] {escape(note)}", soft_wrap=True)
     loaded.mean = _floats(mean, "mean") or loaded.mean
     loaded.std = _floats(std, "std") or loaded.std
     if len(loaded.mean) != loaded.input_size[0] or len(loaded.std) != loaded.input_size[0]:
@@ -203,7 +203,7 @@ def _with_data(loaded, data: Path, batch_size: int, workers: int, skip_bad_image
     folder = open_image_folder(data, loaded.num_classes, skip_bad_images)
     if folder.skipped:
         console.print(f"[yellow]warning:[/] left out {len(folder.skipped)} unreadable image(s), e.g. "
-                      f"{folder.skipped[0]}")
+                      f"{folder.skipped[0]}", soft_wrap=True)
     if not loaded.size_declared:
         if folder.common_size is None:
             raise UserError(f"{loaded.source} declares no input size and the images in {data} differ in size: "
@@ -211,7 +211,7 @@ def _with_data(loaded, data: Path, batch_size: int, workers: int, skip_bad_image
         loaded.input_size = (loaded.input_size[0], *folder.common_size)
         console.print(f"[yellow]note:[/] {loaded.source} declares no input size: using "
                       f"{'x'.join(map(str, folder.common_size))}, the size of every image in {data} "
-                      "(--input-size overrides)")
+                      "(--input-size overrides)", soft_wrap=True)
     dry_run(loaded.model, loaded.input_size)
     return folder.loaders(loaded.input_size, loaded.mean, loaded.std, batch_size, workers, seed, loaded.crop_pct,
                           loaded.interpolation)

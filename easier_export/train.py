@@ -119,4 +119,5 @@ def warn_near_chance(top1: float, model: nn.Module) -> None:
     if classes and is_main_process() and top1 < NEAR_CHANCE * 100.0 / classes:
         console.print(f"[bold red]warning: the original model is near chance ({top1:.2f}% top-1, chance is "
                       f"{100.0 / classes:.2f}% for {classes} classes): check its weights, --input-size, --mean/--std "
-                      "and that DATA is what it was trained on; the accuracy budget means nothing from here[/]")
+                      "and that DATA is what it was trained on; the accuracy budget means nothing from here[/]",
+                      soft_wrap=True)
