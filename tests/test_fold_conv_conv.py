@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from _fold_util import assert_same, count_modules, traced
+from _fold_util import Fork, assert_same, count_modules, traced
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
@@ -130,15 +130,6 @@ def test_chain_of_three_merges_step_by_step_and_input_untouched() -> None:
 
 
 def test_shared_intermediate_is_not_merged() -> None:
-    class Fork(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.a, self.b = nn.Conv2d(3, 4, 1), nn.Conv2d(4, 4, 1)
-
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            y = self.a(x)
-            return self.b(y) * y
-
     gm = traced(Fork())
     folded, records = fold_conv_conv(gm, torch.randn(1, 3, 5, 5, dtype=torch.float64))
     assert [(r.nodes, r.applied, r.reason) for r in records] == [(["a", "b"], False, "fan-out: a output has 2 users")]

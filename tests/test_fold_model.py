@@ -7,7 +7,7 @@ import pathlib
 import pytest
 import torch
 import torchvision
-from _fold_util import activation_nodes, count_modules, erase_activations, randomize_batchnorms, rel_err
+from _fold_util import Fork, activation_nodes, count_modules, erase_activations, randomize_batchnorms, rel_err
 from torch import nn
 from torch.fx import GraphModule, symbolic_trace
 
@@ -62,15 +62,6 @@ def test_mobilenet_v2_none_and_auto(mobilenet: GraphModule, tmp_path: pathlib.Pa
 
 @pytest.mark.parametrize("mode", ["all", "auto"])
 def test_fan_out_is_in_the_plan_with_its_reason(mode: str, tmp_path: pathlib.Path) -> None:
-    class Fork(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.a, self.b = nn.Conv2d(3, 4, 1), nn.Conv2d(4, 4, 1)
-
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            y = self.a(x)
-            return self.b(y) + y.mean()
-
     gm = symbolic_trace(Fork().eval())
     _, records = fold_model(gm, torch.randn(1, 3, 5, 5), mode=mode, cache=tmp_path / "lat.json", threads=1)
     assert [(r.kind, r.nodes, r.applied, r.reason) for r in records if r.kind == "conv_conv"] == [
