@@ -63,7 +63,7 @@ def inputs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     (files["state_dir"] / "state.pt").write_bytes(b"")
     files["demo_dir"] = root / "demo"
     files["demo_dir"].mkdir()
-    _cut(files["sd"], files["demo_dir"] / "demo_cnn.pt")
+    _cut(files["sd"], files["demo_dir"] / "demo_invres.pt")
 
     net = build_arch("demo_cnn").eval()
     files["onnx"] = root / "a.onnx"
