@@ -184,4 +184,6 @@ def test_every_loop_setting_is_an_option_of_the_loop_commands():
         params = {p.name: p for p in group.commands[name].params}
         for f in dataclasses.fields(LoopConfig):
             assert f.metadata.get("help"), f"LoopConfig.{f.name} needs metadata={{'help': ...}}"
+            if (name, f.name) == ("linearize", "target_speedup"):  # needs compress's end-to-end probe
+                continue
             assert f.name in params and params[f.name].help.startswith(f.metadata["help"]), (name, f.name)
