@@ -24,7 +24,7 @@ from easier_export.bench import bench, cpu_name, speedups
 from easier_export.entropy import measure
 from easier_export.export import export_onnx, verify_onnx
 from easier_export.fold import fold_model
-from easier_export.graph import find_call_sites, linearize, trace
+from easier_export.graph import find_call_sites, remove_sites, trace
 from easier_export.models import build_arch
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -86,7 +86,7 @@ def run_case(arch: str, size: int, chooser, tmp: Path, threads: int, seconds: fl
     gm = trace(build_arch(arch, num_classes=10).eval())
     sites = find_call_sites(gm)
     chosen = chooser(sites, gm, size) if chooser.__code__.co_argcount == 3 else chooser(sites)
-    lin = linearize(gm, [s.name for s in chosen]).eval()
+    lin = remove_sites(gm, [s.name for s in chosen]).eval()
     example = torch.randn(1, 3, size, size)
     paths, stats, plans = {}, {}, {}
     for mode in ("none", "all", "auto"):
