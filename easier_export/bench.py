@@ -15,13 +15,14 @@ import onnxruntime as ort
 import torch
 from torch import nn
 
-from .errors import UserError
+from .errors import UserError, first_line
 from .export import eval_copy
 
 logger = logging.getLogger(__name__)
 
 Runner = Callable[[], None]
 DEVICES = ("cpu", "cuda")
+CPUINFO = Path("/proc/cpuinfo")
 
 
 def bench(
@@ -107,7 +108,7 @@ def config_key(row: dict) -> tuple[str, str, int]:
 def physical_cores() -> int:
     """Physical cores (one ORT thread per core beats one per hyper-thread); logical count as a fallback."""
     try:
-        with open("/proc/cpuinfo") as f:
+        with open(CPUINFO) as f:
             cores, phys = set(), None
             for line in f:
                 key, _, value = line.partition(":")
@@ -126,7 +127,7 @@ def physical_cores() -> int:
 def cpu_name() -> str:
     """The marketing name of the CPU: ``platform.processor()`` is often just the architecture on Linux."""
     try:
-        with open("/proc/cpuinfo") as f:
+        with open(CPUINFO) as f:
             for line in f:
                 if line.startswith("model name"):
                     return line.partition(":")[2].strip()
@@ -166,10 +167,10 @@ def _ort_runner(path: Path, x: np.ndarray, device: str, providers: list[str],
                 threads: int) -> tuple[Runner, str]:
     try:
         session = _session(path, providers, threads)
-    except Exception as e:  # a TensorRT EP whose libraries are missing fails here
+    except Exception as e:  # a TensorRT EP whose libraries are missing fails here; so does a damaged file
         if providers[0] != "TensorrtExecutionProvider":
-            raise
-        logger.warning("TensorRT execution provider unusable (%s); using CUDA", str(e).splitlines()[0])
+            raise UserError(f"onnxruntime cannot load {path}: {first_line(e)}") from e
+        logger.warning("TensorRT execution provider unusable (%s); using CUDA", first_line(e))
         providers = providers[1:]
         session = _session(path, providers, threads)
     provider = session.get_providers()[0]
@@ -204,26 +205,45 @@ def _torch_runner(model: nn.Module, x: np.ndarray, device: str) -> Runner:
 
 
 def _interleaved(runners: list[Runner], warmup: int, min_iters: int, max_seconds: float,
-                 repeats: int) -> list[list[float]]:
-    """Per-iteration milliseconds for each runner, measured in alternating chunks."""
+                 repeats: int) -> list[list[list[float]]]:
+    """Per-iteration milliseconds for each runner and repeat, measured in alternating chunks."""
     for run in runners:
         for _ in range(warmup):
             run()
     chunk_iters = math.ceil(min_iters / repeats)
     chunk_seconds = max_seconds / repeats
-    times: list[list[float]] = [[] for _ in runners]
+    times: list[list[list[float]]] = [[] for _ in runners]
     for _ in range(repeats):
-        for run, ms in zip(runners, times, strict=True):
+        for run, chunks in zip(runners, times, strict=True):
+            ms: list[float] = []
             start = time.perf_counter()
-            done = 0
-            while done < chunk_iters or time.perf_counter() - start < chunk_seconds:
+            while len(ms) < chunk_iters or time.perf_counter() - start < chunk_seconds:
                 t0 = time.perf_counter()
                 run()
                 ms.append((time.perf_counter() - t0) * 1e3)
-                done += 1
+            chunks.append(ms)
     return times
 
 
-def _stats(ms: list[float]) -> dict:
+NOISY_SPREAD = 0.10
+"""A row is marked noisy when the medians of its interleaved repeats spread over more than 10 % of its p50.
+
+The spread (max - min of the per-repeat medians, over the p50) is what a ratio between two rows can be trusted
+to: at 10 % a "×1.1 speed-up" is already indistinguishable from the run-to-run drift, and a neighbour that takes
+the cores for one repeat (the "×83" eager summary) pushes it far past that. On an idle machine the three medians
+of a row stay within a few per cent, so 10 % flags contention without flagging ordinary jitter."""
+
+
+def _stats(chunks: list[list[float]]) -> dict:
+    ms = [t for chunk in chunks for t in chunk]
     p50, p90 = np.percentile(ms, [50, 90])
-    return {"p50_ms": float(p50), "p90_ms": float(p90), "mean_ms": float(np.mean(ms)), "iters": len(ms)}
+    medians = [float(np.median(chunk)) for chunk in chunks]
+    spread = (max(medians) - min(medians)) / float(p50)
+    return {"p50_ms": float(p50), "p90_ms": float(p90), "mean_ms": float(np.mean(ms)), "iters": len(ms),
+            "spread": spread, "noisy": spread > NOISY_SPREAD}
+
+
+def noisy_pair(rows: list[dict], key: tuple[str, str, str, int], baseline_label: str) -> bool:
+    """Whether the ratio of row ``key`` (label, backend, device, batch) to its baseline rests on a noisy row."""
+    flags = {(r["label"], *config_key(r)): r.get("noisy", False) for r in rows}
+    return flags.get(key, False) or flags.get((baseline_label, *key[1:]), False)

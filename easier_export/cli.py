@@ -1,39 +1,134 @@
 """The `easier-export` command line: thin wrappers over the Python API, one-line errors, exit codes.
 
 Exit codes: 0 ok, 2 usage or bad input, 3 ONNX verification failed, 130 interrupted (state kept).
+
+One name per concept in every command (``--fold``, ``--bench-devices``, ``--bench-batches``, ``--bench-seconds``;
+``--device`` is always the training device). Older spellings still parse as hidden aliases (``_aliases``).
 """
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
+import functools
+import inspect
 import sys
+import typing
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any, Literal
 
-import click
 import typer
+from rich.markup import escape
 
-from .errors import EXIT_USAGE, UserError, VerificationError
+from .bench import DEVICES
+from .errors import EXIT_INTERRUPTED, EXIT_USAGE, Interrupted, UserError, VerificationError
+from .fold import MODES
+from .linearize import STATE_FILE, LoopConfig
 from .ui import console
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+app = typer.Typer(add_completion=False, no_args_is_help=False, pretty_exceptions_enable=False,
                   help="Make trained vision networks shallower (EASIER) and ship them as verified, fast ONNX.")
+
+
+def _aliases(**old_to_new: str) -> dict[str, Any]:
+    """context_settings that parse old option names as the new ones without listing them in --help (the parser
+    normalises every option name it sees, without its dashes, through this map)."""
+    return {"token_normalize_func": lambda name: old_to_new.get(name, name)}
+
+
+def _choice(values: tuple[str, ...]) -> Any:
+    """A choice type from the one tuple that lists the values (the parser refuses others with exit 2)."""
+    return Literal[values]  # type: ignore[valid-type]
+
 
 ModelArg = Annotated[str, typer.Argument(help="timm:NAME, torchvision:NAME, builtin name, state dict, .pt2, "
                                               "linearized.pt, or pickled module (with --trust-pickle)")]
 Weights = Annotated[Path | None, typer.Option(help="state dict for a named architecture")]
 Arch = Annotated[str | None, typer.Option(help="architecture of a state-dict MODEL file, e.g. timm:resnet18")]
-NumClasses = Annotated[int | None, typer.Option(help="re-head the model to this many classes")]
+NumClasses = Annotated[int | None, typer.Option(min=1, help="classes to predict: a checkpoint with another head "
+                                                            "size keeps its body and gets a fresh head")]
 TrustPickle = Annotated[bool, typer.Option(help="allow loading a pickled nn.Module (runs code from the file)")]
 Data = Annotated[Path, typer.Option(help="ImageFolder root with train/ and val/")]
-InputSize = Annotated[int | None, typer.Option(help="square input size (default: the model's config)")]
+InputSize = Annotated[str | None, typer.Option(help="H, HxW or CxHxW (default: the model's config, else the "
+                                                    "size of the images in DATA)")]
 Mean = Annotated[str | None, typer.Option(help="normalisation mean, e.g. 0.49,0.48,0.45")]
-Std = Annotated[str | None, typer.Option(help="normalisation std")]
-BatchSize = Annotated[int, typer.Option(help="batch size for finetuning and entropy passes")]
-Workers = Annotated[int, typer.Option(help="data-loading worker processes")]
+Std = Annotated[str | None, typer.Option(help="normalisation std (positive)")]
+BatchSize = Annotated[int, typer.Option(min=1, help="batch size for finetuning and entropy passes")]
+Workers = Annotated[int, typer.Option(min=0, help="data-loading worker processes")]
+SkipBadImages = Annotated[bool, typer.Option(help="leave unreadable images in DATA out (counted in the report) "
+                                                  "instead of stopping")]
 Out = Annotated[Path, typer.Option(help="output directory")]
-Device = Annotated[str, typer.Option(help="auto, cpu or cuda[:N]")]
-Rectifiers = Annotated[str, typer.Option(help="which activations count, comma list of "
-                                              "relu,relu6,leaky_relu,gelu,silu,hardswish")]
+Device = Annotated[str, typer.Option(help="training device: auto, cpu or cuda[:N]")]
+Fold = Annotated[_choice(MODES), typer.Option(help="auto (only merges measured faster), all, or none")]
+Target = Annotated[_choice(DEVICES), typer.Option(help="device the fold planner measures on")]
+BenchDevices = Annotated[str, typer.Option(help=f"benchmark devices, comma list of {','.join(DEVICES)}")]
+BenchBatches = Annotated[str, typer.Option(help="benchmark batch sizes, comma list")]
+BenchSeconds = Annotated[float, typer.Option(min=0.0, help="benchmark time budget per model and setting")]
+Threads = Annotated[int | None, typer.Option(min=1, help="onnxruntime intra-op threads (default: physical cores)")]
+Atol = Annotated[float, typer.Option(min=0.0, help="verification absolute tolerance")]
+Rtol = Annotated[float, typer.Option(min=0.0, help="verification tolerance relative to each element")]
+ScaleTol = Annotated[float, typer.Option(min=0.0, help="verification tolerance relative to the output's scale "
+                                                       "(max |reference|)")]
+MinTop1 = Annotated[float, typer.Option(min=0.0, max=1.0, help="minimum top-1 agreement (a fraction)")]
+NoSimplify = Annotated[bool, typer.Option("--no-simplify", help="skip onnxsim")]
+
+
+# ---------------------------------------------------------------------------------------------- the loop's options
+
+
+def loop_options(*only: str, exclude: tuple[str, ...] = (), **defaults: Any) -> Callable[[Callable], Callable]:
+    """Give a command one option per LoopConfig field (``only`` those, when named; not the ``exclude``d ones) and
+    call it with the LoopConfig they make, as ``loop``; ``defaults`` overrides a field's default for this command.
+
+    Help, choices and bounds live in the fields' metadata (``linearize.option``), so a new LoopConfig field
+    reaches `compress` and `linearize` without touching this module. A ``tuple[str, ...]`` field is a comma list.
+    """
+    hints = typing.get_type_hints(LoopConfig)
+    fields = [f for f in dataclasses.fields(LoopConfig) if (not only or f.name in only) and f.name not in exclude]
+
+    def decorate(command: Callable) -> Callable:
+        signature = inspect.signature(command, eval_str=True)
+        params = [p for p in signature.parameters.values() if p.name != "loop"]
+        params += [_loop_option(f, hints[f.name], defaults.get(f.name, f.default)) for f in fields]
+
+        @functools.wraps(command)
+        def wrapper(**kwargs: Any) -> Any:
+            values = {f.name: _loop_value(f, hints[f.name], kwargs.pop(f.name)) for f in fields}
+            return command(loop=LoopConfig(**values), **kwargs)
+
+        wrapper.__signature__ = signature.replace(parameters=params)  # type: ignore[attr-defined]
+        wrapper.__annotations__ = {p.name: p.annotation for p in params}
+        return wrapper
+
+    return decorate
+
+
+def _loop_option(f: dataclasses.Field, hint: Any, default: Any) -> inspect.Parameter:
+    meta = f.metadata
+    help_, choices, annotation = meta["help"], meta.get("choices"), hint
+    if hint == tuple[str, ...]:
+        annotation, default = str, ",".join(default)
+        help_ += f", comma list of {','.join(choices)}" if choices else ", comma list"
+    elif choices:
+        annotation = _choice(tuple(choices))
+    option = typer.Option(help=help_, min=meta.get("min"), max=meta.get("max"))
+    return inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=default,
+                             annotation=Annotated[annotation, option])
+
+
+def _loop_value(f: dataclasses.Field, hint: Any, value: Any) -> Any:
+    if hint != tuple[str, ...]:
+        return value
+    items = tuple(sorted(v.strip() for v in value.split(",")))  # sorted: the resume fingerprint ignores order
+    unknown = sorted(set(items) - set(f.metadata.get("choices", items)))
+    if unknown:
+        raise UserError(f"--{f.name.replace('_', '-')} takes {','.join(f.metadata['choices'])}, "
+                        f"not {','.join(unknown)}")
+    return items
+
+
+# ---------------------------------------------------------------------------------------------- shared steps
 
 
 def _floats(text: str | None, what: str) -> tuple[float, ...] | None:
@@ -55,128 +150,102 @@ def _ints(text: str, what: str) -> tuple[int, ...]:
     return values
 
 
-def _target(value: str) -> str:
-    """The fold planner times merges on this device: timing a CUDA plan on the CPU would mislead it."""
+def _size(text: str | None) -> tuple[int, ...] | None:
+    """``H``, ``HxW`` or ``CxHxW`` (timm's input_size is (C, H, W))."""
+    if text is None:
+        return None
+    try:
+        size = tuple(int(v) for v in text.lower().split("x"))
+    except ValueError:
+        size = ()
+    if not 1 <= len(size) <= 3 or min(size) < 1:
+        raise UserError(f"--input-size takes H, HxW or CxHxW with positive integers, got '{text}'")
+    return size * 2 if len(size) == 1 else size
+
+
+def _usable(devices: tuple[str, ...], what: str) -> tuple[str, ...]:
+    """A CUDA request without a usable GPU is a usage error everywhere (no silently empty result)."""
     from .bench import cuda_usable
 
-    if _choice(value, ("cpu", "cuda"), "target") == "cuda" and not cuda_usable():
-        raise UserError("--target cuda needs a usable GPU (torch.cuda and onnxruntime's CUDA provider)")
-    return value
-
-
-def _devices(text: str) -> tuple[str, ...]:
-    devices = tuple(d.strip() for d in text.split(","))
-    for d in devices:
-        _choice(d, ("cpu", "cuda"), "bench-devices")
+    unknown = sorted(set(devices) - set(DEVICES))
+    if unknown:
+        raise UserError(f"--{what} takes {','.join(DEVICES)}, not {','.join(unknown)}")
+    if "cuda" in devices and not cuda_usable():
+        raise UserError(f"--{what} cuda needs a usable GPU (torch.cuda and onnxruntime's CUDA provider)")
     return devices
 
 
-def _positive(**values: int | None) -> None:
-    for name, value in values.items():
-        if value is not None and value < 1:
-            raise UserError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
+def _devices(text: str) -> tuple[str, ...]:
+    return _usable(tuple(d.strip() for d in text.split(",")), "bench-devices")
 
 
 def _load(model: str, weights: Path | None, arch: str | None, num_classes: int | None, trust_pickle: bool,
-          input_size: int | None, mean: str | None, std: str | None):
+          input_size: str | None, mean: str | None = None, std: str | None = None):
     from .models import load_model
 
-    loaded = load_model(model, num_classes, weights, arch, trust_pickle, input_size)
+    loaded = load_model(model, num_classes, weights, arch, trust_pickle, _size(input_size))
     for note in loaded.notes:
-        console.print(f"[yellow]warning:[/] {note}")
+        console.print(f"[yellow]warning:[/] {escape(note)}", soft_wrap=True)
     loaded.mean = _floats(mean, "mean") or loaded.mean
     loaded.std = _floats(std, "std") or loaded.std
     if len(loaded.mean) != loaded.input_size[0] or len(loaded.std) != loaded.input_size[0]:
         raise UserError(f"--mean/--std need {loaded.input_size[0]} values (one per input channel)")
+    if min(loaded.std) <= 0:
+        raise UserError(f"--std values must be positive, got {','.join(map(str, loaded.std))}")
     return loaded
 
 
-def _loaders(loaded, data: Path, batch_size: int, workers: int, seed: int = 0):
-    from .data import image_folder
+def _with_data(loaded, data: Path, batch_size: int, workers: int, skip_bad_images: bool, seed: int = 0):
+    """Open DATA (every image checked), settle the input size, prove the model runs at it, then make loaders."""
+    from .data import open_image_folder
+    from .pipeline import dry_run
 
-    return image_folder(data, loaded.input_size, loaded.mean, loaded.std, batch_size, workers, seed,
-                        loaded.num_classes)
-
-
-def _loop_config(max_drop: float, finetune_epochs: float, lr: float, max_removed: int | None,
-                 one_shot: int | None, criterion: str, rectifiers: str, entropy_batches: int | None,
-                 entropy_mode: str, threshold: float, seed: int, baseline_epochs: float = 0.0,
-                 relocate_padding: bool = False, select: str = "entropy", patience: int = 2,
-                 target_speedup: float | None = None):
-    from .linearize import LoopConfig
-
-    return LoopConfig(max_drop=max_drop, finetune_epochs=finetune_epochs, lr=lr, max_removed=max_removed,
-                      one_shot=one_shot, criterion=criterion,
-                      rectifiers=tuple(sorted(r.strip() for r in rectifiers.split(","))),
-                      entropy_batches=entropy_batches, entropy_mode=entropy_mode, threshold=threshold, seed=seed,
-                      relocate_padding=relocate_padding, baseline_epochs=baseline_epochs, select=select,
-                      patience=patience, target_speedup=target_speedup)
-
-
-MaxDrop = Annotated[float, typer.Option(help="accuracy budget: largest allowed top-1 drop, in points")]
-Epochs = Annotated[float, typer.Option(help="finetuning epochs per round (fractions allowed)")]
-Lr = Annotated[float, typer.Option(help="finetuning learning rate (SGD, cosine)")]
-MaxRemoved = Annotated[int | None, typer.Option(help="stop after removing this many activations")]
-OneShot = Annotated[int | None, typer.Option(help="remove the K lowest-entropy activations at once")]
-Criterion = Annotated[str, typer.Option(help="entropy, sparsity or random")]
-EntropyBatches = Annotated[int | None, typer.Option(help="batches per entropy pass (default 20)")]
-EntropyMode = Annotated[str, typer.Option(help="train (as EASIER does) or eval mode for entropy passes")]
-Threshold = Annotated[float, typer.Option(help="a unit is ON when its pre-activation is >= this")]
-Seed = Annotated[int, typer.Option(help="random seed")]
-RelocatePadding = Annotated[bool, typer.Option(help="move a conv's padding onto the conv before a removed "
-                                                      "activation, so the two can later merge exactly")]
-BaselineEpochs = Annotated[float, typer.Option(help="finetune the original this long first, so the budget is "
-                                                    "measured from a model adapted to DATA")]
-Select = Annotated[str, typer.Option(help="entropy: one activation per round, lowest score first (EASIER); "
-                                          "latency: the fold group (activations whose joint removal completes a "
-                                          "merge) with the least score per microsecond saved on --target")]
-Patience = Annotated[int, typer.Option(help="over-budget candidates in a row (each reverted, then the next one "
-                                            "tried) before the run ends; 0 stops at the first")]
-TargetSpeedup = Annotated[float | None, typer.Option(help="stop once the shipped model measures at least this "
-                                                          "ORT speed-up over the original on --target")]
-Fold = Annotated[str, typer.Option(help="auto (only merges measured faster), all, or none")]
-Target = Annotated[str, typer.Option(help="device the fold planner measures on: cpu or cuda")]
-BenchDevices = Annotated[str, typer.Option(help="benchmark devices, comma list of cpu,cuda")]
-BenchBatches = Annotated[str, typer.Option(help="benchmark batch sizes, comma list")]
-Threads = Annotated[int | None, typer.Option(help="onnxruntime intra-op threads (default: physical cores)")]
-NoSimplify = Annotated[bool, typer.Option("--no-simplify", help="skip onnxsim")]
+    folder = open_image_folder(data, loaded.num_classes, skip_bad_images)
+    if folder.skipped:
+        console.print(f"[yellow]warning:[/] left out {len(folder.skipped)} unreadable image(s), e.g. "
+                      f"{folder.skipped[0]}", soft_wrap=True)
+    if not loaded.size_declared:
+        if folder.common_size is None:
+            raise UserError(f"{loaded.source} declares no input size and the images in {data} differ in size: "
+                            "pass --input-size")
+        loaded.input_size = (loaded.input_size[0], *folder.common_size)
+        console.print(f"[yellow]note:[/] {loaded.source} declares no input size: using "
+                      f"{'x'.join(map(str, folder.common_size))}, the size of every image in {data} "
+                      "(--input-size overrides)", soft_wrap=True)
+    dry_run(loaded.model, loaded.input_size)
+    return folder.loaders(loaded.input_size, loaded.mean, loaded.std, batch_size, workers, seed, loaded.crop_pct,
+                          loaded.interpolation)
 
 
-@app.command()
-def compress(model: ModelArg, data: Data, out: Out = Path("runs/compress"), weights: Weights = None,
-             arch: Arch = None, num_classes: NumClasses = None, trust_pickle: TrustPickle = False,
-             input_size: InputSize = None, mean: Mean = None, std: Std = None, batch_size: BatchSize = 128,
-             workers: Workers = 2, device: Device = "auto", max_drop: MaxDrop = 1.0, finetune_epochs: Epochs = 1.0,
-             lr: Lr = 0.01, max_removed: MaxRemoved = None, one_shot: OneShot = None,
-             criterion: Criterion = "entropy", rectifiers: Rectifiers = "relu,relu6,leaky_relu,gelu,silu,hardswish",
-             entropy_batches: EntropyBatches = 20, entropy_mode: EntropyMode = "train", threshold: Threshold = 0.0,
-             seed: Seed = 0, baseline_epochs: BaselineEpochs = 0.0, relocate_padding: RelocatePadding = False,
-             select: Select = "latency", patience: Patience = 2, target_speedup: TargetSpeedup = None,
-             fold: Fold = "auto", target: Target = "cpu",
-             bench_devices: BenchDevices = "cpu",
-             bench_batches: BenchBatches = "1,8", threads: Threads = None, no_simplify: NoSimplify = False) -> None:
-    """Run the whole pipeline: entropy → linearize/finetune rounds → fold → ONNX → verify → bench → report."""
-    from .pipeline import CompressConfig
-    from .pipeline import compress as run
+def _ready(loaded):
+    """A model used without DATA: prove it runs at its input size before any work."""
+    from .pipeline import dry_run
 
-    loop = _loop_config(max_drop, finetune_epochs, lr, max_removed, one_shot, criterion, rectifiers,
-                        entropy_batches, entropy_mode, threshold, seed, baseline_epochs, relocate_padding,
-                        select, patience, target_speedup)
-    cfg = CompressConfig(loop, _choice(fold, ("auto", "all", "none"), "fold"),
-                         _target(target), device, not no_simplify,
-                         bench_devices=_devices(bench_devices), bench_batches=_ints(bench_batches, "bench-batches"),
-                         threads=threads)
-    _positive(batch_size=batch_size, input_size=input_size, threads=threads)
-    with _distributed(device):
-        loaded = _load(model, weights, arch, num_classes, trust_pickle, input_size, mean, std)
-        run(loaded, _loaders(loaded, data, batch_size, workers, seed), out, cfg)
-    console.print(f"outputs in [bold]{out}[/]")
+    dry_run(loaded.model, loaded.input_size)
+    return loaded
 
 
-def _choice(value: str, choices: tuple[str, ...], what: str) -> str:
-    if value not in choices:
-        raise UserError(f"--{what} must be one of {', '.join(choices)}, got '{value}'")
-    return value
+@contextlib.contextmanager
+def _resumable(out: Path) -> Iterator[None]:
+    """Ctrl-C in a resumable command: exit 130 saying how many rounds ``out``'s state file keeps. A state file
+    that cannot be read is refused before any work."""
+    if _rounds_kept(out / STATE_FILE) is None:
+        raise UserError(f"{out / STATE_FILE} is unreadable; delete it to start over")
+    try:
+        yield
+    except KeyboardInterrupt:
+        raise Interrupted(_rounds_kept(out / STATE_FILE)) from None
+
+
+def _rounds_kept(path: Path) -> int | None:
+    import torch
+
+    if not path.exists():
+        return 0
+    try:
+        return len(torch.load(path, map_location="cpu", weights_only=True)["history"])
+    except Exception:  # absent, or interrupted while written: nothing can be said about it
+        return None
 
 
 class _distributed:
@@ -206,15 +275,42 @@ class _distributed:
             dist.destroy_process_group()
 
 
+# ---------------------------------------------------------------------------------------------- commands
+
+
 @app.command()
-def entropy(model: ModelArg, data: Data, out: Annotated[Path, typer.Option(help="JSON file")] = Path("entropy.json"),
+@loop_options(select="latency")
+def compress(model: ModelArg, data: Data, loop: LoopConfig, out: Out = Path("runs/compress"),
+             weights: Weights = None, arch: Arch = None, num_classes: NumClasses = None,
+             trust_pickle: TrustPickle = False, input_size: InputSize = None, mean: Mean = None, std: Std = None,
+             batch_size: BatchSize = 128, workers: Workers = 2, skip_bad_images: SkipBadImages = False,
+             device: Device = "auto", fold: Fold = "auto", target: Target = "cpu", bench_devices: BenchDevices = "cpu",
+             bench_batches: BenchBatches = "1,8", bench_seconds: BenchSeconds = 2.0, threads: Threads = None,
+             atol: Atol = 1e-4, rtol: Rtol = 1e-3, scale_tol: ScaleTol = 1e-4, min_top1: MinTop1 = 0.99,
+             no_simplify: NoSimplify = False) -> None:
+    """Run the whole pipeline: entropy → linearize/finetune rounds → fold → ONNX → verify → bench → report."""
+    from .pipeline import CompressConfig
+    from .pipeline import compress as run
+
+    cfg = CompressConfig(loop, fold, _usable((target,), "target")[0], device, not no_simplify, atol=atol,
+                         rtol=rtol, scale_tol=scale_tol, min_top1=min_top1, bench_devices=_devices(bench_devices),
+                         bench_batches=_ints(bench_batches, "bench-batches"), threads=threads,
+                         bench_seconds=bench_seconds)
+    with _distributed(device), _resumable(out):
+        loaded = _load(model, weights, arch, num_classes, trust_pickle, input_size, mean, std)
+        run(loaded, _with_data(loaded, data, batch_size, workers, skip_bad_images, loop.seed), out, cfg)
+    console.print(f"outputs in [bold]{out}[/]")
+
+
+@app.command()
+@loop_options("rectifiers", "entropy_batches", "entropy_mode", "threshold")
+def entropy(model: ModelArg, data: Data, loop: LoopConfig,
+            out: Annotated[Path, typer.Option(help="JSON file")] = Path("entropy.json"),
             plot: Annotated[Path | None, typer.Option(help="also draw the per-site entropy to this PNG")] = None,
             weights: Weights = None, arch: Arch = None, num_classes: NumClasses = None,
             trust_pickle: TrustPickle = False, input_size: InputSize = None, mean: Mean = None, std: Std = None,
-            batch_size: BatchSize = 128, workers: Workers = 2, device: Device = "auto",
-            rectifiers: Rectifiers = "relu,relu6,leaky_relu,gelu,silu,hardswish",
-            entropy_batches: EntropyBatches = 20, entropy_mode: EntropyMode = "train",
-            threshold: Threshold = 0.0, target: Target = "cpu", threads: Threads = None,
+            batch_size: BatchSize = 128, workers: Workers = 2, skip_bad_images: SkipBadImages = False,
+            device: Device = "auto", target: Target = "cpu", threads: Threads = None,
             groups: Annotated[bool, typer.Option(help="also time and list the fold groups: activations whose "
                                                       "joint removal completes a merge")] = True) -> None:
     """Measure the per-unit binary entropy of every activation call site and print the table (and fold groups)."""
@@ -223,44 +319,43 @@ def entropy(model: ModelArg, data: Data, out: Annotated[Path, typer.Option(help=
     from .entropy import measure
     from .graph import find_call_sites, trace
     from .io import save_json
+    from .pipeline import ensure_writable_file
     from .report import plot_entropy
     from .train import resolve_device
     from .ui import progress
 
-    _positive(batch_size=batch_size, input_size=input_size, entropy_batches=entropy_batches, threads=threads)
-    if entropy_mode not in ("train", "eval"):
-        raise UserError(f"--entropy-mode is train or eval, not {entropy_mode!r}")
+    ensure_writable_file(out, "--out")
+    if plot is not None:
+        ensure_writable_file(plot, "--plot")
+    target = _usable((target,), "target")[0]
     loaded = _load(model, weights, arch, num_classes, trust_pickle, input_size, mean, std)
-    loaders = _loaders(loaded, data, batch_size, workers)
+    loaders = _with_data(loaded, data, batch_size, workers, skip_bad_images)
     dev = resolve_device(device)
     gm = trace(loaded.model).to(dev)
-    sites = find_call_sites(gm, [r.strip() for r in rectifiers.split(",")])
-    with progress("entropy", min(entropy_batches or len(loaders.train), len(loaders.train))) as advance:
-        stats = measure(gm, sites, loaders.train, dev, entropy_batches, entropy_mode == "train", threshold, advance)
+    sites = find_call_sites(gm, loop.rectifiers)
+    batches = min(loop.entropy_batches or len(loaders.train), len(loaders.train))
+    with progress("entropy", batches) as advance:
+        stats = measure(gm, sites, loaders.train, dev, loop.entropy_batches, loop.entropy_mode == "train",
+                        loop.threshold, advance)
     rows = [s.to_dict() for s in stats.values()]
     table = Table("#", "call site", "op", "units", "entropy (bits)", "mean p_on", title=f"{model}: entropy")
     for i, r in enumerate(rows):
         table.add_row(str(i), r["name"], r["op"], str(r["units"]), f"{r['entropy']:.4f}", f"{r['mean_p_on']:.3f}")
     console.print(table)
-    found = _fold_groups(gm, sites, loaded.input_size, stats, _target(target), threads) if groups else []
-    save_json({"model": model, "mode": entropy_mode, "sites": rows, "groups": found}, out)
+    found = _fold_groups(gm, sites, loaded.input_size, stats, target, threads) if groups else []
+    save_json({"model": model, "mode": loop.entropy_mode, "sites": rows, "groups": found}, out)
     if plot is not None:
         plot_entropy([{**r, "removed_round": None} for r in rows], plot)
     console.print(f"wrote {out}" + (f" and {plot}" if plot else ""))
 
 
 @app.command()
-def linearize(model: ModelArg, data: Data, out: Out = Path("runs/linearize"), weights: Weights = None,
-              arch: Arch = None, num_classes: NumClasses = None, trust_pickle: TrustPickle = False,
-              input_size: InputSize = None, mean: Mean = None, std: Std = None, batch_size: BatchSize = 128,
-              workers: Workers = 2, device: Device = "auto", max_drop: MaxDrop = 1.0,
-              finetune_epochs: Epochs = 1.0, lr: Lr = 0.01, max_removed: MaxRemoved = None,
-              one_shot: OneShot = None, criterion: Criterion = "entropy",
-              rectifiers: Rectifiers = "relu,relu6,leaky_relu,gelu,silu,hardswish",
-              entropy_batches: EntropyBatches = 20, entropy_mode: EntropyMode = "train",
-              threshold: Threshold = 0.0, seed: Seed = 0, baseline_epochs: BaselineEpochs = 0.0,
-              relocate_padding: RelocatePadding = False, select: Select = "entropy", patience: Patience = 2,
-              target: Target = "cpu", threads: Threads = None) -> None:
+@loop_options(exclude=("target_speedup",))  # measuring the shipped model's speed-up needs `compress`
+def linearize(model: ModelArg, data: Data, loop: LoopConfig, out: Out = Path("runs/linearize"),
+              weights: Weights = None, arch: Arch = None, num_classes: NumClasses = None,
+              trust_pickle: TrustPickle = False, input_size: InputSize = None, mean: Mean = None, std: Std = None,
+              batch_size: BatchSize = 128, workers: Workers = 2, skip_bad_images: SkipBadImages = False,
+              device: Device = "auto", target: Target = "cpu", threads: Threads = None) -> None:
     """Only the EASIER loop: writes linearized.pt (resumable; rerun to continue)."""
     from .fold.planner import LatencyTable
     from .graph import trace
@@ -268,31 +363,27 @@ def linearize(model: ModelArg, data: Data, out: Out = Path("runs/linearize"), we
     from .pipeline import check_continuation, ensure_writable, save_linearized
     from .train import is_main_process, resolve_device
 
-    cfg = _loop_config(max_drop, finetune_epochs, lr, max_removed, one_shot, criterion, rectifiers,
-                       entropy_batches, entropy_mode, threshold, seed, baseline_epochs, relocate_padding,
-                       select, patience)
-    _positive(batch_size=batch_size, input_size=input_size, threads=threads)
-    _target(target)
-    with _distributed(device):
+    target = _usable((target,), "target")[0]
+    with _distributed(device), _resumable(out):
         loaded = _load(model, weights, arch, num_classes, trust_pickle, input_size, mean, std)
-        check_continuation(loaded, cfg.relocates)
-        loaders = _loaders(loaded, data, batch_size, workers, seed)
+        check_continuation(loaded, loop.relocates)
+        loaders = _with_data(loaded, data, batch_size, workers, skip_bad_images, loop.seed)
         table = LatencyTable(target, threads, ensure_writable(out) / "latency_table.json")
-        result = run_loop(trace(loaded.model), loaded.source, loaders.train, loaders.val, cfg,
+        result = run_loop(trace(loaded.model), loaded.source, loaders.train, loaders.val, loop,
                           resolve_device(device), out, table)
         if is_main_process():
-            save_linearized(out / "linearized.pt", loaded, result, cfg.relocates)
+            save_linearized(out / "linearized.pt", loaded, result, loop.relocates)
             console.print(f"removed {len(result.removed)} activations, top-1 {result.base_top1:.2f}% → "
                           f"{result.final_top1:.2f}%; wrote {out / 'linearized.pt'}")
 
 
-@app.command()
+@app.command(context_settings=_aliases(mode="fold"))
 def fold(model: ModelArg, out: Out = Path("runs/fold"),
-         linearized: Annotated[Path | None, typer.Option(help="linearized.pt from `linearize`/`compress` "
-                                                              "(replaces MODEL)")] = None,
+         linearized: Annotated[Path | None, typer.Option(hidden=True, help="old spelling: replaces MODEL")] = None,
          weights: Weights = None, arch: Arch = None, num_classes: NumClasses = None,
-         trust_pickle: TrustPickle = False, input_size: InputSize = None, mode: Fold = "auto",
-         target: Target = "cpu", threads: Threads = None, no_simplify: NoSimplify = False) -> None:
+         trust_pickle: TrustPickle = False, input_size: InputSize = None, fold: Fold = "auto",
+         target: Target = "cpu", threads: Threads = None, atol: Atol = 1e-4, rtol: Rtol = 1e-3,
+         scale_tol: ScaleTol = 1e-4, min_top1: MinTop1 = 0.99, no_simplify: NoSimplify = False) -> None:
     """Fold a (linearized) model: writes folded.pt2, model.onnx (verified) and fold_plan.json."""
     import torch
 
@@ -302,20 +393,20 @@ def fold(model: ModelArg, out: Out = Path("runs/fold"),
     from .pipeline import CompressConfig, ensure_writable, export_and_verify
 
     source = str(linearized) if linearized is not None else model
-    loaded = _load(source, weights, arch, num_classes, trust_pickle, input_size, None, None)
+    cfg = CompressConfig(fold=fold, target=_usable((target,), "target")[0], simplify=not no_simplify, atol=atol,
+                         rtol=rtol, scale_tol=scale_tol, min_top1=min_top1, threads=threads)
+    loaded = _ready(_load(source, weights, arch, num_classes, trust_pickle, input_size))
     ensure_writable(out)
     example = torch.randn(1, *loaded.input_size)
     gm = trace(loaded.model)
-    folded, records = fold_model(gm, example, mode=_choice(mode, ("auto", "all", "none"), "mode"),
-                                 target=_target(target), cache=out / "latency_table.json",
+    folded, records = fold_model(gm, example, mode=cfg.fold, target=cfg.target, cache=out / "latency_table.json",
                                  threads=threads)
     save_json([r.to_dict() for r in records], out / "fold_plan.json")
     program = torch.export.export(folded, (example.expand(2, *example.shape[1:]),),
                                   dynamic_shapes=({0: torch.export.Dim("batch")},))
     atomic_write(out / "folded.pt2", lambda p: torch.export.save(program, p))
-    inputs = _random_batches(loaded.input_size)
-    cfg = CompressConfig(simplify=not no_simplify)
-    exported = export_and_verify(folded, gm, example, out / "model.onnx", inputs, {"source": source}, cfg)
+    exported = export_and_verify(folded, gm, example, out / "model.onnx", _random_batches(loaded.input_size),
+                                 {"source": source}, cfg)
     applied = sum(r.applied for r in records)
     console.print(f"{applied} of {len(records)} folds applied; wrote {out}/folded.pt2, {out}/fold_plan.json")
     if not exported["verify"]["passed"]:
@@ -328,20 +419,18 @@ def export(model: ModelArg, out: Annotated[Path, typer.Option(help="ONNX file")]
            trust_pickle: TrustPickle = False, input_size: InputSize = None, mean: Mean = None, std: Std = None,
            data: Annotated[Path | None, typer.Option(help="verify on these val/ images instead of random "
                                                          "inputs")] = None,
-           atol: Annotated[float, typer.Option(help="verification absolute tolerance")] = 1e-4,
-           rtol: Annotated[float, typer.Option(help="verification relative tolerance")] = 1e-3,
-           min_top1: Annotated[float, typer.Option(help="minimum top-1 agreement")] = 0.99,
-           no_simplify: NoSimplify = False) -> None:
+           skip_bad_images: SkipBadImages = False, atol: Atol = 1e-4, rtol: Rtol = 1e-3,
+           scale_tol: ScaleTol = 1e-4, min_top1: MinTop1 = 0.99, no_simplify: NoSimplify = False) -> None:
     """Export any loadable model to one verified ONNX file (no compression)."""
+    from .pipeline import CompressConfig, ensure_writable_file, export_and_verify, val_batches
 
-    from .pipeline import CompressConfig, export_and_verify, val_batches
-
+    ensure_writable_file(out, "--out")
+    cfg = CompressConfig(simplify=not no_simplify, atol=atol, rtol=rtol, scale_tol=scale_tol, min_top1=min_top1)
     loaded = _load(model, weights, arch, num_classes, trust_pickle, input_size, mean, std)
-    cfg = CompressConfig(simplify=not no_simplify, atol=atol, rtol=rtol, min_top1=min_top1)
     if data is not None:
-        inputs = val_batches(_loaders(loaded, data, 16, 0), cfg.verify_batches)
+        inputs = val_batches(_with_data(loaded, data, 16, 0, skip_bad_images), cfg.verify_batches)
     else:
-        inputs = _random_batches(loaded.input_size)
+        inputs = _random_batches(_ready(loaded).input_size)
     exported = export_and_verify(loaded.model, loaded.model, inputs[0][:1], out, inputs,
                                  {"source": loaded.source}, cfg)
     if not exported["verify"]["passed"]:
@@ -350,32 +439,29 @@ def export(model: ModelArg, out: Annotated[Path, typer.Option(help="ONNX file")]
     console.print(f"wrote {out} ({exported['size_bytes'] / 1e6:.2f} MB, {exported['exporter']} exporter)")
 
 
-@app.command()
+@app.command(context_settings=_aliases(device="bench-devices", batch="bench-batches", seconds="bench-seconds"))
 def bench(models: Annotated[list[Path], typer.Argument(help="ONNX files to compare (the first is the baseline)")],
-          device: Annotated[str, typer.Option(help="comma list of cpu,cuda")] = "cpu",
-          batch: Annotated[str, typer.Option(help="comma list of batch sizes")] = "1,8",
-          threads: Threads = None,
-          seconds: Annotated[float, typer.Option(help="time budget per model and setting")] = 2.0,
+          bench_devices: BenchDevices = "cpu", bench_batches: BenchBatches = "1,8", threads: Threads = None,
+          bench_seconds: BenchSeconds = 2.0,
           json_out: Annotated[Path | None, typer.Option("--json", help="also write the rows here")] = None) -> None:
     """Latency of ONNX models with onnxruntime: p50/p90, interleaved, speed-up vs the first."""
-    import onnx
-
     from .bench import bench as run_bench
     from .io import save_json
+    from .pipeline import ensure_writable_file
     from .report import bench_table
 
-    for path in models:
-        if not path.is_file():
-            raise UserError(f"no such file: {path}")
-    try:
-        proto = onnx.load(str(models[0]), load_external_data=False)
-    except Exception as e:  # protobuf raises DecodeError for a file that is not ONNX
-        raise UserError(f"{models[0]} is not an ONNX model ({type(e).__name__})") from None
-    shape = _static_input_shape(proto)
+    if json_out is not None:
+        ensure_writable_file(json_out, "--json")
+    devices, batches = _devices(bench_devices), _ints(bench_batches, "bench-batches")
+    shapes = {path: _onnx_input_shape(path) for path in models}
+    first = models[0]
+    for path, shape in shapes.items():
+        if shape != shapes[first]:
+            raise UserError(f"{path} takes {'x'.join(map(str, shape))} inputs but {first} takes "
+                            f"{'x'.join(map(str, shapes[first]))}: only models of one input shape compare")
     labels = {path.stem if path.stem not in {p.stem for p in models if p != path} else str(path): path
               for path in models}
-    rows = run_bench(labels, shape, tuple(device.split(",")), _ints(batch, "batch"), threads,
-                     max_seconds=seconds)
+    rows = run_bench(labels, shapes[first], devices, batches, threads, max_seconds=bench_seconds)
     console.print(bench_table(rows, baseline=next(iter(labels))))
     if json_out is not None:
         save_json(rows, json_out)
@@ -410,39 +496,68 @@ def _random_batches(input_size: tuple[int, int, int]) -> list:
     return [torch.randn(4, *input_size, generator=torch.Generator().manual_seed(i)) for i in range(2)]
 
 
-def _static_input_shape(proto) -> tuple[int, int, int]:
+def _onnx_input_shape(path: Path) -> tuple[int, ...]:
+    """The static (C, H, W) of a valid ONNX model's input, with one-line errors for anything else."""
+    import onnx
+
+    if not path.is_file():
+        raise UserError(f"no such file: {path}")
+    try:
+        proto = onnx.load(str(path), load_external_data=False)
+        onnx.checker.check_model(proto)
+    except Exception as e:  # protobuf's DecodeError, the checker's ValidationError...
+        raise UserError(f"{path} is not a valid ONNX model ({type(e).__name__})") from None
+    if not proto.graph.input:
+        raise UserError(f"{path} has no input")
     dims = proto.graph.input[0].type.tensor_type.shape.dim[1:]
-    if not all(d.dim_value > 0 for d in dims):
-        raise UserError("the ONNX input needs static non-batch dimensions to be benchmarked")
-    return tuple(d.dim_value for d in dims)  # type: ignore[return-value]
+    if not dims or not all(d.dim_value > 0 for d in dims):
+        raise UserError(f"{path}: the ONNX input needs static non-batch dimensions to be benchmarked")
+    return tuple(d.dim_value for d in dims)
 
 
 @app.command()
-def demo(out: Out = Path("runs/demo"), epochs: Annotated[int, typer.Option(help="training epochs")] = 12,
-         finetune_epochs: Epochs = 1.0, max_drop: MaxDrop = 1.0, fold: Fold = "auto", seed: Seed = 0,
-         select: Select = "latency") -> None:
+@loop_options("max_drop", "finetune_epochs", "seed", "select", select="latency")
+def demo(loop: LoopConfig, out: Out = Path("runs/demo"),
+         epochs: Annotated[int, typer.Option(min=1, help="training epochs")] = 12, fold: Fold = "auto") -> None:
     """Train a small inverted-residual CNN on scikit-learn's digits, then run the whole `compress` pipeline."""
     from .demo import run_demo
 
-    run_demo(out, epochs, finetune_epochs, max_drop, _choice(fold, ("auto", "all", "none"), "fold"), seed, select)
+    with _resumable(out):
+        run_demo(out, epochs, loop.finetune_epochs, loop.max_drop, fold, loop.seed, loop.select)
+
+
+# ---------------------------------------------------------------------------------------------- entry point
+
+
+def _usage_line(e: typer.TyperException) -> str:
+    """The parser's message on one line, with where to look for help."""
+    ctx = getattr(e, "ctx", None)
+    where = f"{ctx.command_path} --help" if ctx is not None else "easier-export --help"
+    return f"{' '.join(e.format_message().split())} (see '{where}')"
 
 
 def main(argv: list[str] | None = None) -> None:
     """Console entry point: maps errors to exit codes with one line, never a traceback."""
     command = typer.main.get_command(app)
     try:
-        command.main(args=argv, prog_name="easier-export", standalone_mode=False)
-    except click.exceptions.Exit as e:
-        sys.exit(e.exit_code)
-    except click.ClickException as e:
-        e.show()
-        sys.exit(EXIT_USAGE)
-    except (click.exceptions.Abort, KeyboardInterrupt):
-        console.print("[yellow]interrupted[/]: finished rounds are saved; rerun the same command to resume")
-        sys.exit(130)
+        code = command.main(args=argv, prog_name="easier-export", standalone_mode=False)
+    except typer.TyperException as e:  # the parser's errors (typer's own click): bad option, value, argument
+        _exit(f"[red]error:[/] {escape(_usage_line(e))}", EXIT_USAGE)
+    except typer.Abort:  # end of input at a prompt
+        code = EXIT_INTERRUPTED
     except (UserError, VerificationError) as e:
-        console.print(f"[red]error:[/] {e}", soft_wrap=True)
-        sys.exit(e.exit_code)
+        _exit(f"[red]error:[/] {escape(str(e))}", e.exit_code)
+    except Interrupted as e:
+        _exit(f"[yellow]{escape(str(e))}[/]", e.exit_code)
+    if code == EXIT_INTERRUPTED:  # Ctrl-C outside a resumable loop (click turns it into this code)
+        _exit(f"[yellow]{escape(str(Interrupted(None)))}[/]", EXIT_INTERRUPTED)
+    if isinstance(code, int) and code:
+        sys.exit(code)
+
+
+def _exit(line: str, code: int) -> typing.NoReturn:
+    console.print(line, soft_wrap=True)
+    sys.exit(code)
 
 
 if __name__ == "__main__":

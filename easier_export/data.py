@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import os
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, TensorDataset
 
-from .errors import UserError
+from .errors import UserError, first_line
 
 
 @dataclass
@@ -17,6 +18,7 @@ class Loaders:
     train: DataLoader
     val: DataLoader
     classes: list[str]
+    skipped: list[str] = field(default_factory=list)  # unreadable images left out (skip_bad)
 
 
 def _loader(ds: Dataset, batch_size: int, shuffle: bool, workers: int, seed: int) -> DataLoader:
@@ -30,41 +32,110 @@ def _loader(ds: Dataset, batch_size: int, shuffle: bool, workers: int, seed: int
                       num_workers=workers, generator=gen, drop_last=shuffle and len(ds) > batch_size)
 
 
-def image_folder(root: str | Path, input_size: tuple[int, int, int], mean: tuple[float, ...],
-                 std: tuple[float, ...], batch_size: int = 128, workers: int = 2, seed: int = 0,
-                 num_classes: int | None = None) -> Loaders:
-    """``root/train`` and ``root/val`` ImageFolders, validated with one-line errors."""
-    from torchvision import datasets, transforms
+_END_MARKERS = {"JPEG": b"\xff\xd9", "PNG": b"IEND\xaeB`\x82"}
 
-    root = Path(root)
+
+def image_problem(path: str) -> tuple[str, tuple[int, int] | None]:
+    """("", (width, height)) for a readable image, (why, None) otherwise.
+
+    Reads the header and the last bytes only (about 50 µs an image: seconds for 50k): a JPEG or PNG cut short
+    lacks its end marker, which a decode would only notice mid-run, in a worker process, as a traceback.
+    """
+    from PIL import Image
+
+    try:
+        with open(path, "rb") as f, Image.open(f) as image:
+            size, marker = image.size, _END_MARKERS.get(image.format or "")
+            if marker is not None:
+                f.seek(max(f.seek(0, os.SEEK_END) - 64, 0))
+                if not f.read().rstrip(b"\0\r\n ").endswith(marker):
+                    return f"truncated {image.format} (no end marker)", None
+    except Exception as e:  # PIL raises OSError, SyntaxError, DecompressionBombError... for hostile files
+        return f"not a readable image ({first_line(e)})", None
+    return "", size
+
+
+@dataclass
+class ImageFolderData:
+    """``root/train`` and ``root/val`` opened and checked; loaders are made once the input size is known."""
+
+    root: Path
+    train: Dataset
+    val: Dataset
+    sizes: set[tuple[int, int]]  # (height, width) of the images
+    skipped: list[str]
+
+    @property
+    def common_size(self) -> tuple[int, int] | None:
+        """(height, width) when every image has it: the size a model that declares none was trained at."""
+        return next(iter(self.sizes)) if len(self.sizes) == 1 else None
+
+    def loaders(self, input_size: tuple[int, int, int], mean: tuple[float, ...], std: tuple[float, ...],
+                batch_size: int = 128, workers: int = 2, seed: int = 0, crop_pct: float | None = None,
+                interpolation: str = "bilinear") -> Loaders:
+        """Loaders with the model's preprocessing; ``crop_pct``/``interpolation`` as in timm's pretrained_cfg
+        (default: 0.875 and bilinear at ImageNet sizes, no crop at CIFAR sizes)."""
+        from torchvision import transforms
+
+        channels, h, w = input_size
+        small = max(h, w) <= 64  # CIFAR-style: resize to the input, pad-and-crop; else ImageNet-style resize + crop
+        crop = crop_pct or (1.0 if small else 0.875)
+        modes = {m.value: m for m in transforms.InterpolationMode}
+        resize = [transforms.Resize(int(round(min(h, w) / crop)), modes.get(interpolation, modes["bilinear"]))]
+        gray = [transforms.Grayscale()] if channels == 1 else []
+        norm = [transforms.ToTensor(), transforms.Normalize(mean, std)]
+        self.train.transform = transforms.Compose([
+            *gray, *resize, transforms.RandomCrop((h, w), padding=h // 8 if small else 0, pad_if_needed=True),
+            transforms.RandomHorizontalFlip(), *norm])
+        self.val.transform = transforms.Compose([*gray, *resize, transforms.CenterCrop((h, w)), *norm])
+        return Loaders(_loader(self.train, batch_size, True, workers, seed),
+                       _loader(self.val, batch_size, False, workers, seed), self.train.classes, self.skipped)
+
+
+def open_image_folder(root: str | Path, num_classes: int | None = None, skip_bad: bool = False) -> ImageFolderData:
+    """Open ``root/train`` and ``root/val`` with one-line errors; every image's header and end are checked here,
+    so a corrupt file is named now (or left out and counted, with ``skip_bad``) instead of crashing a round."""
+    from torchvision import datasets
+
+    root = Path(root).resolve()  # the resume fingerprint records it: relative and absolute spellings agree
     if not root.is_dir():
-        raise UserError(f"data directory {root} does not exist")
+        raise UserError(f"data directory {root} {'is not a directory' if root.exists() else 'does not exist'}")
     for split in ("train", "val"):
         if not (root / split).is_dir():
             raise UserError(f"data directory {root} has no '{split}/' folder (expected {root}/{split}/<class>/*.jpg)")
-    _, h, w = input_size
-    norm = [transforms.ToTensor(), transforms.Normalize(mean, std)]
-    small = max(h, w) <= 64  # CIFAR-style: resize to the input, pad-and-crop; else ImageNet-style resize + crop
-    resize = [transforms.Resize(min(h, w) if small else int(round(min(h, w) / 0.875)))]
-    train_tf = transforms.Compose([*resize, transforms.RandomCrop((h, w), padding=h // 8 if small else 0,
-                                                                  pad_if_needed=True),
-                                   transforms.RandomHorizontalFlip(), *norm])
-    val_tf = transforms.Compose([*resize, transforms.CenterCrop((h, w)), *norm])
-    if input_size[0] == 1:
-        train_tf.transforms.insert(0, transforms.Grayscale())
-        val_tf.transforms.insert(0, transforms.Grayscale())
     try:
-        train = datasets.ImageFolder(str(root / "train"), train_tf)
-        val = datasets.ImageFolder(str(root / "val"), val_tf)
+        train = datasets.ImageFolder(str(root / "train"))
+        val = datasets.ImageFolder(str(root / "val"))
     except (FileNotFoundError, OSError) as e:
-        raise UserError(f"bad image folder under {root}: {str(e).splitlines()[0]}") from e
+        raise UserError(f"bad image folder under {root}: {first_line(e)}") from e
     if train.classes != val.classes:
         raise UserError(f"train/ and val/ have different classes: {train.classes} vs {val.classes}")
     if num_classes is not None and len(train.classes) != num_classes:
         raise UserError(f"{root} has {len(train.classes)} classes but the model predicts {num_classes} "
                         "(pass --num-classes to re-head it)")
-    return Loaders(_loader(train, batch_size, True, workers, seed),
-                   _loader(val, batch_size, False, workers, seed), train.classes)
+    sizes: set[tuple[int, int]] = set()
+    skipped: list[str] = []
+    for ds in (train, val):
+        good = []
+        for path, target in ds.samples:
+            problem, size = image_problem(path)
+            if size is not None:
+                sizes.add((size[1], size[0]))
+                good.append((path, target))
+            elif skip_bad:
+                skipped.append(path)
+            else:
+                raise UserError(f"{path}: {problem}; fix or remove it, or pass --skip-bad-images")
+        ds.samples = ds.imgs = good
+        ds.targets = [t for _, t in good]
+    return ImageFolderData(root, train, val, sizes, skipped)
+
+
+def image_folder(root: str | Path, input_size: tuple[int, int, int], mean: tuple[float, ...],
+                 std: tuple[float, ...], batch_size: int = 128, workers: int = 2, seed: int = 0,
+                 num_classes: int | None = None) -> Loaders:
+    """``root/train`` and ``root/val`` ImageFolders, validated with one-line errors."""
+    return open_image_folder(root, num_classes).loaders(input_size, mean, std, batch_size, workers, seed)
 
 
 def digits(size: int = 16, batch_size: int = 64, seed: int = 0) -> Loaders:

@@ -12,6 +12,7 @@ import torch
 
 from .arch import DemoInvRes
 from .data import digits
+from .errors import UserError, first_line
 from .io import save_torch
 from .linearize import LoopConfig
 from .models import LoadedModel
@@ -25,7 +26,11 @@ def trained_demo_model(out_dir: Path, epochs: int, seed: int) -> DemoInvRes:
     path = out_dir / "demo_invres.pt"
     model = DemoInvRes()
     if path.exists():
-        model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+        try:
+            model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+        except Exception as e:  # truncated, foreign or hostile: torch raises many types
+            raise UserError(f"{path} is unreadable ({type(e).__name__}: {first_line(e)}); delete it to train the "
+                            "demo model again") from e
         info(f"using the trained demo model in {path}")
         return model.eval()
     loaders = digits(seed=seed)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 EXIT_USAGE = 2
 EXIT_VERIFY = 3
+EXIT_INTERRUPTED = 130
 
 
 def first_line(e: BaseException, limit: int = 200) -> str:
@@ -21,3 +22,16 @@ class VerificationError(Exception):
     """The exported ONNX model does not reproduce the PyTorch model: exit code 3."""
 
     exit_code = EXIT_VERIFY
+
+
+class Interrupted(Exception):
+    """Ctrl-C: exit code 130. ``rounds``: EASIER rounds the output folder keeps (None: not a resumable run)."""
+
+    exit_code = EXIT_INTERRUPTED
+
+    def __init__(self, rounds: int | None) -> None:
+        if rounds is None:
+            text = "interrupted: no output is half-written (files are replaced whole); rerun the command"
+        else:
+            text = f"interrupted: {rounds} round(s) kept; rerun the same command to resume"
+        super().__init__(text)

@@ -6,6 +6,7 @@ import contextlib
 import copy
 import io
 import logging
+import math
 import os
 import warnings
 from collections import Counter
@@ -158,7 +159,11 @@ class VerifyResult:
     atol: float
     rtol: float
     min_top1: float
-    violations: int  # elements outside atol + rtol * |ref|
+    violations: int  # elements outside atol + rtol * |ref| + scale_tol * max|ref|
+    # Added in 0.2 (None when read from an older report): the difference on the scale of the output.
+    max_rel: float | None = None  # max |diff| / max |ref|
+    ref_scale: float | None = None  # max |ref|
+    scale_tol: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -172,41 +177,47 @@ def verify_onnx(
     rtol: float = 1e-3,
     min_top1: float = 0.99,
     providers: list[str] | None = None,
+    scale_tol: float = 1e-4,
 ) -> VerifyResult:
     """Compare onnxruntime with PyTorch eval batch by batch.
 
-    Passing needs both checks: every element within ``atol + rtol * |ref|`` (numerics) and top-1
-    agreement of at least ``min_top1`` (what the user actually sees from a classifier).
+    Passing needs both checks: every element within ``atol + rtol * |ref| + scale_tol * max|ref|`` (numerics)
+    and top-1 agreement of at least ``min_top1`` (what the user actually sees from a classifier). The scale
+    term makes the bound follow the output's magnitude: an absolute 1e-4 is noise on logits of 1e3 and
+    everything on logits of 1e-3. The default 1e-4 is the float32 tolerance every fold is held to.
     """
     import onnxruntime as ort
 
     session = ort.InferenceSession(str(path), providers=providers or ["CPUExecutionProvider"])
     input_name = session.get_inputs()[0].name
     model = eval_copy(model)
-    batches = elements = violations = agree = samples = 0
-    max_abs = sum_abs = 0.0
+    pairs = []
     with torch.no_grad():
         for x in inputs:
             x = x.detach().cpu().float()
-            ref = model(x).numpy()
-            out = session.run(None, {input_name: x.numpy()})[0]
-            diff = np.abs(out.astype(np.float64) - ref)
-            max_abs = max(max_abs, float(diff.max()))
-            sum_abs += float(diff.sum())
-            elements += diff.size
-            violations += int((diff > atol + rtol * np.abs(ref)).sum())
-            agree += int((out.argmax(-1) == ref.argmax(-1)).sum())
-            samples += ref.shape[0]
-            batches += 1
-    if not batches:
+            pairs.append((model(x).numpy().astype(np.float64), session.run(None, {input_name: x.numpy()})[0]))
+    if not pairs:
         raise UserError("verification needs at least one input batch")
+    scale = max(float(np.abs(ref).max()) for ref, _ in pairs)
+    elements = violations = agree = samples = 0
+    max_abs = sum_abs = 0.0
+    for ref, out in pairs:
+        diff = np.abs(out - ref)
+        max_abs = max(max_abs, float(diff.max()))
+        sum_abs += float(diff.sum())
+        elements += diff.size
+        violations += int((diff > atol + rtol * np.abs(ref) + scale_tol * scale).sum())
+        agree += int((out.argmax(-1) == ref.argmax(-1)).sum())
+        samples += ref.shape[0]
+    batches = len(pairs)
+    max_rel = max_abs / scale if scale > 0 else (0.0 if max_abs == 0 else math.inf)
 
     top1_agree = agree / samples
     failures = []
     if violations:
         failures.append(
-            f"tolerance: {violations}/{elements} elements exceed atol {atol:.0e} + rtol {rtol:.0e}*|ref| "
-            f"(max abs diff {max_abs:.1e})"
+            f"tolerance: {violations}/{elements} elements exceed atol {atol:.0e} + rtol {rtol:.0e}*|ref| + "
+            f"{scale_tol:.0e}*max|ref| (max abs diff {max_abs:.1e}, {max_rel:.1e} of max |ref| {scale:.3g})"
         )
     if top1_agree < min_top1:
         failures.append(f"top-1 agreement {top1_agree:.4f} < {min_top1}")
@@ -221,6 +232,9 @@ def verify_onnx(
         rtol=rtol,
         min_top1=min_top1,
         violations=violations,
+        max_rel=max_rel,
+        ref_scale=scale,
+        scale_tol=scale_tol,
     )
 
 
@@ -229,7 +243,11 @@ def verify_lines(result: VerifyResult) -> list[tuple[bool, str]]:
     tol_ok = result.violations == 0
     top1_ok = result.top1_agree >= result.min_top1
     bound = f"atol {result.atol:.0e} + rtol {result.rtol:.0e}·|ref|"
+    if result.scale_tol is not None:
+        bound += f" + {result.scale_tol:.0e}·max|ref|"
     tol = f"max abs diff {result.max_abs:.1e} {'≤' if tol_ok else '>'} {bound}"
+    if result.max_rel is not None:
+        tol += f" (max |diff| / max |ref| = {result.max_rel:.1e}, max |ref| {result.ref_scale:.3g})"
     if not tol_ok:
         tol += f" ({result.violations} elements)"
     return [

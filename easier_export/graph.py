@@ -207,7 +207,7 @@ def relocate_padding(gm: fx.GraphModule, act: fx.Node) -> bool:
     return True
 
 
-def linearize(gm: fx.GraphModule, names: Iterable[str], relocate: bool = False) -> fx.GraphModule:
+def remove_sites(gm: fx.GraphModule, names: Iterable[str], relocate: bool = False) -> fx.GraphModule:
     """A copy of ``gm`` with the named call sites replaced by the identity (the rest untouched).
 
     ``relocate``: also move padding across each removed activation between two convs (see

@@ -14,41 +14,56 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import fx
 
 from .entropy import SiteStats, measure
-from .errors import UserError
+from .errors import UserError, first_line
 from .fold.groups import FoldGroups, find_groups
 from .fold.planner import LatencyTable
-from .graph import ALL_RECTIFIERS, CallSite, find_call_sites, linearize
+from .graph import ALL_RECTIFIERS, CallSite, find_call_sites, remove_sites
 from .io import save_torch
-from .train import evaluate, finetune, is_main_process, seed_everything
+from .train import evaluate, finetune, is_main_process, seed_everything, warn_near_chance
 from .ui import info, progress
 
 STATE_FILE = "state.pt"
 SELECTIONS = ("entropy", "latency")
 
 
+def option(default: object, help: str, **cli: object) -> Any:
+    """A LoopConfig field and its command-line option in one place: ``help``, and for the CLI ``choices`` or
+    ``min``/``max`` bounds; `compress` and `linearize` generate their loop options from these fields."""
+    return field(default=default, metadata={"help": help, **cli})
+
+
 @dataclass
 class LoopConfig:
-    max_drop: float = 1.0
-    finetune_epochs: float = 1.0
-    lr: float = 0.01
-    max_removed: int | None = None
-    one_shot: int | None = None
-    criterion: str = "entropy"
-    rectifiers: tuple[str, ...] = tuple(sorted(ALL_RECTIFIERS))
-    entropy_batches: int | None = 20
-    entropy_mode: str = "train"
-    threshold: float = 0.0
-    seed: int = 0
-    relocate_padding: bool = False  # move padding across removed activations so conv·conv merges are exact
-    baseline_epochs: float = 0.0  # finetune the original first (e.g. after a data-domain shift): a fair baseline
-    select: str = "entropy"  # entropy: one site per round (EASIER); latency: the fold group with least risk per us
-    patience: int = 2  # rejected candidates in a row before the run ends (0: stop at the first, as EASIER does)
-    target_speedup: float | None = None  # stop once the shipped model measures at least this speed-up
+    max_drop: float = option(1.0, "accuracy budget: largest allowed top-1 drop, in points", min=0.0)
+    finetune_epochs: float = option(1.0, "finetuning epochs per round (fractions allowed)", min=0.0)
+    lr: float = option(0.01, "finetuning learning rate (SGD, cosine)")
+    max_removed: int | None = option(None, "stop after removing this many activations", min=0)
+    one_shot: int | None = option(None, "remove the K lowest-scoring activations at once, finetune once", min=1)
+    criterion: str = option("entropy", "which call site goes first", choices=("entropy", "sparsity", "random"))
+    rectifiers: tuple[str, ...] = option(tuple(sorted(ALL_RECTIFIERS)), "which activations count",
+                                         choices=tuple(sorted(ALL_RECTIFIERS)))
+    entropy_batches: int | None = option(20, "batches per entropy pass", min=1)
+    entropy_mode: str = option("train", "train (as EASIER does) or eval mode for entropy passes",
+                               choices=("train", "eval"))
+    threshold: float = option(0.0, "a unit is ON when its pre-activation is >= this")
+    seed: int = option(0, "random seed")
+    relocate_padding: bool = option(False, "move a conv's padding onto the conv before a removed activation, so "
+                                           "the two can later merge exactly")
+    baseline_epochs: float = option(0.0, "finetune the original this long first, so the budget is measured "
+                                         "from a model adapted to DATA (e.g. after a data-domain shift)", min=0.0)
+    select: str = option("entropy", "entropy: one activation per round, lowest score first (EASIER); latency: "
+                                    "the fold group (activations whose joint removal completes a merge) with the "
+                                    "least score per microsecond saved on --target", choices=SELECTIONS)
+    patience: int = option(2, "over-budget candidates in a row (each reverted, then the next one tried) before "
+                              "the run ends; 0 stops at the first", min=0)
+    target_speedup: float | None = option(None, "stop once the shipped model measures at least this ORT speed-up "
+                                                "over the original on --target", min=0.0)
 
     @property
     def relocates(self) -> bool:
@@ -179,7 +194,10 @@ def load_state(out_dir: Path, fingerprint: dict) -> LoopState | None:
     path = out_dir / STATE_FILE
     if not path.exists():
         return None
-    state = LoopState(**torch.load(path, map_location="cpu", weights_only=True))
+    try:
+        state = LoopState(**torch.load(path, map_location="cpu", weights_only=True))
+    except Exception as e:  # empty, truncated or foreign: torch and the dataclass raise many types
+        raise UserError(f"{path} is unreadable ({type(e).__name__}: {first_line(e)}); delete it to start over") from e
     if state.fingerprint != fingerprint:
         changed = sorted(k for k in fingerprint if state.fingerprint.get(k) != fingerprint[k])
         raise UserError(f"{path} was written with different settings ({', '.join(changed)}); "
@@ -254,6 +272,7 @@ def run_loop(gm: fx.GraphModule, source: str, train_loader, val_loader, cfg: Loo
             state.baseline = cpu_state(gm)
         state.base_top1 = evaluate(gm, val_loader, device)
         info(f"original top-1 {state.base_top1:.2f}%  (budget: ≥ {state.base_top1 - cfg.max_drop:.2f}%)")
+        warn_near_chance(state.base_top1, gm)
         save_state(out_dir, state)
     else:
         resumed = len(state.history)
@@ -266,7 +285,7 @@ def run_loop(gm: fx.GraphModule, source: str, train_loader, val_loader, cfg: Loo
         state.groups = measure_groups(gm, cfg, example, table).to_dict()
         save_state(out_dir, state)
     groups = FoldGroups.from_dict(state.groups) if state.groups is not None else None
-    current = linearize(gm, state.removed, cfg.relocates) if state.removed else gm
+    current = remove_sites(gm, state.removed, cfg.relocates) if state.removed else gm
     if state.state_dict is not None:
         current.load_state_dict(state.state_dict)
     current = current.to(device)
@@ -289,7 +308,7 @@ def run_loop(gm: fx.GraphModule, source: str, train_loader, val_loader, cfg: Loo
             state.finished = True
             save_state(out_dir, state)
             break
-        candidate = linearize(current, chosen, cfg.relocates).to(device)
+        candidate = remove_sites(current, chosen, cfg.relocates).to(device)
         seed_everything(round_seed, train_loader)
         with progress(f"round {rnd}: finetune", math.ceil(cfg.finetune_epochs * len(train_loader))) as advance:
             finetune(candidate, train_loader, device, cfg.finetune_epochs, cfg.lr, on_step=advance)

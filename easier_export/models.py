@@ -35,6 +35,9 @@ class LoadedModel:
     removed: list[str] = field(default_factory=list)  # call sites already linearized (linearized checkpoints)
     relocate_padding: bool = False  # how those were linearized
     notes: list[str] = field(default_factory=list)
+    size_declared: bool = True  # False: the model says nothing about its input size (224x224 is a guess)
+    crop_pct: float | None = None  # timm pretrained_cfg: centre crop share at evaluation (None: data.py's default)
+    interpolation: str = "bilinear"
 
     @property
     def num_classes(self) -> int | None:
@@ -46,7 +49,7 @@ def _suggest(name: str, choices: list[str]) -> str:
     return f" Did you mean: {', '.join(close)}?" if close else ""
 
 
-def build_arch(arch: str, num_classes: int | None = None, img_size: int | None = None) -> nn.Module:
+def build_arch(arch: str, num_classes: int | None = None, img_size: int | tuple[int, int] | None = None) -> nn.Module:
     """Instantiate an architecture by name with random weights (nothing is ever downloaded).
 
     ``img_size`` reaches timm models built for a fixed input size (Swin, ViT), so they run at e.g. 32x32.
@@ -91,63 +94,102 @@ def _unwrap_state_dict(obj: Any) -> dict[str, torch.Tensor]:
     return obj
 
 
-def load_state_dict(model: nn.Module, obj: Any, what: str) -> None:
-    """Strict load with a readable mismatch message (which keys are missing, which unexpected)."""
+def load_state_dict(model: nn.Module, obj: Any, what: str, rehead: bool = False) -> list[str]:
+    """Strict load with a readable mismatch message (which keys are missing, which unexpected).
+
+    ``rehead`` (--num-classes given): a classifier head of another size is not loaded but left at the fresh
+    initialisation of the right size, the rest of the weights load as usual; returns a note saying so.
+    """
     state = _unwrap_state_dict(obj)
     own = model.state_dict()
-    wrong = [f"{k} {tuple(v.shape)} vs {tuple(own[k].shape)}" for k, v in state.items()
-             if k in own and v.shape != own[k].shape]
-    if wrong:
+    wrong = [k for k, v in state.items() if k in own and v.shape != own[k].shape]
+    notes = []
+    if rehead and wrong and set(wrong) <= head_keys(model):
+        was = state[sorted(wrong)[-1]].shape[0]
+        notes.append(f"{what}: the {was}-class head ({', '.join(sorted(wrong))}) is replaced by a freshly "
+                     f"initialised {head_classes(model)}-class one: finetune before trusting its accuracy")
+        state = {k: v for k, v in state.items() if k not in wrong}
+    elif wrong:
+        shapes = [f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}" for k in wrong]
+        hint = "only the classifier head may differ" if rehead else "a different head needs --num-classes"
         raise UserError(f"{what} does not match the architecture: {len(wrong)} tensors differ in shape "
-                        f"({_short(wrong, 2)}); a different head needs --num-classes")
+                        f"({_short(shapes, 2)}); {hint}")
     result = model.load_state_dict(state, strict=False)
     problems = []
-    if result.missing_keys:
-        problems.append(f"missing {len(result.missing_keys)} keys ({_short(result.missing_keys)})")
+    missing = [k for k in result.missing_keys if k not in wrong]
+    if missing:
+        problems.append(f"missing {len(missing)} keys ({_short(missing)})")
     if result.unexpected_keys:
         problems.append(f"unexpected {len(result.unexpected_keys)} keys ({_short(result.unexpected_keys)})")
     if problems:
         raise UserError(f"{what} does not match the architecture: {'; '.join(problems)}")
+    return notes
 
 
 def _short(keys: list[str], n: int = 4) -> str:
     return ", ".join(keys[:n]) + (", ..." if len(keys) > n else "")
 
 
+_TORCH_MAGIC = (b"PK\x03\x04", b"\x80")  # torch.save's zip archive; a legacy pickle (protocol 2+)
+
+
 def _torch_load(path: Path, trust_pickle: bool) -> Any:
+    """``torch.load`` with one-line errors that say what the file is not."""
+    with open(path, "rb") as f:
+        head = f.read(4)
+    if not head:
+        raise UserError(f"cannot read {path}: the file is empty")
+    if not head.startswith(_TORCH_MAGIC):
+        raise UserError(f"{path} is not a PyTorch file (neither a torch.save zip archive nor a pickle); MODEL "
+                        "takes a state dict, a linearized.pt, a .pt2 archive or a pickled module")
     try:
         return torch.load(path, map_location="cpu", weights_only=not trust_pickle)
     except pickle.UnpicklingError as e:
-        raise UserError(
-            f"{path} contains pickled Python objects (a whole nn.Module?), which can run arbitrary code when "
-            "loaded, so files load with weights_only=True; re-run with --trust-pickle if you trust its source"
-        ) from e
-    except (RuntimeError, EOFError, OSError) as e:
-        raise UserError(f"cannot read {path}: {first_line(e)}") from e
+        if not trust_pickle and "Weights only load failed" in str(e) and "GLOBAL" in str(e):
+            raise UserError(
+                f"{path} contains pickled Python objects (a whole nn.Module?), which can run arbitrary code when "
+                "loaded, so files load with weights_only=True; re-run with --trust-pickle if you trust its source"
+            ) from e
+        raise UserError(f"cannot read {path}: not a valid PyTorch pickle ({first_line(e)})") from e
+    except Exception as e:  # a damaged archive or pickle raises RuntimeError, EOFError, KeyError, IndexError...
+        raise UserError(f"cannot read {path}: damaged or not a PyTorch file ({type(e).__name__}: "
+                        f"{first_line(e)})") from e
 
 
 def _finish(model: nn.Module, source: str, num_classes: int | None, removed: list[str] | None = None,
             notes: list[str] | None = None) -> LoadedModel:
     if num_classes is not None and head_classes(model) not in (None, num_classes):
-        raise UserError(f"{source} has {head_classes(model)} output classes but --num-classes is {num_classes}")
+        raise UserError(f"{source} has {head_classes(model)} output classes but --num-classes is {num_classes} "
+                        "(re-heading works for a named architecture with --weights or a state dict with --arch)")
     cfg = getattr(model, "pretrained_cfg", None) or getattr(model, "default_cfg", None) or {}
     size = tuple(cfg.get("input_size", (3, 224, 224)))
     return LoadedModel(model.eval(), source, tuple(cfg.get("mean", IMAGENET_MEAN)),
                        tuple(cfg.get("std", IMAGENET_STD)), size,  # type: ignore[arg-type]
-                       removed=removed or [], notes=notes or [])
+                       removed=removed or [], notes=notes or [], size_declared="input_size" in cfg,
+                       crop_pct=cfg.get("crop_pct"), interpolation=cfg.get("interpolation") or "bilinear")
 
 
 def load_model(source: str, num_classes: int | None = None, weights: str | Path | None = None,
-               arch: str | None = None, trust_pickle: bool = False, img_size: int | None = None) -> LoadedModel:
-    """Resolve any MODEL form into an eval-mode nn.Module plus its preprocessing config."""
-    loaded = _load_any(source, num_classes, weights, arch, trust_pickle, img_size)
-    if img_size is not None:
-        loaded.input_size = (loaded.input_size[0], img_size, img_size)
+               arch: str | None = None, trust_pickle: bool = False,
+               img_size: int | tuple[int, ...] | None = None) -> LoadedModel:
+    """Resolve any MODEL form into an eval-mode nn.Module plus its preprocessing config.
+
+    ``img_size``: H, (H, W) or (C, H, W), like timm's ``input_size``.
+    """
+    size = (img_size,) * 2 if isinstance(img_size, int) else tuple(img_size or ())
+    hw = size[-2:] or None
+    loaded = _load_any(source, num_classes, weights, arch, trust_pickle,
+                       hw if hw is None or hw[0] != hw[1] else hw[0])
+    if Path(source).suffix == ".pt2":
+        loaded.size_declared = True  # an exported program fixes its input shape
+    if hw is not None:
+        channels = size[0] if len(size) == 3 else loaded.input_size[0]
+        loaded.input_size, loaded.size_declared = (channels, *hw), True  # type: ignore[assignment]
     return loaded
 
 
 def _load_any(source: str, num_classes: int | None, weights: str | Path | None, arch: str | None,
-              trust_pickle: bool, img_size: int | None) -> LoadedModel:
+              trust_pickle: bool, img_size: int | tuple[int, int] | None) -> LoadedModel:
     path = Path(source)
     looks_like_file = path.suffix in {".pt", ".pth", ".th", ".pt2", ".bin", ".ckpt"} or path.exists()
     if not looks_like_file:
@@ -156,7 +198,7 @@ def _load_any(source: str, num_classes: int | None, weights: str | Path | None, 
         if weights is not None:
             obj = _torch_load(_existing(weights), trust_pickle)
             state = obj.state_dict() if isinstance(obj, nn.Module) else obj  # a pickled module, if trusted
-            load_state_dict(model, state, f"weights file {weights}")
+            notes += load_state_dict(model, state, f"weights file {weights}", rehead=num_classes is not None)
         else:
             notes.append(f"{source}: no --weights given, using random initialisation")
         return _finish(model, source, num_classes, notes=notes)
@@ -178,24 +220,35 @@ def _load_any(source: str, num_classes: int | None, weights: str | Path | None, 
     if isinstance(obj, nn.Module):
         return _finish(obj, str(path.resolve()), num_classes)
     if isinstance(obj, dict) and obj.get("format") == LINEARIZED_FORMAT and "recipe" in obj:
-        recipe = obj["recipe"]
-        model = load_model(recipe["arch"], recipe.get("num_classes"), trust_pickle=trust_pickle,
-                           img_size=recipe["input_size"][-1]).model
-        from .graph import linearize, trace
-
-        gm = linearize(trace(model), recipe["removed"], recipe.get("relocate_padding", False))
-        load_state_dict(gm, obj["state_dict"], f"linearized checkpoint {path}")
-        loaded = _finish(gm, recipe["arch"], num_classes, removed=list(recipe["removed"]))
-        loaded.mean, loaded.std = tuple(recipe["mean"]), tuple(recipe["std"])
-        loaded.relocate_padding = recipe.get("relocate_padding", False)
-        loaded.input_size = tuple(recipe["input_size"])  # type: ignore[assignment]
-        return loaded
+        try:
+            return _linearized(obj, path, num_classes, trust_pickle)
+        except (KeyError, TypeError, ValueError, IndexError) as e:
+            raise UserError(f"{path} is a damaged linearized checkpoint ({type(e).__name__}: {first_line(e)})") from e
+    if not isinstance(obj, dict):
+        raise UserError(f"{path} holds a {type(obj).__name__}, not a model, a state dict or a linearized checkpoint")
     if arch is None:
         raise UserError(f"{path} is a state dict: say which architecture it belongs to with --arch "
                         "(e.g. --arch timm:resnet18)")
     model = build_arch(arch, num_classes, img_size)
-    load_state_dict(model, obj, f"state dict {path}")
-    return _finish(model, arch, num_classes)
+    notes = load_state_dict(model, obj, f"state dict {path}", rehead=num_classes is not None)
+    return _finish(model, arch, num_classes, notes=notes)
+
+
+def _linearized(obj: dict, path: Path, num_classes: int | None, trust_pickle: bool) -> LoadedModel:
+    """Rebuild a linearized checkpoint from its recipe: architecture, removed call sites, preprocessing."""
+    from .graph import remove_sites, trace
+
+    recipe = obj["recipe"]
+    size = tuple(int(d) for d in recipe["input_size"])
+    model = load_model(recipe["arch"], recipe.get("num_classes"), trust_pickle=trust_pickle, img_size=size).model
+    gm = remove_sites(trace(model), recipe["removed"], recipe.get("relocate_padding", False))
+    load_state_dict(gm, obj["state_dict"], f"linearized checkpoint {path}")
+    loaded = _finish(gm, recipe["arch"], num_classes, removed=list(recipe["removed"]))
+    loaded.mean, loaded.std = tuple(recipe["mean"]), tuple(recipe["std"])
+    loaded.relocate_padding = recipe.get("relocate_padding", False)
+    loaded.input_size = size  # type: ignore[assignment]
+    loaded.crop_pct, loaded.interpolation = recipe.get("crop_pct"), recipe.get("interpolation", "bilinear")
+    return loaded
 
 
 def _program_input_size(program: torch.export.ExportedProgram, path: Path) -> tuple[int, int, int]:
@@ -216,6 +269,12 @@ def _existing(path: str | Path) -> Path:
     if not path.is_file():
         raise UserError(f"no such file: {path}")
     return path
+
+
+def head_keys(model: nn.Module) -> set[str]:
+    """State-dict keys of the classifier head: the last Linear's parameters (empty when there is none)."""
+    names = [name for name, m in model.named_modules() if isinstance(m, nn.Linear)]
+    return {f"{names[-1]}.{p}" for p, _ in model.get_submodule(names[-1]).named_parameters()} if names else set()
 
 
 def head_classes(model: nn.Module) -> int | None:

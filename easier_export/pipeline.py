@@ -37,6 +37,7 @@ class CompressConfig:
     simplify: bool = True
     atol: float = 1e-4
     rtol: float = 1e-3
+    scale_tol: float = 1e-4
     min_top1: float = 0.99
     verify_batches: int = 4
     bench_devices: tuple[str, ...] = ("cpu",)
@@ -55,6 +56,17 @@ def ensure_writable(out_dir: Path) -> Path:
     except OSError as e:
         raise UserError(f"output directory {out_dir} is not writable ({e.strerror})") from e
     return out_dir
+
+
+def ensure_writable_file(path: Path, option: str) -> Path:
+    """Fail before the work when ``path`` cannot be written (a folder there, a parent that is a file or read-only);
+    creates nothing, so a refused command leaves nothing behind."""
+    if path.is_dir():
+        raise UserError(f"{option} {path} is a directory; give a file name")
+    parent = next(p for p in path.absolute().parents if p.exists())
+    if not parent.is_dir() or not os.access(parent, os.W_OK):
+        raise UserError(f"{option} {path} cannot be written ({parent} is not a writable directory)")
+    return path
 
 
 def dry_run(model: nn.Module, input_size: tuple[int, int, int]) -> None:
@@ -79,7 +91,8 @@ def save_linearized(path: Path, loaded: LoadedModel, result: LoopResult, relocat
     check_continuation(loaded, relocate_padding)
     recipe = {"arch": loaded.source, "num_classes": loaded.num_classes, "removed": loaded.removed + result.removed,
               "relocate_padding": relocate_padding,
-              "input_size": list(loaded.input_size), "mean": list(loaded.mean), "std": list(loaded.std)}
+              "input_size": list(loaded.input_size), "mean": list(loaded.mean), "std": list(loaded.std),
+              "crop_pct": loaded.crop_pct, "interpolation": loaded.interpolation}
     state = cpu_state(result.model)
     return save_torch({"format": LINEARIZED_FORMAT, "recipe": recipe, "state_dict": state}, path)
 
@@ -92,7 +105,7 @@ def export_and_verify(model: nn.Module, reference: nn.Module, example: torch.Ten
                       inputs: list[torch.Tensor], metadata: dict[str, str], cfg: CompressConfig) -> dict:
     """Export, then prove the file reproduces ``reference``; a failure keeps the file as *.unverified.onnx."""
     info_ = export_onnx(model, example, path, metadata, simplify=cfg.simplify)
-    result = verify_onnx(path, reference, inputs, cfg.atol, cfg.rtol, cfg.min_top1)
+    result = verify_onnx(path, reference, inputs, cfg.atol, cfg.rtol, cfg.min_top1, scale_tol=cfg.scale_tol)
     print_verify(result, console)
     info_["verify"] = result.to_dict()
     if not result.passed:
@@ -191,7 +204,8 @@ def compress(loaded: LoadedModel, loaders: Loaders, out_dir: Path, cfg: Compress
         bench_rows = _bench(exports, example, cfg, original, folded)
     verify = exports["folded"]["verify"]
 
-    report = build_report(loaded, cfg, result, original, folded, example, folds, exports, bench_rows)
+    report = build_report(loaded, cfg, result, original, folded, example, folds, exports, bench_rows,
+                          loaders.skipped)
     write_report(report, out_dir)
     if report["rounds"]:
         console.print(rounds_table(report))
@@ -204,7 +218,7 @@ def compress(loaded: LoadedModel, loaders: Loaders, out_dir: Path, cfg: Compress
 
 def build_report(loaded: LoadedModel, cfg: CompressConfig, result: LoopResult, original: nn.Module,
                  folded: fx.GraphModule, example: torch.Tensor, folds: list, exports: dict,
-                 bench_rows: list[dict]) -> dict:
+                 bench_rows: list[dict], skipped: list[str] | None = None) -> dict:
     removed_round = {name: r.round for r in result.history if r.within_budget for name in r.removed}
     entropy0 = {e["name"]: e["entropy"] for e in result.entropy0}
     return {
@@ -229,6 +243,7 @@ def build_report(loaded: LoadedModel, cfg: CompressConfig, result: LoopResult, o
         "export": {k: v for k, v in exports["folded"].items() if k != "verify"},
         "verify": exports["folded"]["verify"],
         "bench": bench_rows,
+        "data": {"skipped_images": len(skipped or []), "skipped": skipped or []},
         "outputs": {"model": Path(exports["folded"]["path"]).name, "linearized": "linearized.pt",
                     "report_json": "report.json", "report_md": "report.md"},
     }

@@ -21,7 +21,7 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten
 from torch.utils.weak import WeakIdKeyDictionary
 
-from .bench import config_key, speedups
+from .bench import config_key, noisy_pair, speedups
 from .export import VerifyResult, eval_copy, verify_lines
 from .io import atomic_write, save_json
 
@@ -227,9 +227,10 @@ def summary_rows(report: dict) -> list[tuple[str, str, str, str]]:
         for key in sorted(ratios):
             if label in ratios[key]:
                 backend, device, batch = key
+                noisy = " (noisy: repeats disagree)" if noisy_pair(bench, (label, *key), BASELINE_LABEL) else ""
                 rows.append((f"p50 latency {backend} {device} b{batch} (ms, {label})",
                              f"{p50[(BASELINE_LABEL, *key)]:.3f}", f"{p50[(label, *key)]:.3f}",
-                             f"×{ratios[key][label]:.2f} speed-up"))
+                             f"×{ratios[key][label]:.2f} speed-up{noisy}"))
     return rows
 
 
@@ -338,13 +339,23 @@ def plot_entropy(sites: list[dict], path: Path) -> Path | None:
 def bench_table(rows: list[dict], baseline: str) -> Table:
     """p50/p90 per model and setting with the speed-up over ``baseline`` (the `bench` command)."""
     ratios = speedups(rows, baseline)
-    table = Table("model", "backend", "device", "batch", "p50 ms", "p90 ms", f"speed-up vs {baseline}",
+    table = Table("model", "backend", "device", "batch", "p50 ms", "p90 ms", "spread", f"speed-up vs {baseline}",
                   title="latency")
     for r in rows:
-        ratio = ratios.get((r["backend"], r["device"], r["batch"]), {}).get(r["label"])
+        ratio = ratios.get(config_key(r), {}).get(r["label"])
+        speedup = "–" if ratio is None else f"×{ratio:.2f}"
+        if ratio is not None and noisy_pair(rows, (r["label"], *config_key(r)), baseline):
+            speedup += " (noisy)"
         table.add_row(r["label"], r["provider"], r["device"], str(r["batch"]), f"{r['p50_ms']:.3f}",
-                      f"{r['p90_ms']:.3f}", "–" if ratio is None else f"×{ratio:.2f}")
+                      f"{r['p90_ms']:.3f}", spread_text(r), speedup)
     return table
+
+
+def spread_text(row: dict) -> str:
+    """The spread of a row's repeat medians, flagged when over ``NOISY_SPREAD`` ("–" for older reports)."""
+    if "spread" not in row:
+        return "–"
+    return f"{row['spread']:.0%}" + (" noisy" if row["noisy"] else "")
 
 
 # ---------------------------------------------------------------------------------------------- writing
@@ -409,10 +420,10 @@ def render_markdown(report: dict) -> str:
         lines += ["## Latency", "", f"CPU: {bench[0]['cpu']}; onnxruntime {versions['onnxruntime']}, "
                   f"torch {versions['torch']}.", ""]
         lines += _md_table(["label", "backend", "provider", "device", "batch", "threads", "p50 ms", "p90 ms",
-                            "mean ms", "iters"],
+                            "mean ms", "iters", "spread"],
                            [[r["label"], r["backend"], r["provider"], r["device"], r["batch"], r["threads"],
-                             f"{r['p50_ms']:.3f}", f"{r['p90_ms']:.3f}", f"{r['mean_ms']:.3f}", r["iters"]]
-                            for r in bench])
+                             f"{r['p50_ms']:.3f}", f"{r['p90_ms']:.3f}", f"{r['mean_ms']:.3f}", r["iters"],
+                             spread_text(r)] for r in bench])
     plots = [(key, name) for key, (name, _) in PLOTS.items() if key in report.get("outputs", {})]
     if plots:
         lines += ["## Plots", ""] + [f"![{key.removeprefix('plot_')}]({name})" for key, name in plots] + [""]

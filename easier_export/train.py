@@ -104,3 +104,20 @@ def finetune(model: nn.Module, loader: DataLoader, device: torch.device, epochs:
         epoch += 1
     model.eval()
     return total / max(count, 1)
+
+
+NEAR_CHANCE = 1.5
+"""An original below 1.5x chance top-1 has (almost) nothing to lose: every round then looks "within budget"."""
+
+
+def warn_near_chance(top1: float, model: nn.Module) -> None:
+    """Say loudly when the original barely beats guessing (wrong weights, input size or preprocessing)."""
+    from .models import head_classes
+    from .ui import console
+
+    classes = head_classes(model)
+    if classes and is_main_process() and top1 < NEAR_CHANCE * 100.0 / classes:
+        console.print(f"[bold red]warning: the original model is near chance ({top1:.2f}% top-1, chance is "
+                      f"{100.0 / classes:.2f}% for {classes} classes): check its weights, --input-size, --mean/--std "
+                      "and that DATA is what it was trained on; the accuracy budget means nothing from here[/]",
+                      soft_wrap=True)

@@ -57,3 +57,15 @@ def randomize_batchnorms(model: nn.Module, gen: torch.Generator | None = None) -
                 m.weight.data.copy_(torch.rand(n, generator=gen) + 0.5)
                 m.bias.data.copy_(torch.randn(n, generator=gen) * 0.5)
     return model
+
+
+class Fork(nn.Module):
+    """conv a feeds conv b and, past it, the output too: a fan-out no merge may rewrite."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Conv2d(3, 4, 1), nn.Conv2d(4, 4, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.a(x)
+        return self.b(y) * y

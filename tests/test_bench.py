@@ -14,7 +14,7 @@ from easier_export.export import export_onnx
 SHAPE = (3, 16, 16)
 FAST = {"warmup": 1, "min_iters": 4, "max_seconds": 0.02, "repeats": 2}
 ROW_KEYS = {"label", "backend", "provider", "device", "batch", "threads", "p50_ms", "p90_ms", "mean_ms",
-            "iters", "versions", "cpu"}
+            "iters", "spread", "noisy", "versions", "cpu"}
 
 
 def net(width: int) -> nn.Module:
@@ -89,7 +89,14 @@ def test_rounds_interleave_models() -> None:
     times = bm._interleaved([lambda: calls.append("A"), lambda: calls.append("B")], warmup=1, min_iters=4,
                             max_seconds=0.0, repeats=2)
     assert "".join(calls) == "AB" + "AABBAABB"
-    assert [len(t) for t in times] == [4, 4]
+    assert [[len(chunk) for chunk in t] for t in times] == [[2, 2], [2, 2]]
+
+
+def test_spread_marks_rows_whose_repeats_disagree() -> None:
+    steady = bm._stats([[1.0, 1.0], [1.02, 1.02], [0.99, 0.99]])
+    assert steady["spread"] == pytest.approx(0.03) and not steady["noisy"]
+    contended = bm._stats([[1.0, 1.0], [3.0, 3.0], [1.0, 1.0]])  # a neighbour took the cores for one repeat
+    assert contended["spread"] == pytest.approx(2.0) and contended["noisy"]
 
 
 def test_speedups() -> None:
@@ -105,6 +112,21 @@ def test_speedups() -> None:
     }
 
 
-def test_machine_facts() -> None:
-    assert 1 <= bm.physical_cores() <= (torch.multiprocessing.cpu_count() or 1)
-    assert bm.cpu_name()
+CPUINFO = """processor\t: {n}
+model name\t: Fake CPU @ 3.00GHz
+physical id\t: {socket}
+core id\t\t: {core}
+"""
+
+
+def test_machine_facts(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """2 sockets x 2 cores x 2 hyper-threads: 4 physical cores, capped by the CPUs this process may use."""
+    info = tmp_path / "cpuinfo"
+    info.write_text("\n".join(CPUINFO.format(n=n, socket=n // 4, core=n % 4 // 2) for n in range(8)))
+    monkeypatch.setattr(bm, "CPUINFO", info)
+    monkeypatch.setattr(bm.os, "sched_getaffinity", lambda _: set(range(8)))
+    assert bm.physical_cores() == 4 and bm.cpu_name() == "Fake CPU @ 3.00GHz"
+    monkeypatch.setattr(bm.os, "sched_getaffinity", lambda _: {0, 1, 2})
+    assert bm.physical_cores() == 3
+    monkeypatch.setattr(bm, "CPUINFO", tmp_path / "missing")
+    assert bm.physical_cores() == (bm.os.cpu_count() or 1)

@@ -73,7 +73,7 @@ def test_output_dir_not_writable(capsys, image_folder, weights, tmp_path):
 
 def test_bad_option_value_is_usage_error(capsys, image_folder):
     code, out = run(capsys, "compress", "cifar_resnet20", "--data", str(image_folder), "--fold", "sometimes")
-    assert code == 2 and "--fold must be one of" in out
+    assert code == 2 and "Invalid value for '--fold'" in out and "'auto', 'all', 'none'" in out
 
 
 def test_console_script_prints_one_line_not_a_traceback(tmp_path):
@@ -121,3 +121,69 @@ def test_cuda_fold_target_without_gpu_is_a_usage_error(capsys, tmp_path):
         pytest.skip("a GPU is present")
     code, out = run(capsys, "fold", "demo_cnn", "--out", str(tmp_path), "--target", "cuda")
     assert code == 2 and "--target cuda needs a usable GPU" in out
+
+
+def _sized_model(tmp_path: Path) -> Path:
+    """A pickled module that declares no input size (like a CIFAR ResNet saved with torch.save(model))."""
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3, padding=1), torch.nn.ReLU(), torch.nn.Conv2d(4, 4, 1),
+                              torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(4, 3))
+    path = tmp_path / "net.pt"
+    torch.save(net, path)
+    return path
+
+
+def test_ctrl_c_exits_130_with_the_rounds_kept(capsys, image_folder, tmp_path, monkeypatch):
+    from easier_export import linearize as loop_mod
+
+    real, calls = loop_mod.finetune, []
+
+    def interrupted_in_round_2(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(loop_mod, "finetune", interrupted_in_round_2)
+    out = tmp_path / "lin"
+    code, text = run(capsys, "linearize", str(_sized_model(tmp_path)), "--trust-pickle", "--data", str(image_folder),
+                     "--out", str(out), "--workers", "0", "--batch-size", "4", "--max-drop", "100",
+                     "--entropy-batches", "1", "--finetune-epochs", "0.1")
+    assert code == 130 and text.strip().splitlines()[-1] == (
+        "interrupted: 1 round(s) kept; rerun the same command to resume"), text
+    assert "Traceback" not in text
+
+
+def test_size_from_data_and_near_chance_warning(capsys, image_folder, tmp_path):
+    code, text = run(capsys, "linearize", str(_sized_model(tmp_path)), "--trust-pickle", "--data", str(image_folder),
+                     "--out", str(tmp_path / "lin"), "--workers", "0", "--batch-size", "4", "--max-removed", "0")
+    assert code == 0, text
+    flat = " ".join(text.split())
+    assert "declares no input size: using 16x16, the size of every image in" in flat
+    assert "warning: the original model is near chance" in flat
+
+
+def test_export_dry_runs_at_the_input_size(capsys, tmp_path):
+    out = tmp_path / "vit.onnx"
+    code, text = run(capsys, "export", "timm:vit_tiny_patch16_224", "--num-classes", "3", "--input-size", "7",
+                     "--out", str(out))
+    assert code == 2 and "does not run on 3x7x7 inputs" in text and "Traceback" not in text
+    assert len(text.strip().splitlines()) == 2 and not out.exists()  # the random-weights note, then the error
+
+
+def test_every_loop_setting_is_an_option_of_the_loop_commands():
+    """LoopConfig is the one declaration: each field (with its help) is an option of compress and linearize."""
+    import dataclasses
+
+    import typer
+
+    from easier_export.cli import app
+    from easier_export.linearize import LoopConfig
+
+    group = typer.main.get_command(app)
+    for name in ("compress", "linearize"):
+        params = {p.name: p for p in group.commands[name].params}
+        for f in dataclasses.fields(LoopConfig):
+            assert f.metadata.get("help"), f"LoopConfig.{f.name} needs metadata={{'help': ...}}"
+            if (name, f.name) == ("linearize", "target_speedup"):  # needs compress's end-to-end probe
+                continue
+            assert f.name in params and params[f.name].help.startswith(f.metadata["help"]), (name, f.name)

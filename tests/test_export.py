@@ -145,6 +145,22 @@ def test_corrupted_model_fails_tolerance(exported, tmp_path: Path) -> None:
     assert result.reason.startswith("tolerance") and "top-1" not in result.reason
 
 
+def test_tolerance_follows_the_output_scale(exported, tmp_path: Path) -> None:
+    model, path = exported
+    bad = corrupt(path, tmp_path / "bad.onnx", scale=1e-2)
+    inputs = batches((3, 16, 16))
+    strict = ex.verify_onnx(bad, model, inputs, min_top1=0.0)
+    with torch.no_grad():
+        scale = max(float(model.eval()(x).abs().max()) for x in inputs)
+    assert strict.ref_scale == pytest.approx(scale, rel=1e-6)
+    assert strict.max_rel == pytest.approx(strict.max_abs / scale)
+    assert not strict.passed and "of max |ref|" in strict.reason
+    loose = ex.verify_onnx(bad, model, inputs, min_top1=0.0, scale_tol=2 * strict.max_rel)
+    assert loose.passed and loose.violations == 0
+    old_style = ex.verify_onnx(bad, model, inputs, atol=2 * strict.max_abs, min_top1=0.0, scale_tol=0.0)
+    assert old_style.passed  # --atol alone still decides when the scale term is off
+
+
 def test_top1_check_fails_on_its_own(exported) -> None:
     model, path = exported
     result = ex.verify_onnx(path, model, batches((3, 16, 16)), atol=1.0, min_top1=1.01)
@@ -162,7 +178,8 @@ def test_verify_to_dict_and_print(exported, tmp_path: Path) -> None:
     ex.print_verify(good, console)
     ex.print_verify(bad, console)
     lines = out.getvalue().splitlines()
-    assert lines[0].startswith("✓ max abs diff") and "≤ atol 1e-04" in lines[0]
+    assert lines[0].startswith("✓ max abs diff") and "≤ atol 1e-04" in lines[0] and "1e-04·max|ref|" in lines[0]
+    assert f"max |diff| / max |ref| = {good.max_rel:.1e}" in lines[0]
     assert lines[3].startswith("✗ max abs diff") and "> atol" in lines[3]
     assert any(line.startswith("✗ top-1 agreement") and "< 0.99" in line for line in lines[3:])
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from _fold_util import assert_same, count_modules, traced
+from _fold_util import Fork, assert_same, count_modules, traced
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
@@ -130,18 +130,25 @@ def test_chain_of_three_merges_step_by_step_and_input_untouched() -> None:
 
 
 def test_shared_intermediate_is_not_merged() -> None:
-    class Fork(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.a, self.b = nn.Conv2d(3, 4, 1), nn.Conv2d(4, 4, 1)
-
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            y = self.a(x)
-            return self.b(y) * y
-
     gm = traced(Fork())
     folded, records = fold_conv_conv(gm, torch.randn(1, 3, 5, 5, dtype=torch.float64))
-    assert records == [] and count_modules(folded, nn.Conv2d) == 2
+    assert [(r.nodes, r.applied, r.reason) for r in records] == [(["a", "b"], False, "fan-out: a output has 2 users")]
+    assert count_modules(folded, nn.Conv2d) == 2
+
+
+def test_shared_module_is_refused_with_reason() -> None:
+    class Twice(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b = nn.Conv2d(3, 3, 1), nn.Conv2d(3, 3, 1)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.b(self.a(self.b(x)))
+
+    gm = traced(Twice())
+    folded, records = fold_conv_conv(gm, torch.randn(1, 3, 5, 5, dtype=torch.float64))
+    assert records and all(not r.applied and r.reason == "module b is shared: called at 2 sites" for r in records)
+    assert count_modules(folded, nn.Conv2d) == count_modules(gm, nn.Conv2d)
 
 
 def test_compose_refuses_non_zero_padding_mode() -> None:

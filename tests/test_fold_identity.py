@@ -1,4 +1,4 @@
-"""Identity pass: eval-mode identities and marked call sites are erased; training dropout is refused."""
+"""Identity pass: eval-mode identities are erased; training dropout is refused."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from _fold_util import assert_same
 from torch import nn
 from torchvision.ops import StochasticDepth
 
-from easier_export.fold import REMOVED_META_KEY, fold_identity
+from easier_export.fold import fold_identity
 
 
 class Net(nn.Module):
@@ -49,15 +49,3 @@ def test_training_dropout_is_refused() -> None:
     (refused,) = [r for r in records if not r.applied]
     assert refused.nodes == ["drop"] and "training" in refused.reason
     assert "drop" in [n.target for n in folded.graph.nodes if n.op == "call_module"]
-
-
-def test_marked_call_site_is_erased() -> None:
-    gm = _trace()
-    (act,) = [n for n in gm.graph.nodes if n.target == "act"]
-    act.meta[REMOVED_META_KEY] = True
-    folded, records = fold_identity(gm)
-    assert "act" not in [n.target for n in folded.graph.nodes]
-    assert any(r.nodes == ["act"] and r.detail.startswith("removed") for r in records)
-    x = torch.randn(2, 3, 8, 8)
-    conv = gm.conv(x)
-    assert torch.allclose(folded(x), conv + conv)

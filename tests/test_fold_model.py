@@ -7,7 +7,7 @@ import pathlib
 import pytest
 import torch
 import torchvision
-from _fold_util import activation_nodes, count_modules, erase_activations, randomize_batchnorms, rel_err
+from _fold_util import Fork, activation_nodes, count_modules, erase_activations, randomize_batchnorms, rel_err
 from torch import nn
 from torch.fx import GraphModule, symbolic_trace
 
@@ -55,7 +55,17 @@ def test_mobilenet_v2_none_and_auto(mobilenet: GraphModule, tmp_path: pathlib.Pa
     assert {r.kind for r in records} <= {"identity", "batchnorm", "layernorm_affine"}
     auto, records = fold_model(mobilenet, x[:1], mode="auto", cache=tmp_path / "lat.json", threads=1)
     _check(mobilenet, auto, x)
-    assert all(r.us_after is not None for r in records if r.applied and r.kind == "conv_conv")
+    timed = [r for r in records if r.kind in ("conv_conv", "residual") and r.us_before is not None]
+    assert timed, "the planner timed no merge candidate"
+    assert all(r.us_after <= r.us_before for r in timed if r.applied)  # a chosen merge never measured slower
+
+
+@pytest.mark.parametrize("mode", ["all", "auto"])
+def test_fan_out_is_in_the_plan_with_its_reason(mode: str, tmp_path: pathlib.Path) -> None:
+    gm = symbolic_trace(Fork().eval())
+    _, records = fold_model(gm, torch.randn(1, 3, 5, 5), mode=mode, cache=tmp_path / "lat.json", threads=1)
+    assert [(r.kind, r.nodes, r.applied, r.reason) for r in records if r.kind == "conv_conv"] == [
+        ("conv_conv", ["a", "b"], False, "fan-out: a output has 2 users")]
 
 
 def test_resnet18_all_refuses_padding_merges() -> None:

@@ -125,3 +125,19 @@ def test_residual_over_merged_chain_with_bias_map() -> None:
     assert record.applied and "+map" in record.detail
     assert count_modules(folded, nn.Conv2d) == 1
     assert_same(gm, folded, x, 1e-10)
+
+
+def test_fanned_out_branch_is_refused_with_reason() -> None:
+    class Reused(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.Conv2d(4, 4, 3, padding=1)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            y = self.conv(x)
+            return (y + x) * y
+
+    gm = traced(Reused())
+    folded, [record] = fold_residual(gm, torch.randn(1, 4, 6, 6, dtype=torch.float64))
+    assert not record.applied and record.reason == "fan-out: conv output has 2 users"
+    assert count_modules(folded, nn.Conv2d) == 1

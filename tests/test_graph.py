@@ -4,7 +4,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from easier_export.errors import UserError
-from easier_export.graph import find_call_sites, linearize, trace
+from easier_export.graph import find_call_sites, remove_sites, trace
 from easier_export.models import build_arch
 
 
@@ -38,7 +38,7 @@ def test_reused_module_is_two_call_sites_and_functional_calls_count():
     gm = trace(Reused())
     names = [s.name for s in find_call_sites(gm)]
     assert len(names) == 4
-    only_first = linearize(gm, [names[0]])
+    only_first = remove_sites(gm, [names[0]])
     assert len(find_call_sites(only_first)) == 3
     assert len(find_call_sites(gm)) == 4  # the input module is untouched
 
@@ -56,8 +56,8 @@ def test_linearized_equals_original_where_removed_activations_never_fired():
         model[0].bias.fill_(100.0)  # first ReLU always ON: the identity
     gm = trace(model)
     x = torch.rand(2, 3, 8, 8)
-    torch.testing.assert_close(linearize(gm, ["_1"])(x), model(x))
-    assert not torch.allclose(linearize(gm, ["_3"])(x), model(x))
+    torch.testing.assert_close(remove_sites(gm, ["_1"])(x), model(x))
+    assert not torch.allclose(remove_sites(gm, ["_3"])(x), model(x))
 
 
 def test_untraceable_submodule_becomes_leaf_with_call_sites_inside():
@@ -65,13 +65,13 @@ def test_untraceable_submodule_becomes_leaf_with_call_sites_inside():
     leaf_sites = [s for s in find_call_sites(gm) if not s.in_graph]
     assert [s.name for s in leaf_sites] == ["pre_logits.act1", "pre_logits.act2"]
     x = torch.randn(1, 3, 32, 32)
-    out = linearize(gm, ["pre_logits.act1"]).eval()(x)
+    out = remove_sites(gm, ["pre_logits.act1"]).eval()(x)
     assert out.shape == (1, 10)
 
 
 def test_unknown_call_site_is_a_user_error():
     with pytest.raises(UserError, match="no activation call site"):
-        linearize(trace(nn.Sequential(nn.ReLU())), ["nope"])
+        remove_sites(trace(nn.Sequential(nn.ReLU())), ["nope"])
 
 
 def test_timm_fused_batchnorm_act_is_split_so_bn_folds():
@@ -83,7 +83,7 @@ def test_timm_fused_batchnorm_act_is_split_so_bn_folds():
     torch.testing.assert_close(gm(x), model(x))
     assert type(model.bn1).__name__ == "BatchNormAct2d"  # the caller's model is not modified
     names = [s.name for s in find_call_sites(gm)][2:8]  # both activations of three inverted-residual blocks
-    lin = linearize(gm, names).eval()
+    lin = remove_sites(gm, names).eval()
     folded, records = fold_model(lin, x[:1], mode="all")
     assert any(r.kind == "conv_conv" and r.applied for r in records)
     torch.testing.assert_close(folded(x), lin(x), atol=1e-4, rtol=1e-4)

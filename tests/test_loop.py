@@ -117,3 +117,10 @@ def test_continuing_a_linearized_checkpoint_keeps_earlier_removals(loaders, tmp_
     both = load_model(str(tmp_path / "b.pt"))
     assert both.removed == first.removed + second.removed and len(set(both.removed)) == 2
     assert len(find_call_sites(both.model)) == 4
+
+
+@pytest.mark.parametrize("content", [b"", b"PK\x03\x04 truncated", b"\x80\x02garbage"])
+def test_unreadable_state_file_says_delete_it(tmp_path, content):
+    (tmp_path / loop_mod.STATE_FILE).write_bytes(content)
+    with pytest.raises(UserError, match="delete it to start over"):
+        loop_mod.load_state(tmp_path, {})

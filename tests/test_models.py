@@ -51,11 +51,11 @@ def test_export_archive_with_static_batch_is_refused_clearly(tmp_path):
         load_model(str(path))
 
 
-def test_wrong_head_size_is_a_user_error(tmp_path):
+def test_wrong_head_size_without_num_classes_is_a_user_error(tmp_path):
     path = tmp_path / "sd.pt"
-    torch.save(build_arch("cifar_resnet20", num_classes=10).state_dict(), path)
+    torch.save(build_arch("cifar_resnet20", num_classes=3).state_dict(), path)
     with pytest.raises(UserError, match=r"differ in shape .*linear\.weight.*--num-classes"):
-        load_model(str(path), arch="cifar_resnet20", num_classes=3)
+        load_model(str(path), arch="cifar_resnet20")
 
 
 def test_empty_file_is_a_user_error(tmp_path):
@@ -93,3 +93,41 @@ def test_input_size_reaches_fixed_size_timm_models():
     swin = load_model("timm:swin_tiny_patch4_window7_224", num_classes=10, img_size=32).model
     assert swin(torch.randn(1, 3, 32, 32)).shape == (1, 10)
     assert load_model("timm:resnet18", num_classes=10, img_size=32).model(torch.randn(1, 3, 32, 32)).shape == (1, 10)
+
+
+@pytest.mark.parametrize(("content", "trust", "message"), [
+    (b"hello world\n", False, "is not a PyTorch file"),
+    (b"\x80\x02garbage" * 50, True, "cannot read"),
+    (b"\x80\x02garbage" * 50, False, "cannot read"),
+    (b"PK\x03\x04" + bytes(range(256)) * 4, False, "cannot read"),
+])
+def test_files_that_are_not_models_say_what_they_are_not(tmp_path, content, trust, message):
+    path = tmp_path / "model.pt"
+    path.write_bytes(content)
+    with pytest.raises(UserError, match=message) as info:
+        load_model(str(path), trust_pickle=trust)
+    assert "--trust-pickle" not in str(info.value)
+
+
+def test_num_classes_reheads_named_arch_and_state_dict(tmp_path):
+    net = build_arch("cifar_resnet20", num_classes=10)
+    path = tmp_path / "sd.pt"
+    torch.save(net.state_dict(), path)
+    for loaded in (load_model("cifar_resnet20", num_classes=5, weights=path),
+                   load_model(str(path), arch="cifar_resnet20", num_classes=5)):
+        assert loaded.num_classes == 5
+        assert any("10-class head" in n and "5-class" in n for n in loaded.notes)
+        torch.testing.assert_close(loaded.model.conv1.weight, net.conv1.weight)  # the body is loaded
+    torch.save({**net.state_dict(), "conv1.weight": torch.zeros(8, 3, 3, 3)}, path)
+    with pytest.raises(UserError, match=r"conv1\.weight .*only the classifier head may differ"):
+        load_model(str(path), arch="cifar_resnet20", num_classes=5)
+
+
+def test_input_size_forms():
+    assert load_model("demo_cnn", img_size=12).input_size == (1, 12, 12)
+    assert load_model("cifar_resnet20", img_size=(24, 16)).input_size == (3, 24, 16)
+    assert load_model("cifar_resnet20", img_size=(1, 8, 8)).input_size == (1, 8, 8)
+    assert load_model("timm:vit_tiny_patch16_224", num_classes=3, img_size=(32, 48)).model(
+        torch.randn(1, 3, 32, 48)).shape == (1, 3)
+    assert not load_model("torchvision:resnet18").size_declared
+    assert load_model("cifar_resnet20").size_declared

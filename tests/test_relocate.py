@@ -4,7 +4,7 @@ import torch
 from torch import nn
 
 from easier_export.fold import fold_model
-from easier_export.graph import find_call_sites, linearize, trace
+from easier_export.graph import find_call_sites, remove_sites, trace
 from easier_export.models import build_arch
 
 
@@ -32,12 +32,12 @@ def test_relocation_moves_padding_and_makes_the_merge_exact():
     x = torch.randn(2, 4, 12, 12)
     gm = trace(block)
 
-    plain = linearize(gm, ["act"])
+    plain = remove_sites(gm, ["act"])
     _, records = fold_model(plain, x[:1], mode="all")
     assert not any(r.applied for r in _conv_merges(records))
     assert any("padding" in r.reason for r in _conv_merges(records))
 
-    moved = linearize(gm, ["act"], relocate=True)
+    moved = remove_sites(gm, ["act"], relocate=True)
     assert moved.conv1.padding == (3, 3) and moved.conv2.padding == (0, 0)  # p1 + s1·p2 = 1 + 2·1
     assert moved(x).shape == block(x).shape
     assert not torch.allclose(moved(x), plain(x))  # border values changed: the loop finetunes after this
@@ -50,7 +50,7 @@ def test_relocation_moves_padding_and_makes_the_merge_exact():
 def test_resnet_blocks_collapse_to_one_conv_with_relocation():
     gm = trace(build_arch("cifar_resnet20").eval())
     firsts = [s.name for s in find_call_sites(gm)][1::2]
-    moved = linearize(gm, firsts, relocate=True).eval()
+    moved = remove_sites(gm, firsts, relocate=True).eval()
     x = torch.randn(2, 3, 32, 32)
     folded, records = fold_model(moved, x[:1], mode="all")
     merged = [r for r in records if r.kind in ("conv_conv", "residual") and r.applied]
@@ -66,7 +66,7 @@ def test_linearized_checkpoint_replays_relocation(tmp_path):
     loaded = load_model("cifar_resnet20")
     gm = trace(loaded.model)
     names = [s.name for s in find_call_sites(gm)][1:6:2]
-    moved = linearize(gm, names, relocate=True).eval()
+    moved = remove_sites(gm, names, relocate=True).eval()
     save_linearized(tmp_path / "lin.pt", loaded, LoopResult(moved, names, 0.0, 0.0, [], []), relocate_padding=True)
     back = load_model(str(tmp_path / "lin.pt")).model
     x = torch.randn(2, 3, 32, 32)

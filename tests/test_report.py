@@ -198,3 +198,18 @@ def test_failed_verify_in_markdown(report: dict) -> None:
     report["verify"].update(passed=False, violations=5, max_abs=0.2, reason="tolerance: 5/100 exceed")
     md = rp.render_markdown(report)
     assert "✗ max abs diff 2.0e-01 > atol" in md and "**FAILED: tolerance: 5/100 exceed**" in md
+
+
+def test_noisy_rows_are_flagged(report: dict) -> None:
+    for row in report["bench"]:
+        row.update(spread=0.02, noisy=False)
+    report["bench"][0].update(spread=0.5, noisy=True)  # original, batch 1: a neighbour took the cores
+    change = {r[0]: r[3] for r in rp.summary_rows(report)}
+    assert change["p50 latency onnxruntime cpu b1 (ms, folded)"] == "×2.00 speed-up (noisy: repeats disagree)"
+    assert change["p50 latency onnxruntime cpu b8 (ms, folded)"] == "×2.00 speed-up"
+    out = io.StringIO()
+    Console(file=out, width=160, color_system=None).print(rp.bench_table(report["bench"], "original"))
+    lines = out.getvalue().splitlines()
+    assert any("50% noisy" in line for line in lines)
+    assert sum("(noisy)" in line for line in lines) == 2  # folded and linearized at batch 1
+    assert "| 2% |" in rp.render_markdown(report)

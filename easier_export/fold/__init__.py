@@ -12,17 +12,16 @@ import pathlib
 import torch
 from torch.fx import GraphModule
 
-from ._common import PADDING_REASON, REMOVED_META_KEY, BiasMapConv2d, FoldRecord
+from ._common import PADDING_REASON, BiasMapConv2d, FoldRecord
 from .batchnorm import fold_batchnorm, fold_layernorm_affine
-from .conv_conv import fold_conv_conv
+from .conv_conv import fold_conv_conv, match_conv_pair
 from .identity import fold_identity
-from .linear_linear import fold_linear_linear
+from .linear_linear import fold_linear_linear, match_linear_pair
 from .planner import plan_and_fold
-from .residual import fold_residual
+from .residual import fold_residual, match_residual
 
 __all__ = [
     "PADDING_REASON",
-    "REMOVED_META_KEY",
     "BiasMapConv2d",
     "FoldRecord",
     "fold_batchnorm",
@@ -58,12 +57,21 @@ def fold_model(
     gm, ln_records = fold_layernorm_affine(gm)
     records += bn_records + ln_records
     if mode == "auto":
+        records += _refusals(gm)
         gm, planned = plan_and_fold(gm, example, target=target, cache=cache, threads=threads)
         records += planned
     elif mode == "all":
         gm, merged = _merge_all(gm, example)
         records += merged
     return gm, records
+
+
+def _refusals(gm: GraphModule) -> list[FoldRecord]:
+    """Merge patterns that cannot be rewritten in place (shared modules, fan-out), with why: the planner only
+    considers chains that can, so without this they would be missing from the fold plan."""
+    matches = (match_conv_pair, match_linear_pair, match_residual)
+    found = (match(gm, node, explain=True) for node in gm.graph.nodes for match in matches)
+    return [FoldRecord(c.kind, c.names, c.detail, False, c.refusal) for c in found if c is not None and c.refusal]
 
 
 def _merge_all(gm: GraphModule, example: torch.Tensor) -> tuple[GraphModule, list[FoldRecord]]:

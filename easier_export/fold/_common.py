@@ -18,9 +18,6 @@ from torch import Tensor, nn
 from torch.fx import GraphModule, Node
 from torch.fx.passes.shape_prop import ShapeProp
 
-REMOVED_META_KEY = "easier_removed"
-"""``node.meta[REMOVED_META_KEY] = True`` marks a call site the EASIER stage removed (erased by identity)."""
-
 ORIGIN_META_KEY = "origin"
 """``node.meta[ORIGIN_META_KEY]``: names of the nodes of the traced model a node stands for, when tracked (fold
 groups map merges back to the activations between them); merged nodes carry the union, in order."""
@@ -170,6 +167,7 @@ class Candidate:
     source: Node  # the subgraph's single external input
     modules: list[nn.Module]  # the linear ops to merge, in the order the rule's builder expects
     detail: str
+    refusal: str = ""  # the pattern is there but cannot be rewritten in place (onnxscript's MatchResult reason)
 
     @property
     def names(self) -> list[str]:
@@ -186,7 +184,8 @@ def fold_to_fixpoint(
     match: Callable[[GraphModule, Node], Candidate | None],
     build: Callable[[Candidate], Merge],
 ) -> tuple[GraphModule, list[FoldRecord]]:
-    """Apply every exact merge ``match`` finds, again and again (a merged op may match anew), on a copy."""
+    """Apply every exact merge ``match`` finds, again and again (a merged op may match anew), on a copy; a match
+    that comes with a refusal is recorded once, with its reason."""
     gm = fresh_copy(gm)
     propagate_shapes(gm, example)
     records: list[FoldRecord] = []
@@ -197,6 +196,10 @@ def fold_to_fixpoint(
         for node in gm.graph.nodes:
             cand = match(gm, node)
             if cand is None or tuple(cand.names) in refused:
+                continue
+            if cand.refusal:
+                records.append(FoldRecord(cand.kind, cand.names, cand.detail, False, cand.refusal))
+                refused.add(tuple(cand.names))
                 continue
             merge = build(cand)
             detail = f"{cand.detail} -> {describe(merge.module)}" if merge.ok else cand.detail
@@ -354,13 +357,30 @@ def conv_with_constant(
     return conv.eval()
 
 
-def match_pair(gm: GraphModule, node: Node, kind: type[nn.Module], name: str) -> Candidate | None:
-    """``second(first(x))`` where both are private ``kind`` modules and ``first``'s output feeds only ``second``."""
-    second = private_module(gm, node, kind)
-    if second is None:
-        return None
+def sharing_reason(gm: GraphModule, group: list[Node]) -> str:
+    """Why a subgraph cannot be rewritten in place, or "": each module in it must be called from this place only,
+    and every output but the last must be read inside the subgraph only."""
+    for n in group:
+        if n.op == "call_module" and (calls := calls_to(gm, n.target)) > 1:
+            return f"module {n.target} is shared: called at {calls} sites"
+    for n in group[:-1]:
+        if len(n.users) > 1:
+            return f"fan-out: {n.name} output has {len(n.users)} users"
+    return ""
+
+
+def match_pair(gm: GraphModule, node: Node, kind: type[nn.Module], name: str,
+               explain: bool = False) -> Candidate | None:
+    """``second(first(x))`` where both are private ``kind`` modules and ``first``'s output feeds only ``second``.
+
+    ``explain``: a pair that is there but shared or fanned out comes back with its ``refusal`` instead of None.
+    """
     src = single_input(node)
-    first = private_module(gm, src, kind)
-    if first is None or sole_user(src) is not node:
+    second, first = module_of(gm, node), module_of(gm, src) if src is not None else None
+    if not (isinstance(second, kind) and isinstance(first, kind) and single_input(src) is not None):
         return None
-    return Candidate(name, [src, node], src.args[0], [first, second], f"{describe(first)} · {describe(second)}")
+    refusal = sharing_reason(gm, [src, node])
+    if refusal and not explain:
+        return None
+    return Candidate(name, [src, node], src.args[0], [first, second], f"{describe(first)} · {describe(second)}",
+                     refusal)

@@ -19,6 +19,8 @@ numerically in float64 and refused with ``PADDING_REASON`` otherwise.
 
 from __future__ import annotations
 
+from functools import partial
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -70,8 +72,8 @@ def _compose_weights(w1: Tensor, w2: Tensor, groups: int, stride: tuple[int, int
     return torch.cat(blocks)
 
 
-def match_conv_pair(gm: GraphModule, node: Node) -> Candidate | None:
-    return match_pair(gm, node, nn.Conv2d, "conv_conv")
+def match_conv_pair(gm: GraphModule, node: Node, explain: bool = False) -> Candidate | None:
+    return match_pair(gm, node, nn.Conv2d, "conv_conv", explain)
 
 
 def build_conv_pair(cand: Candidate) -> Merge:
@@ -80,4 +82,4 @@ def build_conv_pair(cand: Candidate) -> Merge:
 
 def fold_conv_conv(gm: GraphModule, example: Tensor) -> tuple[GraphModule, list[FoldRecord]]:
     """Merge every exact conv -> conv pair (chains merge step by step)."""
-    return fold_to_fixpoint(gm, example, match_conv_pair, build_conv_pair)
+    return fold_to_fixpoint(gm, example, partial(match_conv_pair, explain=True), build_conv_pair)

@@ -100,9 +100,9 @@ class FoldGroups:
 
 def find_groups(gm: GraphModule, sites: list[str], example: Tensor, table: LatencyTable) -> FoldGroups:
     """Fold groups of the eval-mode traced model ``gm`` among the in-graph activation call sites ``sites``."""
-    from ..graph import linearize
+    from ..graph import remove_sites
 
-    linear = linearize(gm, sites, relocate=True)
+    linear = remove_sites(gm, sites, relocate=True)
     for node in linear.graph.nodes:
         node.meta[ORIGIN_META_KEY] = (node.name,)
     linear, _ = fold_identity(linear)

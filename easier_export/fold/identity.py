@@ -2,8 +2,9 @@
 
 - ``nn.Identity``; dropout modules (``nn.Dropout*``, ``nn.AlphaDropout``, timm ``DropPath``, torchvision
   ``StochasticDepth``) that are not training;
-- dropout / stochastic-depth *functions* called with ``training=False``;
-- any call site marked ``node.meta[REMOVED_META_KEY]`` by the EASIER stage (a removed rectifier).
+- dropout / stochastic-depth *functions* called with ``training=False``.
+
+(Rectifiers removed by the EASIER stage are already gone from the graph: ``graph.remove_sites`` erases them.)
 
 Every erased node ``y = f(x)`` has its users rewired to ``x``. A dropout still in training mode is refused:
 it is random, not the identity.
@@ -17,7 +18,7 @@ from torch import nn
 from torch.fx import GraphModule, Node
 from torchvision.ops import stochastic_depth
 
-from ._common import REMOVED_META_KEY, FoldRecord, bypass, finish, fresh_copy, module_of
+from ._common import FoldRecord, bypass, finish, fresh_copy, module_of
 
 _DROP_MODULES = (nn.modules.dropout._DropoutNd,)
 _DROP_MODULE_NAMES = ("DropPath", "StochasticDepth", "DropBlock2d")
@@ -47,8 +48,6 @@ def identity_reason(gm: GraphModule, node: Node) -> str | None:
     that is not the identity, None when the node is no identity candidate at all."""
     if not node.args or not isinstance(node.args[0], Node):
         return None
-    if node.meta.get(REMOVED_META_KEY):
-        return ""
     if node.op == "call_function" and node.target in _DROP_FUNCTIONS:
         flag = _training_flag(node)
         return "" if flag is False else f"dropout training={flag!r}: random, not the identity"
@@ -70,8 +69,6 @@ def fold_identity(gm: GraphModule) -> tuple[GraphModule, list[FoldRecord]]:
             continue
         mod = module_of(gm, node)
         detail = type(mod).__name__ if mod is not None else getattr(node.target, "__name__", str(node.target))
-        if node.meta.get(REMOVED_META_KEY):
-            detail = f"removed {detail}"
         records.append(FoldRecord("identity", [node.name], detail, applied=not reason, reason=reason))
         if not reason:
             bypass(gm, node, node.args[0])

@@ -9,6 +9,8 @@ Linear acts on the last dim only, so this holds for any leading dims ((B, C), Vi
 
 from __future__ import annotations
 
+from functools import partial
+
 from torch import Tensor, nn
 from torch.fx import GraphModule, Node
 
@@ -31,8 +33,8 @@ def compose_linears(first: nn.Linear, second: nn.Linear) -> Merge:
     return Merge(merged)
 
 
-def match_linear_pair(gm: GraphModule, node: Node) -> Candidate | None:
-    return match_pair(gm, node, nn.Linear, "linear_linear")
+def match_linear_pair(gm: GraphModule, node: Node, explain: bool = False) -> Candidate | None:
+    return match_pair(gm, node, nn.Linear, "linear_linear", explain)
 
 
 def build_linear_pair(cand: Candidate) -> Merge:
@@ -41,4 +43,4 @@ def build_linear_pair(cand: Candidate) -> Merge:
 
 def fold_linear_linear(gm: GraphModule, example: Tensor) -> tuple[GraphModule, list[FoldRecord]]:
     """Merge every Linear -> Linear pair (chains merge step by step)."""
-    return fold_to_fixpoint(gm, example, match_linear_pair, build_linear_pair)
+    return fold_to_fixpoint(gm, example, partial(match_linear_pair, explain=True), build_linear_pair)

@@ -13,6 +13,8 @@ tap of the identity channel when the conv has "same" padding. Biases (and bias m
 
 from __future__ import annotations
 
+from functools import partial
+
 import torch
 from torch import Tensor, nn
 from torch.fx import GraphModule, Node
@@ -27,11 +29,11 @@ from ._common import (
     dilated_weight,
     expand_groups,
     fold_to_fixpoint,
+    module_of,
     plain_conv2d_reason,
-    private_module,
     refuse,
+    sharing_reason,
     single_input,
-    sole_user,
     verified_conv,
 )
 
@@ -72,27 +74,32 @@ def merge_parallel(a: nn.Conv2d, b: nn.Conv2d | None, in_shape: torch.Size) -> M
                          a.weight.dtype, "branches do not align (different output positions)")
 
 
-def match_residual(gm: GraphModule, node: Node) -> Candidate | None:
-    """``add(conv(x), x)``, ``add(x, conv(x))`` or ``add(convA(x), convB(x))``, each conv feeding only the
-    add."""
+def match_residual(gm: GraphModule, node: Node, explain: bool = False) -> Candidate | None:
+    """``add(conv(x), x)``, ``add(x, conv(x))`` or ``add(convA(x), convB(x))``, each conv feeding only the add.
+
+    ``explain``: a conv that is shared or also read elsewhere comes back with its ``refusal`` instead of None.
+    """
     operands = add_operands(node)
     if operands is None:
         return None
 
-    def branch_conv(n: Node) -> nn.Conv2d | None:
-        conv = private_module(gm, n, nn.Conv2d)
-        return conv if conv is not None and sole_user(n) is node else None
+    def conv_of(n: Node) -> nn.Conv2d | None:
+        conv = module_of(gm, n)
+        return conv if isinstance(conv, nn.Conv2d) and single_input(n) is not None else None
 
     for body, skip in (operands, operands[::-1]):
-        conv = branch_conv(body)
+        conv = conv_of(body)
         if conv is None:
             continue
         if single_input(body) is skip:
-            return Candidate("residual", [body, node], skip, [conv, None], f"{describe(conv)} + identity")
-        other = branch_conv(skip)
-        if other is not None and single_input(skip) is single_input(body) and skip is not body:
-            return Candidate("residual", [body, skip, node], single_input(body), [conv, other],
+            cand = Candidate("residual", [body, node], skip, [conv, None], f"{describe(conv)} + identity")
+        elif (other := conv_of(skip)) is not None and single_input(skip) is single_input(body) and skip is not body:
+            cand = Candidate("residual", [body, skip, node], single_input(body), [conv, other],
                              f"{describe(conv)} + {describe(other)}")
+        else:
+            continue
+        cand.refusal = sharing_reason(gm, cand.nodes)
+        return cand if explain or not cand.refusal else None
     return None
 
 
@@ -101,5 +108,5 @@ def build_residual(cand: Candidate) -> Merge:
 
 
 def fold_residual(gm: GraphModule, example: Tensor) -> tuple[GraphModule, list[FoldRecord]]:
-    """Merge every exact residual / parallel-conv add."""
-    return fold_to_fixpoint(gm, example, match_residual, build_residual)
+    """Merge every exact residual / parallel-conv add; shared or fanned-out convs are refused with a reason."""
+    return fold_to_fixpoint(gm, example, partial(match_residual, explain=True), build_residual)

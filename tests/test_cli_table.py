@@ -1,0 +1,179 @@
+"""Every command through missing, garbage, truncated, wrong-shape and hostile inputs: the exit code, one line, no
+traceback, and nothing written."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import onnx
+import pytest
+import torch
+from conftest import make_image_folder
+from conftest import run_cli as run
+from PIL import Image
+
+from easier_export.export import export_onnx
+from easier_export.models import build_arch
+
+MARKER = "pwned"
+
+
+class Hostile:
+    """Unpickling this runs a shell command: weights_only loading must refuse it, never run it."""
+
+    def __reduce__(self) -> tuple:
+        return os.system, (f"touch {MARKER}",)
+
+
+def _cut(src: Path, dst: Path) -> Path:
+    dst.write_bytes(src.read_bytes()[: src.stat().st_size // 2])
+    return dst
+
+
+def _folder_with(root: Path, name: str, content: bytes | None) -> Path:
+    """A good 3-class ImageFolder plus one bad file in train/class0 (``None``: a JPEG cut in half)."""
+    make_image_folder(root)
+    jpeg = root / "train" / "class0" / name
+    if content is None:  # headers intact, the end of the scan missing
+        noise = torch.randint(0, 255, (64, 64, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+        Image.fromarray(noise.numpy()).save(jpeg)
+        jpeg.write_bytes(jpeg.read_bytes()[:-500])
+    else:
+        jpeg.write_bytes(content)
+    return root
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("inputs")
+    files = {"sd": root / "sd.pt", "garbage": root / "garbage.pt", "missing": root / "missing.pt",
+             "wrong_shape": root / "demo.pt", "hostile": root / "hostile.pt"}
+    torch.save(build_arch("cifar_resnet20", num_classes=3).state_dict(), files["sd"])
+    files["garbage"].write_text("this is not a model\n")
+    files["truncated"] = _cut(files["sd"], root / "truncated.pt")
+    torch.save(build_arch("demo_cnn").state_dict(), files["wrong_shape"])
+    torch.save({"conv1.weight": Hostile()}, files["hostile"])
+    files["data"] = make_image_folder(root / "data")
+    files["data_truncated"] = _folder_with(root / "data_truncated", "cut.jpg", None)
+    files["data_hostile"] = _folder_with(root / "data_hostile", "evil.jpg", os.urandom(2048))
+    files["data_wrong_shape"] = make_image_folder(root / "data_2classes", classes=2)
+    files["state_dir"] = root / "state"
+    files["state_dir"].mkdir()
+    (files["state_dir"] / "state.pt").write_bytes(b"")
+    files["demo_dir"] = root / "demo"
+    files["demo_dir"].mkdir()
+    _cut(files["sd"], files["demo_dir"] / "demo_invres.pt")
+
+    net = build_arch("demo_cnn").eval()
+    files["onnx"] = root / "a.onnx"
+    export_onnx(net, torch.randn(1, 1, 16, 16), files["onnx"], simplify=False)
+    export_onnx(net, torch.randn(1, 1, 12, 12), root / "b12.onnx", simplify=False)
+    files["onnx_wrong_shape"] = root / "b12.onnx"
+    files["onnx_truncated"] = _cut(files["onnx"], root / "cut.onnx")
+    files["onnx_garbage"] = root / "garbage.onnx"
+    files["onnx_garbage"].write_bytes(os.urandom(4096))
+    proto = onnx.load(str(files["onnx"]))
+    weight = proto.graph.initializer[0]  # points its data at a file outside the model's folder
+    weight.ClearField("raw_data")
+    weight.data_location = onnx.TensorProto.EXTERNAL
+    weight.external_data.add(key="location", value="../../../../../../etc/passwd")
+    files["onnx_hostile"] = root / "hostile.onnx"
+    onnx.save(proto, str(files["onnx_hostile"]))
+    return files
+
+
+MODEL = {  # MODEL inputs: the args that select it, what the one line must say
+    "missing": (["{missing}", "--arch", "cifar_resnet20"], "no such file"),
+    "garbage": (["{garbage}", "--arch", "cifar_resnet20"], "is not a PyTorch file"),
+    "truncated": (["{truncated}", "--arch", "cifar_resnet20"], "cannot read"),
+    "wrong_shape": (["{wrong_shape}", "--arch", "cifar_resnet20", "--num-classes", "3"], "does not match"),
+    "hostile": (["{hostile}", "--arch", "cifar_resnet20"], "--trust-pickle"),
+}
+GOOD_MODEL = ["{sd}", "--arch", "cifar_resnet20", "--num-classes", "3"]
+DATA = {
+    "missing": ("{missing}", "does not exist"),
+    "garbage": ("{garbage}", "is not a directory"),
+    "truncated": ("{data_truncated}", "cut.jpg: truncated JPEG"),
+    "wrong_shape": ("{data_wrong_shape}", "2 classes but the model predicts 3"),
+    "hostile": ("{data_hostile}", "evil.jpg: not a readable image"),
+}
+ONNX = {
+    "missing": (["{onnx}", "{missing}"], "no such file"),
+    "garbage": (["{onnx}", "{onnx_garbage}"], "is not a valid ONNX model"),
+    "truncated": (["{onnx}", "{onnx_truncated}"], "is not a valid ONNX model"),
+    "wrong_shape": (["{onnx}", "{onnx_wrong_shape}"], "only models of one input shape compare"),
+    "hostile": (["{onnx_hostile}"], "is not a valid ONNX model"),
+}
+OUT = "{tmp}/out"
+
+
+def _cases() -> list:
+    cases = []
+    for command in ("compress", "entropy", "linearize"):
+        out = ["--out", OUT + (".json" if command == "entropy" else "")]
+        for kind, (model, says) in MODEL.items():
+            cases.append((command, f"model-{kind}", [*model, "--data", "{data}", *out], says))
+        for kind, (data, says) in DATA.items():
+            cases.append((command, f"data-{kind}", [*GOOD_MODEL, "--data", data, *out], says))
+        cases.append((command, "garbage-option", [*GOOD_MODEL, "--data", "{data}", "--batch-size", "abc", *out],
+                      "Invalid value for '--batch-size'"))
+    cases.append(("compress", "zero-std", [*GOOD_MODEL, "--data", "{data}", "--std", "0,0,0"],
+                  "--std values must be positive"))
+    for command in ("compress", "linearize"):
+        cases.append((command, "corrupt-state", [*GOOD_MODEL, "--data", "{data}", "--workers", "0",
+                                                 "--out", "{state_dir}"], "delete it to start over"))
+    for command in ("fold", "export"):
+        out = ["--out", OUT + (".onnx" if command == "export" else "")]
+        for kind, (model, says) in MODEL.items():
+            cases.append((command, f"model-{kind}", [*model, *out], says))
+        cases.append((command, "garbage-option", [*GOOD_MODEL, "--input-size", "big", *out], "--input-size takes"))
+    cases.append(("export", "out-is-a-directory", [*GOOD_MODEL, "--out", "{tmp}"], "is a directory"))
+    for kind, (files, says) in ONNX.items():
+        cases.append(("bench", f"onnx-{kind}", [*files, "--bench-seconds", "0"], says))
+    cases.append(("bench", "json-is-a-directory", ["{onnx}", "--json", "{tmp}"], "is a directory"))
+    cases.append(("bench", "garbage-option", ["{onnx}", "--threads", "0"], "Invalid value for '--threads'"))
+    cases.append(("demo", "garbage-option", ["--epochs", "abc", "--out", OUT], "Invalid value for '--epochs'"))
+    cases.append(("demo", "negative-budget", ["--max-drop", "-1", "--out", OUT], "Invalid value for '--max-drop'"))
+    cases.append(("demo", "truncated-model", ["--out", "{demo_dir}"], "delete it to train the demo model again"))
+    cases.append(("demo", "out-is-a-file", ["--out", "{garbage}/sub"], "not writable"))
+    return cases
+
+
+@pytest.mark.parametrize(("command", "case", "args", "says"), _cases(),
+                         ids=[f"{c[0]}-{c[1]}" for c in _cases()])
+def test_bad_input_gives_one_line_and_writes_nothing(capsys, inputs, tmp_path, monkeypatch, command, case, args,
+                                                     says) -> None:
+    monkeypatch.chdir(tmp_path)
+    before = {p: p.stat().st_mtime_ns for p in inputs["state_dir"].parent.rglob("*") if p.is_file()}
+    argv = [command, *(a.format(tmp=tmp_path, **inputs) for a in args)]
+    code, out = run(capsys, *argv)
+    lines = out.strip().splitlines()
+    assert code == 2, out
+    assert len(lines) == 1 and lines[0].startswith("error: ") and says in lines[0], out
+    assert "Traceback" not in out
+    assert not (tmp_path / MARKER).exists(), "the hostile pickle ran"
+    assert [p for p in tmp_path.rglob("*") if p.is_file()] == [], "partial outputs"
+    after = {p: p.stat().st_mtime_ns for p in inputs["state_dir"].parent.rglob("*") if p.is_file()}
+    assert after == before, "an input was changed or an output written beside the inputs"
+
+
+def test_cuda_benchmark_without_a_gpu_is_refused(capsys, inputs) -> None:
+    from easier_export.bench import cuda_usable
+
+    if cuda_usable():
+        pytest.skip("a GPU is present")
+    for argv in (["bench", str(inputs["onnx"]), "--bench-devices", "cuda"],
+                 ["bench", str(inputs["onnx"]), "--device", "cpu,cuda"]):  # the old spelling still parses
+        code, out = run(capsys, *argv)
+        assert code == 2 and out.strip().splitlines() == [
+            "error: --bench-devices cuda needs a usable GPU (torch.cuda and onnxruntime's CUDA provider)"]
+
+
+@pytest.mark.parametrize("argv", [[], ["nope"], ["compress"], ["compress", "m", "--data", "d", "--max-removed", "abc"],
+                                  ["fold", "m", "--frobnicate"], ["export", "m", "--min-top1", "1.5"]])
+def test_parser_errors_are_usage_errors(capsys, argv) -> None:
+    code, out = run(capsys, *argv)
+    lines = out.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in out
+    assert "--help" in lines[0]

@@ -1,0 +1,68 @@
+"""DATA: every image is checked when the folder is opened; the root is recorded resolved (resume fingerprints)."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import SHARED, make_image_folder
+
+from easier_export.data import image_problem, open_image_folder
+from easier_export.errors import UserError
+from easier_export.linearize import _data_id
+
+
+def test_relative_and_absolute_data_paths_fingerprint_alike(tmp_path, monkeypatch) -> None:
+    make_image_folder(tmp_path / "data")
+    monkeypatch.chdir(tmp_path)
+    ids = [_data_id(open_image_folder(root).loaders((3, 16, 16), (0.5,) * 3, (0.5,) * 3, 4, 0).train)
+           for root in ("data", tmp_path / "data", "./data/../data")]
+    assert ids[0] == ids[1] == ids[2] and ids[0]["root"] == str((tmp_path / "data" / "train").resolve())
+
+
+def test_bad_images_stop_the_run_or_are_skipped_and_counted(tmp_path) -> None:
+    root = make_image_folder(tmp_path / "data", per_class=2)
+    png = next((root / "val" / "class1").glob("*.png"))
+    png.write_bytes(png.read_bytes()[:-20])  # IEND chunk gone
+    (root / "train" / "class0" / "notes.jpg").write_text("not an image")
+    with pytest.raises(UserError, match=r"notes\.jpg: not a readable image.*--skip-bad-images"):
+        open_image_folder(root)
+    folder = open_image_folder(root, skip_bad=True)
+    assert sorted(Path(p).name for p in folder.skipped) == sorted(["notes.jpg", png.name])
+    assert len(folder.train.samples) == 6 and len(folder.val.samples) == 5 and len(folder.val.targets) == 5
+    assert folder.common_size == (16, 16)
+    loaders = folder.loaders((3, 16, 16), (0.5,) * 3, (0.5,) * 3, 2, 0)
+    assert loaders.skipped == folder.skipped and sum(len(y) for _, y in loaders.val) == 5
+
+
+def test_crop_pct_and_interpolation_reach_the_transforms(tmp_path) -> None:
+    folder = open_image_folder(make_image_folder(tmp_path / "data", size=40))
+    folder.loaders((3, 224, 224), (0.5,) * 3, (0.5,) * 3, crop_pct=0.95, interpolation="bicubic")
+    resize = folder.val.transform.transforms[0]
+    assert resize.size == round(224 / 0.95) and resize.interpolation.value == "bicubic"
+    folder.loaders((3, 224, 224), (0.5,) * 3, (0.5,) * 3)
+    assert folder.val.transform.transforms[0].size == 256  # timm's default crop_pct 0.875, bilinear
+
+
+def test_image_problem_reads_headers_and_ends(tmp_path) -> None:
+    from PIL import Image
+
+    path = tmp_path / "x.jpg"
+    Image.fromarray(torch.randint(0, 255, (32, 24, 3), dtype=torch.uint8).numpy()).save(path)
+    assert image_problem(str(path)) == ("", (24, 32))
+    path.write_bytes(path.read_bytes() + b"\0\0\n")  # padding after the end marker is fine
+    assert image_problem(str(path))[0] == ""
+    path.write_bytes(path.read_bytes()[:-300])
+    assert image_problem(str(path)) == ("truncated JPEG (no end marker)", None)
+
+
+@pytest.mark.slow
+def test_checking_cifar10_takes_seconds() -> None:
+    root = SHARED / "datasets" / "cifar10-jpeg"
+    if not root.is_dir():
+        pytest.skip("needs ../shared")
+    start = time.perf_counter()
+    folder = open_image_folder(root, 10)
+    assert time.perf_counter() - start < 30 and folder.common_size == (32, 32) and not folder.skipped
