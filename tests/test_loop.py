@@ -32,7 +32,7 @@ def test_pick_lowest_or_all_zeros_and_one_shot():
 
 
 def test_loop_stops_at_budget_and_keeps_last_good_model(loaders, tmp_path):
-    result = _run(loaders, tmp_path, max_drop=-1000.0)  # impossible budget: first round must be rejected
+    result = _run(loaders, tmp_path, max_drop=-1000.0, patience=0)  # impossible budget: first round rejected
     assert result.removed == []
     assert [r.within_budget for r in result.history] == [False]
     assert len(find_call_sites(result.model)) == 6
