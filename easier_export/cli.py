@@ -342,7 +342,7 @@ def entropy(model: ModelArg, data: Data, loop: LoopConfig,
     for i, r in enumerate(rows):
         table.add_row(str(i), r["name"], r["op"], str(r["units"]), f"{r['entropy']:.4f}", f"{r['mean_p_on']:.3f}")
     console.print(table)
-    found = _fold_groups(gm, sites, loaded.input_size, stats, target, threads) if groups else []
+    found = _fold_groups(gm, loop, loaded.input_size, stats, target, threads) if groups else []
     save_json({"model": model, "mode": loop.entropy_mode, "sites": rows, "groups": found}, out)
     if plot is not None:
         plot_entropy([{**r, "removed_round": None} for r in rows], plot)
@@ -467,20 +467,20 @@ def bench(models: Annotated[list[Path], typer.Argument(help="ONNX files to compa
         save_json(rows, json_out)
 
 
-def _fold_groups(gm, sites: list, input_size: tuple[int, int, int], stats: dict, target: str,
+def _fold_groups(gm, loop, input_size: tuple[int, int, int], stats: dict, target: str,
                  threads: int | None) -> list[dict]:
-    """Time the fold groups on ``target`` and print them, cheapest risk per microsecond first."""
+    """Time the fold groups on ``target`` and print them in latency selection's order."""
     import torch
     from rich.table import Table
 
-    from .fold.groups import find_groups
     from .fold.planner import LatencyTable
+    from .linearize import measure_groups, risk_per_us
 
-    names = [s.name for s in sites if s.in_graph]
-    found = find_groups(gm.cpu().eval(), names, torch.zeros(1, *input_size), LatencyTable(target, threads))
-    rows = [{"sites": list(g.sites), "entropy": sum(stats[s].entropy for s in g.sites), "us_saved": g.us_saved,
-             "detail": g.detail} for g in found.candidates(set())]
-    rows.sort(key=lambda r: r["entropy"] / r["us_saved"])
+    found = measure_groups(gm, loop, torch.zeros(1, *input_size), LatencyTable(target, threads)).candidates(set())
+    entropy = {name: s.entropy for name, s in stats.items()}
+    found.sort(key=lambda g: risk_per_us(g, entropy))
+    rows = [{"sites": list(g.sites), "entropy": sum(entropy[s] for s in g.sites), "us_saved": g.us_saved,
+             "detail": g.detail} for g in found]
     table = Table("group", "call sites", "entropy (sum)", f"µs saved ({target}, batch 1)", "merge",
                   title="fold groups (latency selection order)")
     for i, r in enumerate(rows):

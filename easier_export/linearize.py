@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import math
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -21,7 +22,7 @@ from torch import fx
 
 from .entropy import SiteStats, measure
 from .errors import UserError, first_line
-from .fold.groups import FoldGroups, find_groups
+from .fold.groups import FoldGroups, Group, find_groups
 from .fold.planner import LatencyTable
 from .graph import ALL_RECTIFIERS, CallSite, find_call_sites, remove_sites
 from .io import save_torch
@@ -64,6 +65,10 @@ class LoopConfig:
                               "the run ends; 0 stops at the first", min=0)
     target_speedup: float | None = option(None, "stop once the shipped model measures at least this ORT speed-up "
                                                 "over the original on --target", min=0.0)
+
+    def budget(self, already: int) -> int:
+        """How many more activations may go (``--max-removed``), ``already`` being gone."""
+        return sys.maxsize if self.max_removed is None else max(self.max_removed - already, 0)
 
     @property
     def relocates(self) -> bool:
@@ -117,8 +122,6 @@ class LoopState:
     history: list[dict] = field(default_factory=list)
     entropy0: list[dict] = field(default_factory=list)
     finished: bool = False
-    misses: int = 0  # rejected candidates in a row
-    rejected: list[list[str]] = field(default_factory=list)  # never tried again
     groups: dict | None = None  # FoldGroups.to_dict(), measured once (latency selection)
 
 
@@ -162,7 +165,7 @@ def score_sites(gm: fx.GraphModule, sites: list[CallSite], loader, device: torch
 def pick(scores: dict[str, float], cfg: LoopConfig, already: int) -> list[str]:
     """The lowest-scoring site, or every exactly-zero one at once; K lowest in one-shot mode."""
     order = sorted(scores, key=lambda n: (scores[n], n))
-    budget = len(order) if cfg.max_removed is None else max(cfg.max_removed - already, 0)
+    budget = cfg.budget(already)
     if cfg.one_shot is not None:
         chosen = order[: cfg.one_shot]
     else:
@@ -214,6 +217,11 @@ def cpu_state(module: torch.nn.Module) -> dict:
     return {k: v.detach().cpu() for k, v in module.state_dict().items()}
 
 
+def risk_per_us(group: Group, scores: dict[str, float]) -> float:
+    """Latency selection's order: the group's summed site scores (entropy by default) per microsecond saved."""
+    return sum(scores[s] for s in group.sites) / group.us_saved
+
+
 def pick_group(scores: dict[str, float], groups: FoldGroups, removed: list[str], rejected: list[list[str]],
                budget: int) -> tuple[list[str], float] | None:
     """The fold group with the least accuracy risk per microsecond saved, and that saving.
@@ -227,24 +235,36 @@ def pick_group(scores: dict[str, float], groups: FoldGroups, removed: list[str],
                if tuple(sorted(g.sites)) not in banned and len(g.sites) <= budget]
     if not offered:
         return None
-    best = min(offered, key=lambda g: (sum(scores[s] for s in g.sites) / g.us_saved, g.sites))
+    best = min(offered, key=lambda g: (risk_per_us(g, scores), g.sites))
     return list(best.sites), best.us_saved
+
+
+def rejected(history: list[dict]) -> list[list[str]]:
+    """Candidates whose round went over budget (reverted): never tried again."""
+    return [r["removed"] for r in history if not r["within_budget"]]
+
+
+def misses_in_a_row(history: list[dict]) -> int:
+    """Over-budget rounds since the last kept one: the run ends when they exceed ``--patience``."""
+    kept = [i for i, r in enumerate(history) if r["within_budget"]]
+    return len(history) - (kept[-1] + 1 if kept else 0)
 
 
 def _choose(scores: dict[str, float], cfg: LoopConfig, state: LoopState,
             groups: FoldGroups | None) -> tuple[list[str], float | None]:
     """This round's removal (empty: nothing left to try) and, for a fold group, its measured saving."""
-    banned = {name for r in state.rejected for name in r} if cfg.select == "entropy" else set()
+    tried = rejected(state.history)
+    banned = {name for r in tried for name in r} if cfg.select == "entropy" else set()
     open_scores = {n: v for n, v in scores.items() if n not in banned}
-    budget = len(scores) if cfg.max_removed is None else max(cfg.max_removed - len(state.removed), 0)
     if groups is None:
         return pick(open_scores, cfg, len(state.removed)) if open_scores else [], None
-    picked = pick_group(open_scores, groups, state.removed, state.rejected, budget)
+    picked = pick_group(open_scores, groups, state.removed, tried, cfg.budget(len(state.removed)))
     return picked if picked is not None else ([], None)
 
 
 def measure_groups(gm: fx.GraphModule, cfg: LoopConfig, example: torch.Tensor, table: LatencyTable) -> FoldGroups:
-    """Fold groups of the original model, timed once on the target (kept in the state: resume re-times nothing)."""
+    """Fold groups of the model among its in-graph call sites of ``cfg.rectifiers``, timed on the table's target
+    (the loop keeps them in its state: resume re-times nothing)."""
     model = copy.deepcopy(gm).cpu().eval()
     sites = [s.name for s in find_call_sites(model, cfg.rectifiers) if s.in_graph]
     info(f"timing the merges that {len(sites)} activation call sites could unlock (fold groups)")
@@ -317,23 +337,21 @@ def run_loop(gm: fx.GraphModule, source: str, train_loader, val_loader, cfg: Loo
         record = RoundRecord(rnd, chosen, min(scores[n] for n in chosen), acc, acc - state.base_top1, within,
                              time.perf_counter() - t0, us_saved)
         saved = f", saves {us_saved:.1f}us" if us_saved is not None else ""
-        verdict = "kept" if within else f"over budget: reverted ({state.misses + 1} miss(es) in a row)"
+        misses = misses_in_a_row(state.history) + (not within)
+        verdict = "kept" if within else f"over budget: reverted ({misses} miss(es) in a row)"
         info(f"round {rnd}: removed {', '.join(chosen)} (score {record.score:.3f}{saved}) → top-1 {acc:.2f}% "
              f"(Δ {record.delta:+.2f}) {verdict}")
         if within:
             current = candidate
             state.removed = state.removed + chosen
             state.state_dict = cpu_state(current)
-            state.misses = 0
             if probe is not None and cfg.target_speedup is not None:
                 record.speedup = probe(current)
                 info(f"shipped model now ×{record.speedup:.2f} (target ×{cfg.target_speedup:.2f})")
                 state.finished = record.speedup >= cfg.target_speedup
-        else:
-            state.rejected.append(chosen)
-            state.misses += 1
         state.history.append(asdict(record))
-        state.finished = state.finished or state.misses > cfg.patience or cfg.one_shot is not None
+        finished = misses_in_a_row(state.history) > cfg.patience or cfg.one_shot is not None
+        state.finished = state.finished or finished
         save_state(out_dir, state)
 
     kept = [r["val_top1"] for r in state.history if r["within_budget"]]
