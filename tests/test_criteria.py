@@ -6,6 +6,8 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import run_cli
+from test_loop import _run
 from torch import nn
 
 from easier_export import criteria
@@ -14,7 +16,7 @@ from easier_export.data import digits
 from easier_export.entropy import binary_entropy, measure
 from easier_export.errors import UserError
 from easier_export.graph import find_call_sites, remove_sites, trace
-from easier_export.linearize import LoopConfig, run_loop
+from easier_export.linearize import LoopConfig
 
 CPU = torch.device("cpu")
 
@@ -184,10 +186,8 @@ def loaders():
 
 
 def _loop(loaders, out, **overrides):
-    torch.manual_seed(0)
-    cfg = LoopConfig(**{"max_drop": 100.0, "finetune_epochs": 0.1, "max_removed": 1, "entropy_batches": 1,
-                        **overrides})
-    return run_loop(trace(DemoNet()), "demo_cnn", loaders.train, loaders.val, cfg, CPU, out)
+    """test_loop's run, one cheap round."""
+    return _run(loaders, out, **{"finetune_epochs": 0.1, "max_removed": 1, "entropy_batches": 1, **overrides})
 
 
 @pytest.mark.parametrize("criterion", criteria.STUDY_CRITERIA)
@@ -235,3 +235,10 @@ def test_entropy_reg_drives_the_measured_entropy_down(loaders, tmp_path):
 def test_bad_study_settings_are_refused(bad):
     with pytest.raises(UserError):
         LoopConfig(**bad)
+
+
+def test_cli_refuses_entropy_reg_without_one_shot_in_one_line(capsys, image_folder, tmp_path):
+    code, text = run_cli(capsys, "linearize", "demo_cnn", "--num-classes", "3", "--data", str(image_folder),
+                         "--out", str(tmp_path / "lin"), "--entropy-reg", "0.1", "--criterion", "layerfold")
+    assert code == 2 and "give --one-shot" in text and "Traceback" not in text
+    assert not (tmp_path / "lin" / "state.pt").exists()
