@@ -90,7 +90,7 @@ def instrument(gm: fx.GraphModule, sites: Iterable[CallSite], threshold: float =
     make_probe = make_probe or (lambda dim: OnCounter(dim, threshold))
     graph = fx.Graph()
     env: dict[fx.Node, fx.Node] = {}
-    counters: dict[str, OnCounter] = {}
+    counters: dict[str, nn.Module] = {}
     owned: dict[str, object] = {}  # GraphModule root: the targets the new graph refers to
     wanted = {s.name: s for s in sites}
     for node in gm.graph.nodes:
