@@ -167,7 +167,9 @@ def mean(xs: list[float]) -> float:
 
 
 def spread(xs: list[float], fmt: str = "{:.2f}") -> str:
-    """Mean, and min–max over seeds when there are several."""
+    """Mean, and min–max over seeds when there are several; — where the curve has no such point (one-shot)."""
+    if any(math.isnan(x) for x in xs):
+        return "—"
     text = fmt.format(mean(xs))
     return text + (f" ({fmt.format(min(xs))}–{fmt.format(max(xs))})" if len(xs) > 1 else "")
 
