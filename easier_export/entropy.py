@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -49,6 +49,11 @@ class SiteStats:
                 "mean_p_on": float(self.p_on.mean()) if self.units else 0.0}
 
 
+def unit_dim(dim: int | None, x: torch.Tensor) -> int:
+    """``dim`` when the graph told it; otherwise (inside a leaf module) 1 for NCHW maps, else -1 (tokens)."""
+    return dim if dim is not None else (1 if x.dim() == 4 else -1)
+
+
 class OnCounter(nn.Module):
     """Identity that counts, per unit, how often its input is >= ``threshold``."""
 
@@ -59,8 +64,7 @@ class OnCounter(nn.Module):
         self.seen = 0
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.dim is None:  # no graph to read it from (inside a leaf module): NCHW maps, else tokens
-            self.dim = 1 if x.dim() == 4 else -1
+        self.dim = unit_dim(self.dim, x)
         with torch.no_grad():
             on = (x.detach() >= self.threshold).movedim(self.dim, -1).reshape(-1, x.shape[self.dim])
             counts = on.sum(0, dtype=torch.float64)
@@ -78,12 +82,15 @@ class OnCounter(nn.Module):
         return (on / seen.clamp_min(1)).cpu()
 
 
-def instrument(gm: fx.GraphModule, sites: Iterable[CallSite], threshold: float = 0.0
-               ) -> tuple[fx.GraphModule, dict[str, OnCounter], list[torch.utils.hooks.RemovableHandle]]:
-    """A GraphModule sharing ``gm``'s weights with a counter in front of each call site."""
+def instrument(gm: fx.GraphModule, sites: Iterable[CallSite], threshold: float = 0.0,
+               make_probe: Callable[[int | None], nn.Module] | None = None
+               ) -> tuple[fx.GraphModule, dict[str, nn.Module], list[torch.utils.hooks.RemovableHandle]]:
+    """A GraphModule sharing ``gm``'s weights with a probe in front of each call site: an :class:`OnCounter`,
+    or ``make_probe(unit_dim)`` (an identity that looks at the pre-activation: other criteria, penalties)."""
+    make_probe = make_probe or (lambda dim: OnCounter(dim, threshold))
     graph = fx.Graph()
     env: dict[fx.Node, fx.Node] = {}
-    counters: dict[str, OnCounter] = {}
+    counters: dict[str, nn.Module] = {}
     owned: dict[str, object] = {}  # GraphModule root: the targets the new graph refers to
     wanted = {s.name: s for s in sites}
     for node in gm.graph.nodes:
@@ -91,7 +98,7 @@ def instrument(gm: fx.GraphModule, sites: Iterable[CallSite], threshold: float =
             owned[node.target] = _fetch(gm, node.target)
         site = wanted.get(node.name)
         if site is not None and site.in_graph:
-            counter = counters[site.name] = OnCounter(channel_dim(gm, site), threshold)
+            counter = counters[site.name] = make_probe(channel_dim(gm, site))
             target = f"_easier_probe_{len(counters)}"
             owned[target] = counter
             x = graph.call_module(target, (env[node.args[0]],))
@@ -102,12 +109,12 @@ def instrument(gm: fx.GraphModule, sites: Iterable[CallSite], threshold: float =
     handles = []
     for site in wanted.values():
         if not site.in_graph:  # rectifier inside a leaf module: a forward pre-hook sees its input
-            counter = counters[site.name] = OnCounter(None, threshold)
+            counter = counters[site.name] = make_probe(None)
             handles.append(probed.get_submodule(site.name).register_forward_pre_hook(_counting_hook(counter)))
     return probed, counters, handles
 
 
-def _counting_hook(counter: OnCounter):
+def _counting_hook(counter: nn.Module):
     def hook(_module: nn.Module, args: tuple) -> None:
         counter(args[0])
 
@@ -120,7 +127,7 @@ def _fetch(gm: fx.GraphModule, target: str) -> object:
 
 
 @contextlib.contextmanager
-def _preserved_buffers(model: nn.Module) -> Iterator[None]:
+def preserved_buffers(model: nn.Module) -> Iterator[None]:
     """Train-mode passes update BatchNorm running stats: measuring must not change the model."""
     saved = {k: v.clone() for k, v in model.state_dict().items() if not v.is_floating_point() or "running" in k}
     try:
@@ -137,7 +144,7 @@ def measure(gm: fx.GraphModule, sites: list[CallSite], loader: Iterable, device:
     was_training = gm.training
     probed.train(train_mode)
     try:
-        with _preserved_buffers(gm), torch.no_grad():
+        with preserved_buffers(gm), torch.no_grad():
             for i, (x, _y) in enumerate(loader):
                 if batches is not None and i >= batches:
                     break

@@ -20,6 +20,7 @@ from typing import Any
 import torch
 from torch import fx
 
+from .criteria import STUDY_CRITERIA, entropy_regularised, study_scores
 from .entropy import SiteStats, measure
 from .errors import UserError, first_line
 from .fold.groups import FoldGroups, Group, find_groups
@@ -46,7 +47,12 @@ class LoopConfig:
     lr: float = option(0.01, "finetuning learning rate (SGD, cosine)")
     max_removed: int | None = option(None, "stop after removing this many activations", min=0)
     one_shot: int | None = option(None, "remove the K lowest-scoring activations at once, finetune once", min=1)
-    criterion: str = option("entropy", "which call site goes first", choices=("entropy", "sparsity", "random"))
+    criterion: str = option("entropy", "which call site goes first (the study's baselines: gradient, tlc, "
+                                       "layerfold, egp; see easier_export/criteria.py)",
+                            choices=("entropy", "sparsity", "random", *STUDY_CRITERIA))
+    entropy_reg: float = option(0.0, "with --one-shot: first finetune with λ·Σ soft binary entropy of every "
+                                     "call site added to the loss, then remove the K lowest", min=0.0)
+    entropy_tau: float = option(0.1, "temperature τ of --entropy-reg's soft ON probability sigmoid(x/τ)", min=0.0)
     rectifiers: tuple[str, ...] = option(tuple(sorted(ALL_RECTIFIERS)), "which activations count",
                                          choices=tuple(sorted(ALL_RECTIFIERS)))
     entropy_batches: int | None = option(20, "batches per entropy pass", min=1)
@@ -78,8 +84,11 @@ class LoopConfig:
     def __post_init__(self) -> None:
         """Refuse bad settings before any work is done (and before a state file records them)."""
         checks = [
-            (self.criterion in ("random", *CRITERIA), f"unknown --criterion '{self.criterion}' "
-                                                      f"(choose from random, {', '.join(CRITERIA)})"),
+            (self.criterion in ("random", *CRITERIA, *STUDY_CRITERIA),
+             f"unknown --criterion '{self.criterion}' (choose from random, {', '.join((*CRITERIA, *STUDY_CRITERIA))})"),
+            (self.entropy_reg == 0 or self.one_shot is not None, "--entropy-reg trains once, then removes "
+                                                                 "--one-shot K sites: give --one-shot"),
+            (self.entropy_tau > 0, "--entropy-tau must be positive"),
             (self.entropy_mode in ("train", "eval"), f"--entropy-mode is train or eval, not {self.entropy_mode!r}"),
             (self.entropy_batches is None or self.entropy_batches >= 1, "--entropy-batches must be at least 1"),
             (self.one_shot is None or self.one_shot >= 1, "--one-shot must be at least 1"),
@@ -159,6 +168,9 @@ def score_sites(gm: fx.GraphModule, sites: list[CallSite], loader, device: torch
     with progress("entropy", min(total, len(loader))) as advance:
         stats = measure(gm, sites, loader, device, cfg.entropy_batches, cfg.entropy_mode == "train",
                         cfg.threshold, advance)
+    if cfg.criterion in STUDY_CRITERIA:
+        return study_scores(cfg.criterion, gm, sites, stats, loader, device, cfg.entropy_batches,
+                            cfg.entropy_mode == "train", cfg.threshold), stats
     return {name: CRITERIA[cfg.criterion](s) for name, s in stats.items()}, stats
 
 
@@ -262,6 +274,14 @@ def _choose(scores: dict[str, float], cfg: LoopConfig, state: LoopState,
     return picked if picked is not None else ([], None)
 
 
+def _regularised(gm: fx.GraphModule, sites: list[CallSite], loader, device: torch.device,
+                 cfg: LoopConfig) -> fx.GraphModule:
+    """``--entropy-reg``: a copy finetuned with the soft-entropy penalty (``gm`` stays as it is if reverted)."""
+    with progress("finetune with entropy penalty", math.ceil(cfg.finetune_epochs * len(loader))) as advance:
+        return entropy_regularised(gm, sites, loader, device, cfg.finetune_epochs, cfg.lr, cfg.entropy_reg,
+                                   cfg.entropy_tau, cfg.threshold, advance)
+
+
 def measure_groups(gm: fx.GraphModule, cfg: LoopConfig, example: torch.Tensor, table: LatencyTable) -> FoldGroups:
     """Fold groups of the model among its in-graph call sites of ``cfg.rectifiers``, timed on the table's target
     (the loop keeps them in its state: resume re-times nothing)."""
@@ -319,7 +339,8 @@ def run_loop(gm: fx.GraphModule, source: str, train_loader, val_loader, cfg: Loo
         t0 = time.perf_counter()
         round_seed = cfg.seed * 100_003 + rnd
         seed_everything(round_seed, train_loader)
-        scores, stats = score_sites(current, sites, train_loader, device, cfg, round_seed)
+        scored = current if cfg.entropy_reg == 0 else _regularised(current, sites, train_loader, device, cfg)
+        scores, stats = score_sites(scored, sites, train_loader, device, cfg, round_seed)
         if rnd == 1:
             state.entropy0 = [s.to_dict() for s in stats.values()]
         chosen, us_saved = _choose(scores, cfg, state, groups)
@@ -328,7 +349,7 @@ def run_loop(gm: fx.GraphModule, source: str, train_loader, val_loader, cfg: Loo
             state.finished = True
             save_state(out_dir, state)
             break
-        candidate = remove_sites(current, chosen, cfg.relocates).to(device)
+        candidate = remove_sites(scored, chosen, cfg.relocates).to(device)
         seed_everything(round_seed, train_loader)
         with progress(f"round {rnd}: finetune", math.ceil(cfg.finetune_epochs * len(train_loader))) as advance:
             finetune(candidate, train_loader, device, cfg.finetune_epochs, cfg.lr, on_step=advance)

@@ -65,10 +65,13 @@ def seed_everything(seed: int, loader: DataLoader | None = None) -> None:
 
 
 def finetune(model: nn.Module, loader: DataLoader, device: torch.device, epochs: float, lr: float,
-             weight_decay: float = 5e-4, on_step: Callable[[], None] | None = None) -> float:
+             weight_decay: float = 5e-4, on_step: Callable[[], None] | None = None,
+             penalty: Callable[[], torch.Tensor] | None = None) -> float:
     """SGD + momentum with a cosine schedule; returns the mean training loss of the last epoch.
 
     ``epochs`` may be fractional (e.g. 0.25 = a quarter of an epoch), for quick rounds on big datasets.
+    ``penalty()``, when given, is added to each step's loss after the forward pass (a regulariser that hooks
+    inside the model read during that pass, e.g. ``--entropy-reg``).
     """
     if epochs <= 0:
         return float("nan")
@@ -91,6 +94,8 @@ def finetune(model: nn.Module, loader: DataLoader, device: torch.device, epochs:
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             with torch.autocast(device.type, enabled=use_amp):
                 loss = loss_fn(net(x), y)
+                if penalty is not None:
+                    loss = loss + penalty()
             opt.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             scaler.step(opt)
