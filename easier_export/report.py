@@ -124,7 +124,7 @@ REPORT_SCHEMA: dict[str, Any] = {
     "entropy": [{"name": str, "op": str, "units": int, "entropy": NUM, "removed_round": (int, type(None))}],
     "rounds": [{"round": int, "removed": [str], "entropy": NUM, "val_top1": NUM, "delta": NUM,
                 "within_budget": bool, "seconds": NUM, "us_saved": (int, float, type(None)),
-                "speedup": (int, float, type(None))}],
+                "speedup": (int, float, type(None)), "val_ppl": (int, float, type(None))}],
     "rejected": [{"round": int, "removed": [str], "val_top1": NUM}],
     "groups": [{"sites": [str], "us_saved": NUM, "detail": str, "entropy": NUM}],
     "folds": [{"kind": str, "nodes": [str], "detail": str, "applied": bool, "reason": str,
@@ -212,6 +212,9 @@ def summary_rows(report: dict) -> list[tuple[str, str, str, str]]:
     orig, comp = report["original"], report["compressed"]
     top1_change = f"{comp['top1'] - orig['top1']:+.2f} pp" if None not in (orig["top1"], comp["top1"]) else ""
     rows = [("top-1 (%)", _fmt_top1(orig["top1"]), _fmt_top1(comp["top1"]), top1_change)]
+    if "ppl" in orig and "ppl" in comp:  # language models: the budget metric
+        rows.append(("perplexity", f"{orig['ppl']:.3f}", f"{comp['ppl']:.3f}",
+                     f"{comp['ppl'] / orig['ppl'] - 1:+.1%}"))
     for key, name, unit, absolute in (("activations", "activations", "", True),
                                       ("conv_linear_depth", "conv/linear depth", "", True),
                                       ("params", "params", "", False), ("flops", "FLOPs", "", False),

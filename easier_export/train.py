@@ -7,6 +7,7 @@ from collections.abc import Callable
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler
@@ -39,20 +40,36 @@ def is_main_process() -> bool:
     return not is_distributed() or dist.get_rank() == 0
 
 
+def prediction_loss(logits: torch.Tensor, y: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+    """Cross-entropy over every labelled position: one per image or text, one per token of a language model
+    (logits (B, T, V), targets (B, T)); target -100 marks a position without a label."""
+    return F.cross_entropy(logits.flatten(0, -2).float(), y.flatten(), reduction=reduction)
+
+
 @torch.no_grad()
-def evaluate(model: nn.Module, loader: DataLoader, device: torch.device) -> float:
-    """Top-1 accuracy in percent (summed over ranks under DDP)."""
+def evaluate_metrics(model: nn.Module, loader: DataLoader, device: torch.device) -> dict[str, float]:
+    """Top-1 accuracy in percent and perplexity (exp of the mean cross-entropy), over every labelled position
+    (summed over ranks under DDP): a classifier's top-1, or a language model's next-token accuracy."""
     was_training = model.training
     model.eval()
-    correct = torch.zeros(2, dtype=torch.float64, device=device)
+    sums = torch.zeros(3, dtype=torch.float64, device=device)  # correct, positions, summed cross-entropy
     for x, y in loader:
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-        correct[0] += (model(x).argmax(-1) == y).sum()
-        correct[1] += y.numel()
+        logits = model(x)
+        labelled = y.flatten() != -100
+        sums[0] += (logits.flatten(0, -2).argmax(-1) == y.flatten())[labelled].sum()
+        sums[1] += labelled.sum()
+        sums[2] += prediction_loss(logits, y, "sum")
     if is_distributed():
-        dist.all_reduce(correct)
+        dist.all_reduce(sums)
     model.train(was_training)
-    return float(100.0 * correct[0] / correct[1].clamp_min(1))
+    positions = sums[1].clamp_min(1)
+    return {"top1": float(100.0 * sums[0] / positions), "ppl": math.exp(min(float(sums[2] / positions), 700.0))}
+
+
+def evaluate(model: nn.Module, loader: DataLoader, device: torch.device) -> float:
+    """Top-1 accuracy in percent (summed over ranks under DDP)."""
+    return evaluate_metrics(model, loader, device)["top1"]
 
 
 def seed_everything(seed: int, loader: DataLoader | None = None) -> None:
@@ -81,7 +98,6 @@ def finetune(model: nn.Module, loader: DataLoader, device: torch.device, epochs:
     net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None) \
         if is_distributed() else model
     model.train()
-    loss_fn = nn.CrossEntropyLoss()
     step, epoch, total, count = 0, 0, 0.0, 0
     while step < steps:
         if isinstance(loader.sampler, DistributedSampler):
@@ -90,7 +106,7 @@ def finetune(model: nn.Module, loader: DataLoader, device: torch.device, epochs:
         for x, y in loader:
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             with torch.autocast(device.type, enabled=use_amp):
-                loss = loss_fn(net(x), y)
+                loss = prediction_loss(net(x), y)
             opt.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             scaler.step(opt)
