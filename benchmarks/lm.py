@@ -15,12 +15,25 @@ Phase ``easier``: `compress` on that directory with EASIER order and with a rand
 from __future__ import annotations
 
 import argparse
+import json
 import math
+import os
+import sys
 import sysconfig
 import time
 from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from cifar_resnets import p50  # noqa: E402  (one place for reading the benchmark rows)
+
+from easier_export.bench import bench, cpu_name  # noqa: E402
+from easier_export.io import save_json  # noqa: E402
+from easier_export.linearize import LoopConfig  # noqa: E402
+from easier_export.models import load_model  # noqa: E402
+from easier_export.pipeline import CompressConfig, compress  # noqa: E402
+from easier_export.text import text_loaders  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 RUNS = ROOT / "runs" / "lm"
@@ -96,14 +109,108 @@ def train(minutes: float, seq: int = 128, batch: int = 16, lr: float = 2e-3, see
     model.save_pretrained(MODEL)
 
 
+def run(criterion: str, args: argparse.Namespace) -> dict:
+    """The compress report for this removal order (entropy = EASIER, random), run unless finished before."""
+    out = RUNS / f"easier-{criterion}"
+    if (out / "result.json").is_file():
+        return json.loads((out / "result.json").read_text())
+    loaded = load_model(str(MODEL), img_size=(args.seq,))
+    loaders = text_loaders(DATA, loaded.text, args.seq, args.batch_size, seed=0)
+    loop = LoopConfig(max_ppl_increase=args.max_ppl_increase, finetune_epochs=args.steps / len(loaders.train),
+                      lr=args.lr, optimizer="adamw", criterion=criterion, select="entropy",
+                      entropy_batches=args.entropy_batches, patience=args.patience)
+    cfg = CompressConfig(loop, fold="all", device="cpu", bench_batches=(1,), threads=1, bench_seconds=3.0)
+    t0 = time.perf_counter()
+    report = compress(loaded, loaders, out, cfg)
+    report["wall_s"] = time.perf_counter() - t0
+    save_json(report, out / "result.json")  # with the wall time, which compress's own report.json lacks
+    return report
+
+
+def retime(criterion: str) -> list[dict]:
+    """Original vs shipped ONNX, interleaved, batch 1 and 8 at sequence 128, one ORT thread."""
+    out = RUNS / f"easier-{criterion}"
+    files = {"original": out / "onnx" / "original.onnx", "folded": out / "model.onnx"}
+    return bench(files, (128,), ("cpu",), (1, 8), threads=1, max_seconds=3.0, repeats=5)
+
+
+def row(criterion: str, r: dict, timed: list[dict]) -> str:
+    o, c = r["original"], r["compressed"]
+    b1o, b1f, b8o, b8f = (p50({"bench": timed}, lab, b) for b in (1, 8) for lab in ("original", "folded"))
+    tps = next(t["tokens_per_s"] for t in timed if t["label"] == "folded" and t["batch"] == 8)
+    tps0 = next(t["tokens_per_s"] for t in timed if t["label"] == "original" and t["batch"] == 8)
+    kept = sum(x["within_budget"] for x in r["rounds"])
+    v = r["verify"]
+    return (f"| {'EASIER (entropy)' if criterion == 'entropy' else criterion} | {len(c['removed'])} / "
+            f"{o['activations']} | {kept} / {len(r['rounds'])} | {o['ppl']:.3f} → {c['ppl']:.3f} "
+            f"({c['ppl'] / o['ppl'] - 1:+.1%}) | {o['top1']:.2f} → {c['top1']:.2f} | "
+            f"{o['params'] / 1e6:.2f} M → {c['params'] / 1e6:.2f} M | {b1o:.2f} → {b1f:.2f} (×{b1o / b1f:.2f}) | "
+            f"{b8o:.1f} → {b8f:.1f} (×{b8o / b8f:.2f}) | {tps0:,.0f} → {tps:,.0f} | {v['max_abs']:.1e} "
+            f"({v['max_rel']:.1e} rel.) | {v['top1_agree']:.4f} | {r['wall_s'] / 60:.1f} min |")
+
+
+def table(args: argparse.Namespace, rows: list[str], rounds: dict[str, list[dict]]) -> str:
+    cfg = json.loads((MODEL / "config.json").read_text())
+    lines = [
+        "# EASIER on a byte-level GPT-2 (Hugging Face directory, Python standard library text)",
+        "",
+        f"Machine: {cpu_name()}, {os.cpu_count()} cores shared with other work, no GPU; torch {torch.__version__}.",
+        "",
+        f"Model: `GPT2LMHeadModel` from a config (n_layer {cfg['n_layer']}, n_embd {cfg['n_embd']}, n_head "
+        f"{cfg['n_head']}, vocab 256 bytes, `gelu_new`), trained here by `benchmarks/lm.py train` (AdamW, 1 CPU "
+        "thread, 30 min budget, batch 16 × 128 bytes) on the standard library's `.py` files (every 50th file is "
+        f"validation text, {VAL_BYTES // 1000} kB), saved with `save_pretrained` and read back by the tool as a "
+        "Hugging Face directory (no tokenizer files: UTF-8 bytes).",
+        "",
+        f"Settings: `compress --select entropy --criterion {{entropy, random}} --max-ppl-increase "
+        f"{args.max_ppl_increase} --patience {args.patience} --optimizer adamw --lr {args.lr} --entropy-batches "
+        f"{args.entropy_batches} --fold all`, {args.steps} finetuning steps per round (AdamW, cosine, batch "
+        f"{args.batch_size} × {args.seq}), seed 0. "
+        "Perplexity is per byte on the validation text; top-1 is next-byte accuracy. Speed: ORT CPU p50 of the "
+        "original ONNX vs the shipped `model.onnx` at sequence 128, one ORT thread, re-timed together after the "
+        "runs (interleaved, 5 repeats); tokens/s at batch 8. Exactness: `model.onnx` against the linearized "
+        "PyTorch model on validation batches at sequence 128 and 64 (max abs diff of the logits, next-token "
+        "agreement).",
+        "",
+        "| order | GELUs removed / sites | rounds kept / run | val perplexity | next-byte top-1 (%) | params | "
+        "ORT p50 b1 ms | ORT p50 b8 ms | tokens/s (b8) | max abs diff | next-token agreement | wall |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        *rows,
+        "",
+        "Rounds (removed call site: validation perplexity, kept or reverted):",
+        "",
+    ]
+    for criterion, rs in rounds.items():
+        steps = "; ".join(f"{', '.join(x['removed'])} (entropy {x['entropy']:.3f}): {x['val_ppl']:.3f} "
+                          f"{'kept' if x['within_budget'] else 'reverted'}" for x in rs)
+        lines.append(f"- {criterion}: {steps}")
+    return "\n".join(lines) + "\n"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="phase", required=True)
     t = sub.add_parser("train")
     t.add_argument("--minutes", type=float, default=35.0)
+    e = sub.add_parser("easier")
+    e.add_argument("--criteria", nargs="+", default=["entropy", "random"], choices=["entropy", "random"])
+    e.add_argument("--max-ppl-increase", type=float, default=5.0)
+    e.add_argument("--steps", type=int, default=300, help="finetuning steps per round")
+    e.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate")
+    e.add_argument("--patience", type=int, default=2)
+    e.add_argument("--entropy-batches", type=int, default=10)
+    e.add_argument("--batch-size", type=int, default=16)
+    e.add_argument("--seq", type=int, default=128)
     args = parser.parse_args()
     if args.phase == "train":
         train(args.minutes)
+        return
+    torch.set_num_threads(1)
+    reports = {c: run(c, args) for c in args.criteria}
+    rows = [row(c, r, retime(c)) for c, r in reports.items()]
+    text = table(args, rows, {c: r["rounds"] for c, r in reports.items()})
+    (ROOT / "benchmarks" / "lm.md").write_text(text)
+    print(text)
 
 
 if __name__ == "__main__":

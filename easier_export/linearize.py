@@ -26,7 +26,7 @@ from .fold.groups import FoldGroups, Group, find_groups
 from .fold.planner import LatencyTable
 from .graph import ALL_RECTIFIERS, CallSite, find_call_sites, remove_sites
 from .io import save_torch
-from .train import evaluate_metrics, finetune, is_main_process, seed_everything, warn_near_chance
+from .train import OPTIMIZERS, evaluate_metrics, finetune, is_main_process, seed_everything, warn_near_chance
 from .ui import info, progress
 
 STATE_FILE = "state.pt"
@@ -45,7 +45,9 @@ class LoopConfig:
     max_ppl_increase: float = option(5.0, "language-model budget: largest allowed validation perplexity increase, "
                                           "in percent (causal LMs; classifiers use --max-drop)", min=0.0)
     finetune_epochs: float = option(1.0, "finetuning epochs per round (fractions allowed)", min=0.0)
-    lr: float = option(0.01, "finetuning learning rate (SGD, cosine)")
+    lr: float = option(0.01, "finetuning learning rate (cosine schedule)")
+    optimizer: str = option("sgd", "finetuning optimizer: sgd (momentum 0.9) or adamw (for transformers and "
+                                   "language models)", choices=OPTIMIZERS)
     max_removed: int | None = option(None, "stop after removing this many activations", min=0)
     one_shot: int | None = option(None, "remove the K lowest-scoring activations at once, finetune once", min=1)
     criterion: str = option("entropy", "which call site goes first", choices=("entropy", "sparsity", "random"))
@@ -88,6 +90,7 @@ class LoopConfig:
             (self.max_removed is None or self.max_removed >= 0, "--max-removed must not be negative"),
             (self.finetune_epochs >= 0 and self.baseline_epochs >= 0, "epochs must not be negative"),
             (self.lr > 0, "--lr must be positive"),
+            (self.optimizer in OPTIMIZERS, f"--optimizer is one of {', '.join(OPTIMIZERS)}, not {self.optimizer!r}"),
             (self.select in SELECTIONS, f"--select must be one of {', '.join(SELECTIONS)}, got '{self.select}'"),
             (self.patience >= 0, "--patience must not be negative"),
             (self.target_speedup is None or self.target_speedup > 0, "--target-speedup must be positive"),
@@ -311,7 +314,8 @@ def run_loop(gm: fx.GraphModule, source: str, train_loader, val_loader, cfg: Loo
         if cfg.baseline_epochs > 0:
             seed_everything(cfg.seed * 100_003, train_loader)
             with progress("finetune original (baseline)", math.ceil(cfg.baseline_epochs * len(train_loader))) as adv:
-                finetune(gm, train_loader, device, cfg.baseline_epochs, cfg.lr, on_step=adv)
+                finetune(gm, train_loader, device, cfg.baseline_epochs, cfg.lr, on_step=adv,
+                         optimizer=cfg.optimizer)
             state.baseline = cpu_state(gm)
         metrics = evaluate_metrics(gm, val_loader, device)
         state.base_top1 = metrics["top1"]
@@ -360,7 +364,8 @@ def run_loop(gm: fx.GraphModule, source: str, train_loader, val_loader, cfg: Loo
         candidate = remove_sites(current, chosen, cfg.relocates).to(device)
         seed_everything(round_seed, train_loader)
         with progress(f"round {rnd}: finetune", math.ceil(cfg.finetune_epochs * len(train_loader))) as advance:
-            finetune(candidate, train_loader, device, cfg.finetune_epochs, cfg.lr, on_step=advance)
+            finetune(candidate, train_loader, device, cfg.finetune_epochs, cfg.lr, on_step=advance,
+                     optimizer=cfg.optimizer)
         metrics = evaluate_metrics(candidate, val_loader, device)
         acc, ppl = metrics["top1"], metrics["ppl"] if task.metric == "ppl" else None
         within = task.within(cfg, state.base_ppl, ppl) if ppl is not None else task.within(cfg, state.base_top1, acc)

@@ -81,9 +81,13 @@ def seed_everything(seed: int, loader: DataLoader | None = None) -> None:
         loader.sampler.seed = seed
 
 
+OPTIMIZERS = ("sgd", "adamw")
+
+
 def finetune(model: nn.Module, loader: DataLoader, device: torch.device, epochs: float, lr: float,
-             weight_decay: float = 5e-4, on_step: Callable[[], None] | None = None) -> float:
-    """SGD + momentum with a cosine schedule; returns the mean training loss of the last epoch.
+             weight_decay: float = 5e-4, on_step: Callable[[], None] | None = None, optimizer: str = "sgd") -> float:
+    """SGD + momentum (or AdamW: transformers train poorly with SGD) with a cosine schedule; returns the mean
+    training loss of the last epoch.
 
     ``epochs`` may be fractional (e.g. 0.25 = a quarter of an epoch), for quick rounds on big datasets.
     """
@@ -91,7 +95,8 @@ def finetune(model: nn.Module, loader: DataLoader, device: torch.device, epochs:
         return float("nan")
     steps = max(1, math.ceil(epochs * len(loader)))
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=weight_decay, nesterov=True)
+    opt = torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=weight_decay, nesterov=True) \
+        if optimizer == "sgd" else torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * s / steps)))
     use_amp = device.type == "cuda"
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
