@@ -102,3 +102,23 @@ def test_compress_on_a_gpt2_directory_keeps_perplexity_in_budget(capsys, tmp_pat
     assert sum(f["kind"] == "linear_linear" and f["applied"] for f in report["folds"]) == 2
     assert report["verify"]["passed"] and report["verify"]["top1_agree"] == 1.0
     assert all(row["tokens_per_s"] > 0 for row in report["bench"])
+
+
+def test_linearize_a_bert_classifier_on_labelled_lines(capsys, tmp_path):
+    """Classification: top-1 budget (--max-drop), padded batches, entropy over real tokens only."""
+    from transformers import BertConfig, BertForSequenceClassification
+
+    torch.manual_seed(0)
+    BertForSequenceClassification(BertConfig(vocab_size=256, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                                             intermediate_size=32, max_position_embeddings=32, num_labels=2)
+                                  ).save_pretrained(tmp_path / "bert")
+    lines = "".join(f"{i % 2}\t{'yes' if i % 2 else 'no'} {i}\n" for i in range(24))
+    data = _data(tmp_path / "data", lines, lines)
+    out = tmp_path / "lin"
+    code, log = run(capsys, "linearize", str(tmp_path / "bert"), "--data", str(data), "--out", str(out),
+                    "--input-size", "12", "--batch-size", "8", "--finetune-epochs", "1", "--max-drop", "100",
+                    "--select", "entropy", "--entropy-batches", "1", "--optimizer", "adamw", "--lr", "1e-3")
+    assert code == 0, log
+    assert "original top-1" in log and "perplexity" not in log
+    state = torch.load(out / "state.pt", weights_only=True)
+    assert state["base_ppl"] is None and state["removed"] == ["blocks_0_act"]
