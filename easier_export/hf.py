@@ -180,23 +180,34 @@ def _check_weights(path: Path, trust_pickle: bool) -> None:
     _torch_load(path / "pytorch_model.bin", trust_pickle)
 
 
+def _architecture(config: object) -> str:
+    """The head class config.json names; a config without ``architectures`` gets its family's causal LM."""
+    named = getattr(config, "architectures", None)
+    if named:
+        return named[0]
+    default = {"gpt2": "GPT2LMHeadModel", "bert": "BertLMHeadModel" if getattr(config, "is_decoder", False) else ""}
+    return default.get(config.model_type) or "?"
+
+
 def load_hf(path: Path, trust_pickle: bool = False) -> tuple[TextModel, TextSpec, list[str]]:
     """The directory's model as a :class:`TextModel`, what its text input is, and notes for the user."""
     import transformers
 
+    transformers.utils.logging.set_verbosity_error()  # its progress bars and advice are not this tool's output
+    transformers.utils.logging.disable_progress_bar()
     try:
         config = transformers.AutoConfig.from_pretrained(path, local_files_only=True, trust_remote_code=False)
     except Exception as e:  # custom code (auto_map), unknown model_type, malformed JSON...
         raise UserError(f"{path}/config.json cannot be read by transformers without remote code "
                         f"({type(e).__name__}: {first_line(e)})") from e
-    arch = (getattr(config, "architectures", None) or ["?"])[0]
+    arch = _architecture(config)
     if arch not in CAUSAL_LM + CLASSIFIERS:
         raise UserError(f"{path}: architecture {arch} (model_type {config.model_type}) is not supported; "
                         f"supported: {', '.join(CAUSAL_LM + CLASSIFIERS)}")
     _check_weights(path, trust_pickle)
     try:
-        hf = getattr(transformers, arch).from_pretrained(path, local_files_only=True, trust_remote_code=False,
-                                                         dtype=torch.float32).eval()
+        hf = getattr(transformers, arch).from_pretrained(path, local_files_only=True,
+                                                         trust_remote_code=False).float().eval()
     except Exception as e:  # missing or mismatched tensors, damaged safetensors...
         raise UserError(f"transformers cannot load {path} ({type(e).__name__}: {first_line(e)})") from e
     task = "causal_lm" if arch in CAUSAL_LM else "classification"

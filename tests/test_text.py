@@ -122,3 +122,22 @@ def test_linearize_a_bert_classifier_on_labelled_lines(capsys, tmp_path):
     assert "original top-1" in log and "perplexity" not in log
     state = torch.load(out / "state.pt", weights_only=True)
     assert state["base_ppl"] is None and state["removed"] == ["blocks_0_act"]
+
+
+def test_a_directory_tokenizer_is_used_when_present(tmp_path):
+    """A WordPiece vocab written here (nothing downloaded): classification lines get [CLS] … [SEP], then padding."""
+    from transformers import BertConfig, BertForSequenceClassification, BertTokenizer
+
+    from easier_export.models import load_model
+
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "good", "bad", "movie"]
+    (tmp_path / "vocab.txt").write_text("\n".join(vocab) + "\n")
+    BertTokenizer(str(tmp_path / "vocab.txt")).save_pretrained(tmp_path / "bert")
+    BertForSequenceClassification(BertConfig(vocab_size=len(vocab), hidden_size=16, num_hidden_layers=1,
+                                             num_attention_heads=2, intermediate_size=32, num_labels=2)
+                                  ).save_pretrained(tmp_path / "bert")
+    loaded = load_model(str(tmp_path / "bert"), img_size=(6,))
+    assert loaded.text.tokenizer == str(tmp_path / "bert") and loaded.notes == []
+    data = _data(tmp_path / "data", "1\tgood movie\n0\tbad movie\n", "0\tbad\n")
+    x, y = next(iter(text_loaders(data, loaded.text, 6).val))
+    assert x.tolist() == [[2, 6, 3, 0, 0, 0]] and y.tolist() == [0]
