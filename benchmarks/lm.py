@@ -127,26 +127,84 @@ def run(criterion: str, args: argparse.Namespace) -> dict:
     return report
 
 
-def retime(criterion: str) -> list[dict]:
+def ceiling(args: argparse.Namespace) -> dict:
+    """Every MLP GELU removed, no finetuning: the speed (and exactness) the folds can give at most, and the
+    perplexity that removal costs before any finetuning. Independent of the EASIER rounds."""
+    from easier_export.export import export_onnx, verify_onnx
+    from easier_export.fold import fold_model
+    from easier_export.graph import find_call_sites, remove_sites, trace
+    from easier_export.pipeline import val_batches
+    from easier_export.train import evaluate_metrics
+
+    out = RUNS / "ceiling"
+    if (out / "result.json").is_file():
+        return json.loads((out / "result.json").read_text())
+    loaded = load_model(str(MODEL), img_size=(args.seq,))
+    loaders = text_loaders(DATA, loaded.text, args.seq, args.batch_size, seed=0)
+    gm = trace(loaded.model)
+    linear = remove_sites(gm, [s.name for s in find_call_sites(gm)])
+    inputs = val_batches(loaders, 4, text=True)
+    folded, _ = fold_model(linear, inputs[0][:1], mode="all")
+    files = {"original": out / "original.onnx", "folded": out / "model.onnx"}
+    for path, model in zip(files.values(), (gm, folded), strict=True):
+        export_onnx(model, inputs[0][:1], path)
+    check = verify_onnx(files["folded"], linear, inputs)
+    result = {"ppl_before": evaluate_metrics(gm, loaders.val, torch.device("cpu"))["ppl"],
+              "ppl_after": evaluate_metrics(linear, loaders.val, torch.device("cpu"))["ppl"],
+              "params": [sum(p.numel() for p in m.parameters()) for m in (gm, folded)],
+              "verify": check.to_dict()}
+    save_json(result, out / "result.json")
+    return result
+
+
+def retime(original: Path, shipped: Path) -> list[dict]:
     """Original vs shipped ONNX, interleaved, batch 1 and 8 at sequence 128, one ORT thread."""
-    out = RUNS / f"easier-{criterion}"
-    files = {"original": out / "onnx" / "original.onnx", "folded": out / "model.onnx"}
-    return bench(files, (128,), ("cpu",), (1, 8), threads=1, max_seconds=3.0, repeats=5)
+    return bench({"original": original, "folded": shipped}, (128,), ("cpu",), (1, 8), threads=1, max_seconds=3.0,
+                 repeats=5)
+
+
+def speed(timed: list[dict]) -> str:
+    """p50 at batch 1 and 8 (original → shipped, speed-up) and tokens/s at batch 8."""
+    b1o, b1f, b8o, b8f = (p50({"bench": timed}, lab, b) for b in (1, 8) for lab in ("original", "folded"))
+    tps = {t["label"]: t["tokens_per_s"] for t in timed if t["batch"] == 8}
+    noisy = " noisy" if any(t["noisy"] for t in timed) else ""
+    return (f"{b1o:.2f} → {b1f:.2f} (×{b1o / b1f:.2f}{noisy}) | {b8o:.1f} → {b8f:.1f} (×{b8o / b8f:.2f}) | "
+            f"{tps['original']:,.0f} → {tps['folded']:,.0f}")
+
+
+def partial(criterion: str) -> tuple[str, list[dict]] | None:
+    """A run stopped before it finished: its rounds so far, from the loop's state file."""
+    path = RUNS / f"easier-{criterion}" / "state.pt"
+    if not path.is_file():
+        return None
+    state = torch.load(path, weights_only=True)
+    kept = [r for r in state["history"] if r["within_budget"]]
+    ppl = kept[-1]["val_ppl"] if kept else state["base_ppl"]
+    return (f"| {label(criterion)} (stopped after {len(state['history'])} rounds) | {len(state['removed'])} / 4 | "
+            f"{len(kept)} / {len(state['history'])} | {state['base_ppl']:.3f} → {ppl:.3f} "
+            f"({ppl / state['base_ppl'] - 1:+.1%}) | – | – | not shipped | – | – | – | – | – |", state["history"])
+
+
+def label(criterion: str) -> str:
+    return "EASIER (entropy)" if criterion == "entropy" else criterion
 
 
 def row(criterion: str, r: dict, timed: list[dict]) -> str:
     o, c = r["original"], r["compressed"]
-    b1o, b1f, b8o, b8f = (p50({"bench": timed}, lab, b) for b in (1, 8) for lab in ("original", "folded"))
-    tps = next(t["tokens_per_s"] for t in timed if t["label"] == "folded" and t["batch"] == 8)
-    tps0 = next(t["tokens_per_s"] for t in timed if t["label"] == "original" and t["batch"] == 8)
     kept = sum(x["within_budget"] for x in r["rounds"])
     v = r["verify"]
-    return (f"| {'EASIER (entropy)' if criterion == 'entropy' else criterion} | {len(c['removed'])} / "
-            f"{o['activations']} | {kept} / {len(r['rounds'])} | {o['ppl']:.3f} → {c['ppl']:.3f} "
-            f"({c['ppl'] / o['ppl'] - 1:+.1%}) | {o['top1']:.2f} → {c['top1']:.2f} | "
-            f"{o['params'] / 1e6:.2f} M → {c['params'] / 1e6:.2f} M | {b1o:.2f} → {b1f:.2f} (×{b1o / b1f:.2f}) | "
-            f"{b8o:.1f} → {b8f:.1f} (×{b8o / b8f:.2f}) | {tps0:,.0f} → {tps:,.0f} | {v['max_abs']:.1e} "
+    return (f"| {label(criterion)} | {len(c['removed'])} / {o['activations']} | {kept} / {len(r['rounds'])} | "
+            f"{o['ppl']:.3f} → {c['ppl']:.3f} ({c['ppl'] / o['ppl'] - 1:+.1%}) | {o['top1']:.2f} → {c['top1']:.2f} | "
+            f"{o['params'] / 1e6:.2f} M → {c['params'] / 1e6:.2f} M | {speed(timed)} | {v['max_abs']:.1e} "
             f"({v['max_rel']:.1e} rel.) | {v['top1_agree']:.4f} | {r['wall_s'] / 60:.1f} min |")
+
+
+def ceiling_row(r: dict, timed: list[dict]) -> str:
+    v = r["verify"]
+    return (f"| every GELU, no finetuning (speed ceiling) | 4 / 4 | – | {r['ppl_before']:.3f} → {r['ppl_after']:.3f} "
+            f"({r['ppl_after'] / r['ppl_before'] - 1:+.1%}) | – | {r['params'][0] / 1e6:.2f} M → "
+            f"{r['params'][1] / 1e6:.2f} M | {speed(timed)} | {v['max_abs']:.1e} ({v['max_rel']:.1e} rel.) | "
+            f"{v['top1_agree']:.4f} | – |")
 
 
 def table(args: argparse.Namespace, rows: list[str], rounds: dict[str, list[dict]]) -> str:
@@ -177,11 +235,12 @@ def table(args: argparse.Namespace, rows: list[str], rounds: dict[str, list[dict
         "|---|---|---|---|---|---|---|---|---|---|---|---|",
         *rows,
         "",
-        "Rounds (removed call site: validation perplexity, kept or reverted):",
+        "Rounds (removed call site (score: entropy in EASIER order, a seeded draw in random order): validation "
+        "perplexity, kept or reverted):",
         "",
     ]
     for criterion, rs in rounds.items():
-        steps = "; ".join(f"{', '.join(x['removed'])} (entropy {x['entropy']:.3f}): {x['val_ppl']:.3f} "
+        steps = "; ".join(f"{', '.join(x['removed'])} ({x['entropy']:.3f}): {x['val_ppl']:.3f} "
                           f"{'kept' if x['within_budget'] else 'reverted'}" for x in rs)
         lines.append(f"- {criterion}: {steps}")
     return "\n".join(lines) + "\n"
@@ -189,26 +248,46 @@ def table(args: argparse.Namespace, rows: list[str], rounds: dict[str, list[dict
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    common = argparse.ArgumentParser(add_help=False)  # the settings of the table, shared by its phases
+    common.add_argument("--max-ppl-increase", type=float, default=5.0)
+    common.add_argument("--steps", type=int, default=250, help="finetuning steps per round")
+    common.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate")
+    common.add_argument("--patience", type=int, default=2)
+    common.add_argument("--entropy-batches", type=int, default=10)
+    common.add_argument("--batch-size", type=int, default=16)
+    common.add_argument("--seq", type=int, default=128)
     sub = parser.add_subparsers(dest="phase", required=True)
     t = sub.add_parser("train")
     t.add_argument("--minutes", type=float, default=35.0)
-    e = sub.add_parser("easier")
+    for phase in ("ceiling", "table"):
+        sub.add_parser(phase, parents=[common])
+    e = sub.add_parser("easier", parents=[common])
     e.add_argument("--criteria", nargs="+", default=["entropy", "random"], choices=["entropy", "random"])
-    e.add_argument("--max-ppl-increase", type=float, default=5.0)
-    e.add_argument("--steps", type=int, default=300, help="finetuning steps per round")
-    e.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate")
-    e.add_argument("--patience", type=int, default=2)
-    e.add_argument("--entropy-batches", type=int, default=10)
-    e.add_argument("--batch-size", type=int, default=16)
-    e.add_argument("--seq", type=int, default=128)
     args = parser.parse_args()
     if args.phase == "train":
         train(args.minutes)
         return
     torch.set_num_threads(1)
-    reports = {c: run(c, args) for c in args.criteria}
-    rows = [row(c, r, retime(c)) for c, r in reports.items()]
-    text = table(args, rows, {c: r["rounds"] for c, r in reports.items()})
+    if args.phase == "ceiling":
+        ceiling(args)
+        return
+    if args.phase == "easier":
+        for c in args.criteria:
+            run(c, args)
+    rows, rounds = [], {}
+    for c in ("entropy", "random"):
+        done = RUNS / f"easier-{c}"
+        if (done / "result.json").is_file():
+            r = json.loads((done / "result.json").read_text())
+            rows.append(row(c, r, retime(done / "onnx" / "original.onnx", done / "model.onnx")))
+            rounds[c] = r["rounds"]
+        elif partial(c) is not None:
+            rows.append(partial(c)[0])
+            rounds[c] = [{**x, "entropy": x["score"]} for x in partial(c)[1]]
+    if (RUNS / "ceiling" / "result.json").is_file():
+        r = ceiling(args)
+        rows.append(ceiling_row(r, retime(RUNS / "ceiling" / "original.onnx", RUNS / "ceiling" / "model.onnx")))
+    text = table(args, rows, rounds)
     (ROOT / "benchmarks" / "lm.md").write_text(text)
     print(text)
 
