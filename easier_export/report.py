@@ -124,7 +124,7 @@ REPORT_SCHEMA: dict[str, Any] = {
     "entropy": [{"name": str, "op": str, "units": int, "entropy": NUM, "removed_round": (int, type(None))}],
     "rounds": [{"round": int, "removed": [str], "entropy": NUM, "val_top1": NUM, "delta": NUM,
                 "within_budget": bool, "seconds": NUM, "us_saved": (int, float, type(None)),
-                "speedup": (int, float, type(None)), "val_ppl": (int, float, type(None))}],
+                "speedup": (int, float, type(None))}],
     "rejected": [{"round": int, "removed": [str], "val_top1": NUM}],
     "groups": [{"sites": [str], "us_saved": NUM, "detail": str, "entropy": NUM}],
     "folds": [{"kind": str, "nodes": [str], "detail": str, "applied": bool, "reason": str,
