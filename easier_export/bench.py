@@ -73,8 +73,11 @@ def _bench_device(onnx_models: dict[str, Path], torch_models: dict[str, nn.Modul
         return []
     providers = _providers(device)
     rows = []
+    tokens = any(takes_tokens(Path(p)) for p in onnx_models.values())
     for batch in batches:
-        x = np.random.default_rng(0).standard_normal((batch, *input_shape), dtype=np.float32)
+        rng = np.random.default_rng(0)
+        x = rng.integers(0, 2, (batch, *input_shape)) if tokens else \
+            rng.standard_normal((batch, *input_shape), dtype=np.float32)
         runners: dict[tuple[str, str, str], Runner] = {}
         for label, path in onnx_models.items():
             runner, provider = _ort_runner(Path(path), x, device, providers, threads)
@@ -83,9 +86,20 @@ def _bench_device(onnx_models: dict[str, Path], torch_models: dict[str, nn.Modul
             runners[label, "torch", "eager"] = _torch_runner(model, x, device)
         times = _interleaved(list(runners.values()), *budget)
         for (label, backend, provider), ms in zip(runners, times, strict=True):
-            rows.append({"label": label, "backend": backend, "provider": provider, "device": device,
-                         "batch": batch, "threads": threads, **_stats(ms)})
+            row = {"label": label, "backend": backend, "provider": provider, "device": device, "batch": batch,
+                   "threads": threads, **_stats(ms)}
+            if tokens:  # a language model's throughput: tokens per second at the p50 latency
+                row["tokens_per_s"] = batch * math.prod(input_shape) * 1e3 / row["p50_ms"]
+            rows.append(row)
     return rows
+
+
+def takes_tokens(path: Path) -> bool:
+    """Whether the ONNX model's input is token ids (int64), not pixels."""
+    import onnx
+
+    proto = onnx.load(str(path), load_external_data=False)
+    return proto.graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.INT64
 
 
 

@@ -188,7 +188,7 @@ def _load(model: str, weights: Path | None, arch: str | None, num_classes: int |
         console.print(f"[yellow]warning:[/] {escape(note)}", soft_wrap=True)
     loaded.mean = _floats(mean, "mean") or loaded.mean
     loaded.std = _floats(std, "std") or loaded.std
-    if len(loaded.mean) != loaded.input_size[0] or len(loaded.std) != loaded.input_size[0]:
+    if loaded.text is None and (len(loaded.mean) != loaded.input_size[0] or len(loaded.std) != loaded.input_size[0]):
         raise UserError(f"--mean/--std need {loaded.input_size[0]} values (one per input channel)")
     if min(loaded.std) <= 0:
         raise UserError(f"--std values must be positive, got {','.join(map(str, loaded.std))}")
@@ -196,9 +196,16 @@ def _load(model: str, weights: Path | None, arch: str | None, num_classes: int |
 
 
 def _with_data(loaded, data: Path, batch_size: int, workers: int, skip_bad_images: bool, seed: int = 0):
-    """Open DATA (every image checked), settle the input size, prove the model runs at it, then make loaders."""
+    """Open DATA (every image checked), settle the input size, prove the model runs at it, then make loaders.
+    A text model reads ``train.txt``/``val.txt`` in blocks of its sequence length (``--input-size``)."""
     from .data import open_image_folder
     from .pipeline import dry_run
+
+    if loaded.text is not None:
+        from .text import text_loaders
+
+        dry_run(loaded.model, loaded.input_size, loaded.input_dtype)
+        return text_loaders(data, loaded.text, loaded.input_size[0], batch_size, seed)
 
     folder = open_image_folder(data, loaded.num_classes, skip_bad_images)
     if folder.skipped:
@@ -221,7 +228,7 @@ def _ready(loaded):
     """A model used without DATA: prove it runs at its input size before any work."""
     from .pipeline import dry_run
 
-    dry_run(loaded.model, loaded.input_size)
+    dry_run(loaded.model, loaded.input_size, loaded.input_dtype)
     return loaded
 
 
@@ -319,7 +326,7 @@ def entropy(model: ModelArg, data: Data, loop: LoopConfig,
     from .entropy import measure
     from .graph import find_call_sites, trace
     from .io import save_json
-    from .pipeline import ensure_writable_file
+    from .pipeline import ensure_writable_file, task_of
     from .report import plot_entropy
     from .train import resolve_device
     from .ui import progress
@@ -336,13 +343,13 @@ def entropy(model: ModelArg, data: Data, loop: LoopConfig,
     batches = min(loop.entropy_batches or len(loaders.train), len(loaders.train))
     with progress("entropy", batches) as advance:
         stats = measure(gm, sites, loaders.train, dev, loop.entropy_batches, loop.entropy_mode == "train",
-                        loop.threshold, advance)
+                        loop.threshold, advance, task_of(loaded).pad_id)
     rows = [s.to_dict() for s in stats.values()]
     table = Table("#", "call site", "op", "units", "entropy (bits)", "mean p_on", title=f"{model}: entropy")
     for i, r in enumerate(rows):
         table.add_row(str(i), r["name"], r["op"], str(r["units"]), f"{r['entropy']:.4f}", f"{r['mean_p_on']:.3f}")
     console.print(table)
-    found = _fold_groups(gm, loop, loaded.input_size, stats, target, threads) if groups else []
+    found = _fold_groups(gm, loop, _random_batches(loaded)[0][:1], stats, target, threads) if groups else []
     save_json({"model": model, "mode": loop.entropy_mode, "sites": rows, "groups": found}, out)
     if plot is not None:
         plot_entropy([{**r, "removed_round": None} for r in rows], plot)
@@ -360,7 +367,7 @@ def linearize(model: ModelArg, data: Data, loop: LoopConfig, out: Out = Path("ru
     from .fold.planner import LatencyTable
     from .graph import trace
     from .linearize import run_loop
-    from .pipeline import check_continuation, ensure_writable, save_linearized
+    from .pipeline import check_continuation, ensure_writable, save_linearized, task_of
     from .train import is_main_process, resolve_device
 
     target = _usable((target,), "target")[0]
@@ -370,7 +377,7 @@ def linearize(model: ModelArg, data: Data, loop: LoopConfig, out: Out = Path("ru
         loaders = _with_data(loaded, data, batch_size, workers, skip_bad_images, loop.seed)
         table = LatencyTable(target, threads, ensure_writable(out) / "latency_table.json")
         result = run_loop(trace(loaded.model), loaded.source, loaders.train, loaders.val, loop,
-                          resolve_device(device), out, table)
+                          resolve_device(device), out, table, task=task_of(loaded))
         if is_main_process():
             save_linearized(out / "linearized.pt", loaded, result, loop.relocates)
             console.print(f"removed {len(result.removed)} activations, top-1 {result.base_top1:.2f}% → "
@@ -387,26 +394,28 @@ def fold(model: ModelArg, out: Out = Path("runs/fold"),
     """Fold a (linearized) model: writes folded.pt2, model.onnx (verified) and fold_plan.json."""
     import torch
 
+    from .export import dynamic_dims
     from .fold import fold_model
     from .graph import trace
     from .io import atomic_write, save_json
-    from .pipeline import CompressConfig, ensure_writable, export_and_verify
+    from .pipeline import CompressConfig, ensure_writable, export_and_verify, onnx_metadata
 
     source = str(linearized) if linearized is not None else model
     cfg = CompressConfig(fold=fold, target=_usable((target,), "target")[0], simplify=not no_simplify, atol=atol,
                          rtol=rtol, scale_tol=scale_tol, min_top1=min_top1, threads=threads)
     loaded = _ready(_load(source, weights, arch, num_classes, trust_pickle, input_size))
     ensure_writable(out)
-    example = torch.randn(1, *loaded.input_size)
+    inputs = _random_batches(loaded)
+    example = inputs[0][:1]
     gm = trace(loaded.model)
     folded, records = fold_model(gm, example, mode=cfg.fold, target=cfg.target, cache=out / "latency_table.json",
                                  threads=threads)
     save_json([r.to_dict() for r in records], out / "fold_plan.json")
     program = torch.export.export(folded, (example.expand(2, *example.shape[1:]),),
-                                  dynamic_shapes=({0: torch.export.Dim("batch")},))
+                                  dynamic_shapes=(dynamic_dims(example),))
     atomic_write(out / "folded.pt2", lambda p: torch.export.save(program, p))
-    exported = export_and_verify(folded, gm, example, out / "model.onnx", _random_batches(loaded.input_size),
-                                 {"source": source}, cfg)
+    exported = export_and_verify(folded, gm, example, out / "model.onnx", inputs,
+                                 {**onnx_metadata(loaded), "source": source}, cfg)
     applied = sum(r.applied for r in records)
     console.print(f"{applied} of {len(records)} folds applied; wrote {out}/folded.pt2, {out}/fold_plan.json")
     if not exported["verify"]["passed"]:
@@ -422,17 +431,18 @@ def export(model: ModelArg, out: Annotated[Path, typer.Option(help="ONNX file")]
            skip_bad_images: SkipBadImages = False, atol: Atol = 1e-4, rtol: Rtol = 1e-3,
            scale_tol: ScaleTol = 1e-4, min_top1: MinTop1 = 0.99, no_simplify: NoSimplify = False) -> None:
     """Export any loadable model to one verified ONNX file (no compression)."""
-    from .pipeline import CompressConfig, ensure_writable_file, export_and_verify, val_batches
+    from .pipeline import CompressConfig, ensure_writable_file, export_and_verify, onnx_metadata, val_batches
 
     ensure_writable_file(out, "--out")
     cfg = CompressConfig(simplify=not no_simplify, atol=atol, rtol=rtol, scale_tol=scale_tol, min_top1=min_top1)
     loaded = _load(model, weights, arch, num_classes, trust_pickle, input_size, mean, std)
     if data is not None:
-        inputs = val_batches(_with_data(loaded, data, 16, 0, skip_bad_images), cfg.verify_batches)
+        inputs = val_batches(_with_data(loaded, data, 16, 0, skip_bad_images), cfg.verify_batches,
+                             loaded.text is not None)
     else:
-        inputs = _random_batches(_ready(loaded).input_size)
+        inputs = _random_batches(_ready(loaded))
     exported = export_and_verify(loaded.model, loaded.model, inputs[0][:1], out, inputs,
-                                 {"source": loaded.source}, cfg)
+                                 onnx_metadata(loaded), cfg)
     if not exported["verify"]["passed"]:
         raise VerificationError(f"{out} does not reproduce the model: {exported['verify']['reason']} "
                                 f"(kept as {exported['path']})")
@@ -463,20 +473,22 @@ def bench(models: Annotated[list[Path], typer.Argument(help="ONNX files to compa
               for path in models}
     rows = run_bench(labels, shapes[first], devices, batches, threads, max_seconds=bench_seconds)
     console.print(bench_table(rows, baseline=next(iter(labels))))
+    for r in rows:
+        if "tokens_per_s" in r:  # language models, at sequence length BENCH_SEQUENCE
+            console.print(f"{r['label']} ({r['device']}, batch {r['batch']}, sequence {shapes[first][0]}): "
+                          f"{r['tokens_per_s']:,.0f} tokens/s")
     if json_out is not None:
         save_json(rows, json_out)
 
 
-def _fold_groups(gm, loop, input_size: tuple[int, int, int], stats: dict, target: str,
-                 threads: int | None) -> list[dict]:
+def _fold_groups(gm, loop, example, stats: dict, target: str, threads: int | None) -> list[dict]:
     """Time the fold groups on ``target`` and print them in latency selection's order."""
-    import torch
     from rich.table import Table
 
     from .fold.planner import LatencyTable
     from .linearize import measure_groups, risk_per_us
 
-    found = measure_groups(gm, loop, torch.zeros(1, *input_size), LatencyTable(target, threads)).candidates(set())
+    found = measure_groups(gm, loop, example, LatencyTable(target, threads)).candidates(set())
     entropy = {name: s.entropy for name, s in stats.items()}
     found.sort(key=lambda g: risk_per_us(g, entropy))
     rows = [{"sites": list(g.sites), "entropy": sum(entropy[s] for s in g.sites), "us_saved": g.us_saved,
@@ -489,15 +501,25 @@ def _fold_groups(gm, loop, input_size: tuple[int, int, int], stats: dict, target
     return rows
 
 
-def _random_batches(input_size: tuple[int, int, int]) -> list:
-    """Seeded stand-ins for validation images when verifying without --data."""
+def _random_batches(loaded) -> list:
+    """Seeded stand-ins for validation images (or token ids, at two sequence lengths) when verifying without
+    --data."""
     import torch
 
-    return [torch.randn(4, *input_size, generator=torch.Generator().manual_seed(i)) for i in range(2)]
+    from .text import random_token_batches
+
+    if loaded.text is not None:
+        return random_token_batches(loaded.text, loaded.input_size[0])
+    return [torch.randn(4, *loaded.input_size, generator=torch.Generator().manual_seed(i)) for i in range(2)]
+
+
+BENCH_SEQUENCE = 128  # the sequence length a language model with a dynamic sequence axis is timed at (or its
+# positions, when fewer)
 
 
 def _onnx_input_shape(path: Path) -> tuple[int, ...]:
-    """The static (C, H, W) of a valid ONNX model's input, with one-line errors for anything else."""
+    """The static (C, H, W) of a valid ONNX model's input (``BENCH_SEQUENCE`` for token ids with a dynamic
+    sequence axis), with one-line errors for anything else."""
     import onnx
 
     if not path.is_file():
@@ -509,7 +531,13 @@ def _onnx_input_shape(path: Path) -> tuple[int, ...]:
         raise UserError(f"{path} is not a valid ONNX model ({type(e).__name__})") from None
     if not proto.graph.input:
         raise UserError(f"{path} has no input")
-    dims = proto.graph.input[0].type.tensor_type.shape.dim[1:]
+    tensor = proto.graph.input[0].type.tensor_type
+    dims = tensor.shape.dim[1:]
+    if tensor.elem_type == onnx.TensorProto.INT64 and len(dims) == 1 and not dims[0].dim_value > 0:
+        from .pipeline import MAX_POSITIONS_KEY
+
+        positions = {p.key: p.value for p in proto.metadata_props}.get(MAX_POSITIONS_KEY)
+        return (min(BENCH_SEQUENCE, int(positions or BENCH_SEQUENCE)),)  # token ids, dynamic sequence axis
     if not dims or not all(d.dim_value > 0 for d in dims):
         raise UserError(f"{path}: the ONNX input needs static non-batch dimensions to be benchmarked")
     return tuple(d.dim_value for d in dims)

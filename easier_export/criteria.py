@@ -271,7 +271,7 @@ class _SoftEntropy(nn.Module):
 
 def entropy_regularised(gm: fx.GraphModule, sites: list[CallSite], loader, device: torch.device, epochs: float,
                         lr: float, lam: float, tau: float, threshold: float,
-                        on_step: Callable[[], None] | None = None) -> fx.GraphModule:
+                        on_step: Callable[[], None] | None = None, optimizer: str = "sgd") -> fx.GraphModule:
     """A copy of ``gm`` finetuned on CE + λ·Σ_sites H_soft(site) (see _SoftEntropy, temperature τ): one training
     that pushes many sites toward a single state, so that the K lowest can then go at once (the EASIER
     paper's open question: a differentiable proxy of the entropy in the loss for a one-shot method)."""
@@ -285,7 +285,7 @@ def entropy_regularised(gm: fx.GraphModule, sites: list[CallSite], loader, devic
         return lam * torch.stack(values).sum() if values else torch.zeros((), device=device)
 
     try:
-        finetune(probed, loader, device, epochs, lr, on_step=on_step, penalty=penalty)
+        finetune(probed, loader, device, epochs, lr, on_step=on_step, penalty=penalty, optimizer=optimizer)
     finally:
         for h in handles:
             h.remove()

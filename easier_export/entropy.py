@@ -55,18 +55,24 @@ def unit_dim(dim: int | None, x: torch.Tensor) -> int:
 
 
 class OnCounter(nn.Module):
-    """Identity that counts, per unit, how often its input is >= ``threshold``."""
+    """Identity that counts, per unit, how often its input is >= ``threshold``.
+
+    ``keep`` (B, T), set per batch for padded token batches: only those positions count (padding is no data).
+    """
 
     def __init__(self, dim: int | None, threshold: float = 0.0) -> None:
         super().__init__()
         self.dim, self.threshold = dim, threshold
         self.on: torch.Tensor | None = None
         self.seen = 0
+        self.keep: torch.Tensor | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self.dim = unit_dim(self.dim, x)
         with torch.no_grad():
-            on = (x.detach() >= self.threshold).movedim(self.dim, -1).reshape(-1, x.shape[self.dim])
+            on = (x.detach() >= self.threshold).movedim(self.dim, -1)
+            masked = self.keep is not None and on.shape[:-1] == self.keep.shape
+            on = on[self.keep] if masked else on.reshape(-1, x.shape[self.dim])
             counts = on.sum(0, dtype=torch.float64)
             self.on = counts if self.on is None else self.on + counts
             self.seen += on.shape[0]
@@ -138,8 +144,9 @@ def preserved_buffers(model: nn.Module) -> Iterator[None]:
 
 def measure(gm: fx.GraphModule, sites: list[CallSite], loader: Iterable, device: torch.device,
             batches: int | None = None, train_mode: bool = True, threshold: float = 0.0,
-            progress=None) -> dict[str, SiteStats]:
-    """Run data through ``gm`` and return each call site's per-unit ON probability."""
+            progress=None, pad_id: int | None = None) -> dict[str, SiteStats]:
+    """Run data through ``gm`` and return each call site's per-unit ON probability; with ``pad_id`` (token
+    batches), padding positions are left out of the counts."""
     probed, counters, handles = instrument(gm, sites, threshold)
     was_training = gm.training
     probed.train(train_mode)
@@ -148,7 +155,10 @@ def measure(gm: fx.GraphModule, sites: list[CallSite], loader: Iterable, device:
             for i, (x, _y) in enumerate(loader):
                 if batches is not None and i >= batches:
                     break
-                probed(x.to(device, non_blocking=True))
+                x = x.to(device, non_blocking=True)
+                for counter in counters.values():
+                    counter.keep = None if pad_id is None else x != pad_id
+                probed(x)
                 if progress is not None:
                     progress()
     finally:

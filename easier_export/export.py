@@ -45,7 +45,8 @@ def export_onnx(
     simplify: bool = True,
     opset: int = MIN_OPSET,
 ) -> dict:
-    """Export ``model`` to a single ONNX file with a dynamic batch axis and a static spatial size.
+    """Export ``model`` to a single ONNX file with a dynamic batch axis and a static spatial size (token ids,
+    an integer ``example`` of shape (batch, sequence): dynamic batch and sequence axes).
 
     The dynamo exporter is tried first; the TorchScript exporter is the fallback for models
     torch.export cannot trace. Returns a JSON-ready description of what was written.
@@ -92,7 +93,18 @@ def export_onnx(
     }
 
 
+def dynamic_axes(example: torch.Tensor) -> dict[int, str]:
+    """Batch is always dynamic; so is the sequence axis of token ids (integer inputs)."""
+    return {0: "batch", 1: "sequence"} if not example.is_floating_point() else {0: "batch"}
+
+
+def dynamic_dims(example: torch.Tensor) -> dict[int, torch.export.Dim]:
+    """:func:`dynamic_axes` as torch.export dimensions (a sequence of one token would be specialised: min 2)."""
+    return {axis: torch.export.Dim(name, min=2 if axis else 1) for axis, name in dynamic_axes(example).items()}
+
+
 def _export_dynamo(model: nn.Module, example: torch.Tensor, opset: int) -> onnx.ModelProto:
+    dims = dynamic_dims(example)
     program = torch.onnx.export(
         model,
         (example,),
@@ -101,7 +113,7 @@ def _export_dynamo(model: nn.Module, example: torch.Tensor, opset: int) -> onnx.
         opset_version=opset,
         input_names=[INPUT_NAME],
         output_names=[OUTPUT_NAME],
-        dynamic_shapes=({0: torch.export.Dim("batch", min=1)},),
+        dynamic_shapes=(dims,),
     )
     # Taking the in-memory proto keeps the weights inline (ONNXProgram.save would split them off into .data).
     return program.model_proto
@@ -117,7 +129,7 @@ def _export_torchscript(model: nn.Module, example: torch.Tensor, opset: int) -> 
         opset_version=opset,
         input_names=[INPUT_NAME],
         output_names=[OUTPUT_NAME],
-        dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}},
+        dynamic_axes={INPUT_NAME: dynamic_axes(example), OUTPUT_NAME: {0: "batch"}},
     )
     return onnx.load_from_string(buffer.getvalue())
 
@@ -182,7 +194,8 @@ def verify_onnx(
     """Compare onnxruntime with PyTorch eval batch by batch.
 
     Passing needs both checks: every element within ``atol + rtol * |ref| + scale_tol * max|ref|`` (numerics)
-    and top-1 agreement of at least ``min_top1`` (what the user actually sees from a classifier). The scale
+    and top-1 agreement of at least ``min_top1`` (what the user actually sees from a classifier; for a language
+    model, the next-token agreement over every position). Batches may differ in sequence length. The scale
     term makes the bound follow the output's magnitude: an absolute 1e-4 is noise on logits of 1e3 and
     everything on logits of 1e-3. The default 1e-4 is the float32 tolerance every fold is held to.
     """
@@ -194,7 +207,8 @@ def verify_onnx(
     pairs = []
     with torch.no_grad():
         for x in inputs:
-            x = x.detach().cpu().float()
+            x = x.detach().cpu()
+            x = x.float() if x.is_floating_point() else x
             pairs.append((model(x).numpy().astype(np.float64), session.run(None, {input_name: x.numpy()})[0]))
     if not pairs:
         raise UserError("verification needs at least one input batch")
@@ -207,8 +221,9 @@ def verify_onnx(
         sum_abs += float(diff.sum())
         elements += diff.size
         violations += int((diff > atol + rtol * np.abs(ref) + scale_tol * scale).sum())
-        agree += int((out.argmax(-1) == ref.argmax(-1)).sum())
-        samples += ref.shape[0]
+        same = out.argmax(-1) == ref.argmax(-1)
+        agree += int(same.sum())
+        samples += same.size
     batches = len(pairs)
     max_rel = max_abs / scale if scale > 0 else (0.0 if max_abs == 0 else math.inf)
 

@@ -27,7 +27,7 @@ from .fold.groups import FoldGroups, Group, find_groups
 from .fold.planner import LatencyTable
 from .graph import ALL_RECTIFIERS, CallSite, find_call_sites, remove_sites
 from .io import save_torch
-from .train import evaluate, finetune, is_main_process, seed_everything, warn_near_chance
+from .train import OPTIMIZERS, evaluate_metrics, finetune, is_main_process, seed_everything, warn_near_chance
 from .ui import info, progress
 
 STATE_FILE = "state.pt"
@@ -43,8 +43,12 @@ def option(default: object, help: str, **cli: object) -> Any:
 @dataclass
 class LoopConfig:
     max_drop: float = option(1.0, "accuracy budget: largest allowed top-1 drop, in points", min=0.0)
+    max_ppl_increase: float = option(5.0, "language-model budget: largest allowed validation perplexity increase, "
+                                          "in percent (causal LMs; classifiers use --max-drop)", min=0.0)
     finetune_epochs: float = option(1.0, "finetuning epochs per round (fractions allowed)", min=0.0)
-    lr: float = option(0.01, "finetuning learning rate (SGD, cosine)")
+    lr: float = option(0.01, "finetuning learning rate (cosine schedule)")
+    optimizer: str = option("sgd", "finetuning optimizer: sgd (momentum 0.9) or adamw (for transformers and "
+                                   "language models)", choices=OPTIMIZERS)
     max_removed: int | None = option(None, "stop after removing this many activations", min=0)
     one_shot: int | None = option(None, "remove the K lowest-scoring activations at once, finetune once", min=1)
     criterion: str = option("entropy", "which call site goes first (the study's baselines: gradient, tlc, "
@@ -95,6 +99,7 @@ class LoopConfig:
             (self.max_removed is None or self.max_removed >= 0, "--max-removed must not be negative"),
             (self.finetune_epochs >= 0 and self.baseline_epochs >= 0, "epochs must not be negative"),
             (self.lr > 0, "--lr must be positive"),
+            (self.optimizer in OPTIMIZERS, f"--optimizer is one of {', '.join(OPTIMIZERS)}, not {self.optimizer!r}"),
             (self.select in SELECTIONS, f"--select must be one of {', '.join(SELECTIONS)}, got '{self.select}'"),
             (self.patience >= 0, "--patience must not be negative"),
             (self.target_speedup is None or self.target_speedup > 0, "--target-speedup must be positive"),
@@ -104,6 +109,23 @@ class LoopConfig:
         for ok, message in checks:
             if not ok:
                 raise UserError(message)
+
+
+@dataclass(frozen=True)
+class Task:
+    """What the loop keeps within budget: ``top1`` (higher is better; ``--max-drop`` points: images, text
+    classifiers) or ``ppl`` (lower is better; ``--max-ppl-increase`` percent: causal language models).
+    ``pad_id``: token id whose positions the entropy counts leave out (padded text batches)."""
+
+    metric: str = "top1"
+    pad_id: int | None = None
+
+    def limit(self, cfg: LoopConfig, base: float) -> float:
+        """The worst value of the metric still within budget."""
+        return base * (1 + cfg.max_ppl_increase / 100) if self.metric == "ppl" else base - cfg.max_drop
+
+    def within(self, cfg: LoopConfig, base: float, value: float) -> bool:
+        return value <= self.limit(cfg, base) if self.metric == "ppl" else value >= self.limit(cfg, base)
 
 
 @dataclass
@@ -117,6 +139,7 @@ class RoundRecord:
     seconds: float
     us_saved: float | None = None  # latency selection: the group's measured marginal saving (batch 1)
     speedup: float | None = None  # with a target speed-up: the shipped model measured end to end
+    val_ppl: float | None = None  # language models: validation perplexity (the budget metric)
 
 
 @dataclass
@@ -132,6 +155,7 @@ class LoopState:
     entropy0: list[dict] = field(default_factory=list)
     finished: bool = False
     groups: dict | None = None  # FoldGroups.to_dict(), measured once (latency selection)
+    base_ppl: float | None = None  # language models: the original's validation perplexity
 
 
 @dataclass
@@ -144,6 +168,8 @@ class LoopResult:
     entropy0: list[dict]
     resumed_rounds: int = 0
     groups: list[dict] = field(default_factory=list)  # fold groups of the original, for the report
+    base_ppl: float | None = None  # language models (Task metric ppl)
+    final_ppl: float | None = None
 
 
 # --- scoring: lower = removed first ------------------------------------------------------------------
@@ -160,14 +186,14 @@ CRITERIA: dict[str, Callable[[SiteStats], float]] = {"entropy": _entropy, "spars
 
 
 def score_sites(gm: fx.GraphModule, sites: list[CallSite], loader, device: torch.device, cfg: LoopConfig,
-                round_seed: int) -> tuple[dict[str, float], dict[str, SiteStats]]:
+                round_seed: int, pad_id: int | None = None) -> tuple[dict[str, float], dict[str, SiteStats]]:
     if cfg.criterion == "random":
         gen = torch.Generator().manual_seed(round_seed)
         return {s.name: float(v) for s, v in zip(sites, torch.rand(len(sites), generator=gen), strict=True)}, {}
     total = cfg.entropy_batches if cfg.entropy_batches is not None else len(loader)
     with progress("entropy", min(total, len(loader))) as advance:
         stats = measure(gm, sites, loader, device, cfg.entropy_batches, cfg.entropy_mode == "train",
-                        cfg.threshold, advance)
+                        cfg.threshold, advance, pad_id)
     if cfg.criterion in STUDY_CRITERIA:
         return study_scores(cfg.criterion, gm, sites, stats, loader, device, cfg.entropy_batches,
                             cfg.entropy_mode == "train", cfg.threshold), stats
@@ -279,7 +305,7 @@ def _regularised(gm: fx.GraphModule, sites: list[CallSite], loader, device: torc
     """``--entropy-reg``: a copy finetuned with the soft-entropy penalty (``gm`` stays as it is if reverted)."""
     with progress("finetune with entropy penalty", math.ceil(cfg.finetune_epochs * len(loader))) as advance:
         return entropy_regularised(gm, sites, loader, device, cfg.finetune_epochs, cfg.lr, cfg.entropy_reg,
-                                   cfg.entropy_tau, cfg.threshold, advance)
+                                   cfg.entropy_tau, cfg.threshold, advance, cfg.optimizer)
 
 
 def measure_groups(gm: fx.GraphModule, cfg: LoopConfig, example: torch.Tensor, table: LatencyTable) -> FoldGroups:
@@ -293,8 +319,8 @@ def measure_groups(gm: fx.GraphModule, cfg: LoopConfig, example: torch.Tensor, t
 
 def run_loop(gm: fx.GraphModule, source: str, train_loader, val_loader, cfg: LoopConfig, device: torch.device,
              out_dir: Path, table: LatencyTable | None = None,
-             probe: Callable[[fx.GraphModule], float] | None = None) -> LoopResult:
-    """Iteratively linearize ``gm`` (the traced original) within the accuracy budget.
+             probe: Callable[[fx.GraphModule], float] | None = None, task: Task = Task()) -> LoopResult:
+    """Iteratively linearize ``gm`` (the traced original) within the budget on ``task``'s metric.
 
     ``table`` times fold groups for latency selection (default: CPU, cached in ``out_dir``); ``probe`` measures
     the shipped model's end-to-end speed-up after a kept round (needed for ``target_speedup``).
@@ -308,10 +334,17 @@ def run_loop(gm: fx.GraphModule, source: str, train_loader, val_loader, cfg: Loo
         if cfg.baseline_epochs > 0:
             seed_everything(cfg.seed * 100_003, train_loader)
             with progress("finetune original (baseline)", math.ceil(cfg.baseline_epochs * len(train_loader))) as adv:
-                finetune(gm, train_loader, device, cfg.baseline_epochs, cfg.lr, on_step=adv)
+                finetune(gm, train_loader, device, cfg.baseline_epochs, cfg.lr, on_step=adv,
+                         optimizer=cfg.optimizer)
             state.baseline = cpu_state(gm)
-        state.base_top1 = evaluate(gm, val_loader, device)
-        info(f"original top-1 {state.base_top1:.2f}%  (budget: ≥ {state.base_top1 - cfg.max_drop:.2f}%)")
+        metrics = evaluate_metrics(gm, val_loader, device)
+        state.base_top1 = metrics["top1"]
+        if task.metric == "ppl":
+            state.base_ppl = metrics["ppl"]
+            info(f"original perplexity {state.base_ppl:.3f}, next-token top-1 {state.base_top1:.2f}%  "
+                 f"(budget: perplexity ≤ {task.limit(cfg, state.base_ppl):.3f})")
+        else:
+            info(f"original top-1 {state.base_top1:.2f}%  (budget: ≥ {task.limit(cfg, state.base_top1):.2f}%)")
         warn_near_chance(state.base_top1, gm)
         save_state(out_dir, state)
     else:
@@ -340,7 +373,7 @@ def run_loop(gm: fx.GraphModule, source: str, train_loader, val_loader, cfg: Loo
         round_seed = cfg.seed * 100_003 + rnd
         seed_everything(round_seed, train_loader)
         scored = current if cfg.entropy_reg == 0 else _regularised(current, sites, train_loader, device, cfg)
-        scores, stats = score_sites(scored, sites, train_loader, device, cfg, round_seed)
+        scores, stats = score_sites(scored, sites, train_loader, device, cfg, round_seed, task.pad_id)
         if rnd == 1:
             state.entropy0 = [s.to_dict() for s in stats.values()]
         chosen, us_saved = _choose(scores, cfg, state, groups)
@@ -352,15 +385,18 @@ def run_loop(gm: fx.GraphModule, source: str, train_loader, val_loader, cfg: Loo
         candidate = remove_sites(scored, chosen, cfg.relocates).to(device)
         seed_everything(round_seed, train_loader)
         with progress(f"round {rnd}: finetune", math.ceil(cfg.finetune_epochs * len(train_loader))) as advance:
-            finetune(candidate, train_loader, device, cfg.finetune_epochs, cfg.lr, on_step=advance)
-        acc = evaluate(candidate, val_loader, device)
-        within = acc >= state.base_top1 - cfg.max_drop
+            finetune(candidate, train_loader, device, cfg.finetune_epochs, cfg.lr, on_step=advance,
+                     optimizer=cfg.optimizer)
+        metrics = evaluate_metrics(candidate, val_loader, device)
+        acc, ppl = metrics["top1"], metrics["ppl"] if task.metric == "ppl" else None
+        within = task.within(cfg, state.base_ppl, ppl) if ppl is not None else task.within(cfg, state.base_top1, acc)
         record = RoundRecord(rnd, chosen, min(scores[n] for n in chosen), acc, acc - state.base_top1, within,
-                             time.perf_counter() - t0, us_saved)
+                             time.perf_counter() - t0, us_saved, val_ppl=ppl)
         saved = f", saves {us_saved:.1f}us" if us_saved is not None else ""
         misses = misses_in_a_row(state.history) + (not within)
         verdict = "kept" if within else f"over budget: reverted ({misses} miss(es) in a row)"
-        info(f"round {rnd}: removed {', '.join(chosen)} (score {record.score:.3f}{saved}) → top-1 {acc:.2f}% "
+        shown = f"perplexity {ppl:.3f}, " if ppl is not None else ""
+        info(f"round {rnd}: removed {', '.join(chosen)} (score {record.score:.3f}{saved}) → {shown}top-1 {acc:.2f}% "
              f"(Δ {record.delta:+.2f}) {verdict}")
         if within:
             current = candidate
@@ -375,7 +411,8 @@ def run_loop(gm: fx.GraphModule, source: str, train_loader, val_loader, cfg: Loo
         state.finished = state.finished or finished
         save_state(out_dir, state)
 
-    kept = [r["val_top1"] for r in state.history if r["within_budget"]]
+    kept = [r for r in state.history if r["within_budget"]]
     summary = [] if groups is None else [asdict(g) for g in groups.candidates(set())]
-    return LoopResult(current.eval(), state.removed, state.base_top1, kept[-1] if kept else state.base_top1,
-                      [RoundRecord(**r) for r in state.history], state.entropy0, resumed, summary)
+    return LoopResult(current.eval(), state.removed, state.base_top1, kept[-1]["val_top1"] if kept else state.base_top1,
+                      [RoundRecord(**r) for r in state.history], state.entropy0, resumed, summary, state.base_ppl,
+                      kept[-1].get("val_ppl") if kept else state.base_ppl)

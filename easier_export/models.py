@@ -1,8 +1,9 @@
 """Every MODEL form the CLI accepts, loaded in one place, with one-line errors for bad input.
 
 Forms: ``timm:NAME``, ``torchvision:NAME``, a builtin name (``cifar_resnet20``...), a state-dict file with an
-``--arch``, a ``torch.export`` archive (``.pt2``), a linearized checkpoint written by this tool, and a pickled
-``nn.Module`` (only with ``trust_pickle``: unpickling runs arbitrary code).
+``--arch``, a ``torch.export`` archive (``.pt2``), a linearized checkpoint written by this tool, a pickled
+``nn.Module`` (only with ``trust_pickle``: unpickling runs arbitrary code), and a Hugging Face model directory
+(``config.json`` + weights; see ``hf.py``).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from torch import fx, nn
 from .arch import BUILTINS
 from .archive import check_archive
 from .errors import UserError, first_line
+from .text import TextSpec
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -38,6 +40,11 @@ class LoadedModel:
     size_declared: bool = True  # False: the model says nothing about its input size (224x224 is a guess)
     crop_pct: float | None = None  # timm pretrained_cfg: centre crop share at evaluation (None: data.py's default)
     interpolation: str = "bilinear"
+    text: TextSpec | None = None  # a text model: input_size is (sequence length,), inputs are token ids
+
+    @property
+    def input_dtype(self) -> torch.dtype:
+        return torch.float32 if self.text is None else torch.long
 
     @property
     def num_classes(self) -> int | None:
@@ -177,6 +184,8 @@ def load_model(source: str, num_classes: int | None = None, weights: str | Path 
     ``img_size``: H, (H, W) or (C, H, W), like timm's ``input_size``.
     """
     size = (img_size,) * 2 if isinstance(img_size, int) else tuple(img_size or ())
+    if _hf_dir(source):
+        return _load_text(Path(source), size[-1] if size else None, trust_pickle)
     hw = size[-2:] or None
     loaded = _load_any(source, num_classes, weights, arch, trust_pickle,
                        hw if hw is None or hw[0] != hw[1] else hw[0])
@@ -186,6 +195,23 @@ def load_model(source: str, num_classes: int | None = None, weights: str | Path 
         channels = size[0] if len(size) == 3 else loaded.input_size[0]
         loaded.input_size, loaded.size_declared = (channels, *hw), True  # type: ignore[assignment]
     return loaded
+
+
+def _hf_dir(source: str) -> bool:
+    from .hf import is_hf_dir
+
+    return is_hf_dir(Path(source))
+
+
+def _load_text(path: Path, seq_len: int | None, trust_pickle: bool) -> LoadedModel:
+    """A Hugging Face directory; ``seq_len`` (``--input-size``) defaults to 128 or the model's positions."""
+    from .hf import load_hf
+
+    model, spec, notes = load_hf(path, trust_pickle)
+    seq_len = seq_len or min(128, spec.max_positions)
+    if seq_len > spec.max_positions:
+        raise UserError(f"sequence length {seq_len} (--input-size) exceeds the model's {spec.max_positions} positions")
+    return LoadedModel(model, str(path.resolve()), input_size=(seq_len,), notes=notes, text=spec)  # type: ignore[arg-type]
 
 
 def _load_any(source: str, num_classes: int | None, weights: str | Path | None, arch: str | None,
@@ -240,13 +266,14 @@ def _linearized(obj: dict, path: Path, num_classes: int | None, trust_pickle: bo
 
     recipe = obj["recipe"]
     size = tuple(int(d) for d in recipe["input_size"])
-    model = load_model(recipe["arch"], recipe.get("num_classes"), trust_pickle=trust_pickle, img_size=size).model
+    inner = load_model(recipe["arch"], recipe.get("num_classes"), trust_pickle=trust_pickle, img_size=size)
+    model = inner.model
     gm = remove_sites(trace(model), recipe["removed"], recipe.get("relocate_padding", False))
     load_state_dict(gm, obj["state_dict"], f"linearized checkpoint {path}")
     loaded = _finish(gm, recipe["arch"], num_classes, removed=list(recipe["removed"]))
     loaded.mean, loaded.std = tuple(recipe["mean"]), tuple(recipe["std"])
     loaded.relocate_padding = recipe.get("relocate_padding", False)
-    loaded.input_size = size  # type: ignore[assignment]
+    loaded.input_size, loaded.text = size, inner.text  # type: ignore[assignment]
     loaded.crop_pct, loaded.interpolation = recipe.get("crop_pct"), recipe.get("interpolation", "bilinear")
     return loaded
 

@@ -21,9 +21,10 @@ from .fold import fold_model
 from .fold.planner import LatencyTable
 from .graph import find_call_sites, trace
 from .io import save_torch
-from .linearize import LoopConfig, LoopResult, cpu_state, run_loop
+from .linearize import LoopConfig, LoopResult, Task, cpu_state, run_loop
 from .models import LINEARIZED_FORMAT, LoadedModel
 from .report import model_stats, rounds_table, summary_table, write_report
+from .text import two_lengths
 from .train import is_main_process, resolve_device
 from .ui import console, info
 
@@ -69,11 +70,11 @@ def ensure_writable_file(path: Path, option: str) -> Path:
     return path
 
 
-def dry_run(model: nn.Module, input_size: tuple[int, int, int]) -> None:
+def dry_run(model: nn.Module, input_size: tuple[int, ...], dtype: torch.dtype = torch.float32) -> None:
     """One forward pass at the served size before any work: a size the model cannot take fails in one line."""
     try:
         with torch.no_grad():
-            model(torch.zeros(2, *input_size))
+            model(torch.zeros(2, *input_size, dtype=dtype))
     except Exception as e:  # shape errors surface as RuntimeError, ValueError, AssertionError...
         raise UserError(f"the model does not run on {'x'.join(map(str, input_size))} inputs ({first_line(e)}); "
                         "check --input-size") from e
@@ -97,8 +98,26 @@ def save_linearized(path: Path, loaded: LoadedModel, result: LoopResult, relocat
     return save_torch({"format": LINEARIZED_FORMAT, "recipe": recipe, "state_dict": state}, path)
 
 
-def val_batches(loaders: Loaders, n: int) -> list[torch.Tensor]:
-    return [x for x, _ in itertools.islice(iter(loaders.val), n)]
+def val_batches(loaders: Loaders, n: int, text: bool = False) -> list[torch.Tensor]:
+    """``n`` validation batches; token batches also cut to half their length, so that the export's dynamic
+    sequence axis is verified at two lengths."""
+    batches = [x for x, _ in itertools.islice(iter(loaders.val), n)]
+    return batches + [x[:, : two_lengths(x.shape[1])[1]] for x in batches] if text else batches
+
+
+MAX_POSITIONS_KEY = "easier_export.max_positions"
+
+
+def onnx_metadata(loaded: LoadedModel) -> dict[str, str]:
+    """What the ONNX file records about its source; a language model also its positions (``bench`` times it at
+    sequence 128 or fewer)."""
+    text = {} if loaded.text is None else {MAX_POSITIONS_KEY: str(loaded.text.max_positions)}
+    return {"source": loaded.source, **text}
+
+
+def task_of(loaded: LoadedModel) -> Task:
+    """Images and text classifiers keep top-1 within budget, causal language models perplexity."""
+    return Task() if loaded.text is None else Task(loaded.text.metric, loaded.text.entropy_pad_id)
 
 
 def export_and_verify(model: nn.Module, reference: nn.Module, example: torch.Tensor, path: Path,
@@ -170,24 +189,25 @@ def compress(loaded: LoadedModel, loaders: Loaders, out_dir: Path, cfg: Compress
     device = resolve_device(cfg.device)
     check_continuation(loaded, cfg.loop.relocates)
     gm = trace(loaded.model.eval())
-    dry_run(gm, loaded.input_size)
+    dry_run(gm, loaded.input_size, loaded.input_dtype)
     n_sites = len(find_call_sites(gm, cfg.loop.rectifiers))
     if n_sites == 0:
         raise UserError(f"{loaded.source} has no {'/'.join(cfg.loop.rectifiers)} activations to remove")
     info(f"[bold]{loaded.source}[/]: {n_sites} activation call sites; finetuning on {device}")
 
-    inputs = val_batches(loaders, cfg.verify_batches)
+    inputs = val_batches(loaders, cfg.verify_batches, loaded.text is not None)
     example = inputs[0][:1]
     table = LatencyTable(cfg.target, cfg.threads, out_dir / "latency_table.json")
     probe = speedup_probe(gm, example, out_dir / "probe", cfg) if cfg.loop.target_speedup is not None else None
-    result = run_loop(gm, loaded.source, loaders.train, loaders.val, cfg.loop, device, out_dir, table, probe)
+    result = run_loop(gm, loaded.source, loaders.train, loaders.val, cfg.loop, device, out_dir, table, probe,
+                      task_of(loaded))
     if not is_main_process():
         return {}
     original = gm.cpu().eval()  # the traced original, finetuned first if --baseline-epochs asked for it
     linearized = result.model.cpu().eval()
     save_linearized(out_dir / "linearized.pt", loaded, result, cfg.loop.relocates)
 
-    meta = {"source": loaded.source, "removed_activations": ",".join(result.removed)}
+    meta = {**onnx_metadata(loaded), "removed_activations": ",".join(result.removed)}
     info("exporting ONNX")
     exports = {name: export_onnx(model, example, out_dir / "onnx" / f"{name}.onnx", meta, cfg.simplify)
                for name, model in (("original", original), ("linearized", linearized))}
@@ -216,6 +236,11 @@ def compress(loaded: LoadedModel, loaders: Loaders, out_dir: Path, cfg: Compress
     return report
 
 
+def _ppl(value: float | None) -> dict:
+    """A language model's perplexity, under ``ppl`` (absent for other models: keys are only ever added)."""
+    return {} if value is None else {"ppl": value}
+
+
 def build_report(loaded: LoadedModel, cfg: CompressConfig, result: LoopResult, original: nn.Module,
                  folded: fx.GraphModule, example: torch.Tensor, folds: list, exports: dict,
                  bench_rows: list[dict], skipped: list[str] | None = None) -> dict:
@@ -228,9 +253,10 @@ def build_report(loaded: LoadedModel, cfg: CompressConfig, result: LoopResult, o
                   "num_classes": loaded.num_classes},
         "settings": {**asdict(cfg.loop), **{k: v for k, v in asdict(cfg).items() if k != "loop"}},
         "original": {"top1": result.base_top1, **model_stats(original, example),
-                     "onnx_bytes": exports["original"]["size_bytes"]},
+                     "onnx_bytes": exports["original"]["size_bytes"], **_ppl(result.base_ppl)},
         "compressed": {"top1": result.final_top1, **model_stats(folded, example),
-                       "onnx_bytes": exports["folded"]["size_bytes"], "removed": result.removed},
+                       "onnx_bytes": exports["folded"]["size_bytes"], "removed": result.removed,
+                       **_ppl(result.final_ppl)},
         "entropy": [{"name": e["name"], "op": e["op"], "units": e["units"], "entropy": e["entropy"],
                      "removed_round": removed_round.get(e["name"])} for e in result.entropy0],
         "rounds": [{k: v for k, v in asdict(r).items() if k != "score"} | {"entropy": r.score}
@@ -244,6 +270,10 @@ def build_report(loaded: LoadedModel, cfg: CompressConfig, result: LoopResult, o
         "verify": exports["folded"]["verify"],
         "bench": bench_rows,
         "data": {"skipped_images": len(skipped or []), "skipped": skipped or []},
+        **({} if loaded.text is None else {"text": {
+            "task": loaded.text.task, "metric": loaded.text.metric, "sequence_length": int(example.shape[1]),
+            "verified_lengths": list(two_lengths(int(example.shape[1]))),
+            "tokenizer": loaded.text.tokenizer or "utf-8 bytes", "vocab_size": loaded.text.vocab_size}}),
         "outputs": {"model": Path(exports["folded"]["path"]).name, "linearized": "linearized.pt",
                     "report_json": "report.json", "report_md": "report.md"},
     }

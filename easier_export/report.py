@@ -212,6 +212,9 @@ def summary_rows(report: dict) -> list[tuple[str, str, str, str]]:
     orig, comp = report["original"], report["compressed"]
     top1_change = f"{comp['top1'] - orig['top1']:+.2f} pp" if None not in (orig["top1"], comp["top1"]) else ""
     rows = [("top-1 (%)", _fmt_top1(orig["top1"]), _fmt_top1(comp["top1"]), top1_change)]
+    if "ppl" in orig and "ppl" in comp:  # language models: the budget metric
+        rows.append(("perplexity", f"{orig['ppl']:.3f}", f"{comp['ppl']:.3f}",
+                     f"{comp['ppl'] / orig['ppl'] - 1:+.1%}"))
     for key, name, unit, absolute in (("activations", "activations", "", True),
                                       ("conv_linear_depth", "conv/linear depth", "", True),
                                       ("params", "params", "", False), ("flops", "FLOPs", "", False),

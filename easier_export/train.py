@@ -7,6 +7,7 @@ from collections.abc import Callable
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler
@@ -39,20 +40,36 @@ def is_main_process() -> bool:
     return not is_distributed() or dist.get_rank() == 0
 
 
+def prediction_loss(logits: torch.Tensor, y: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+    """Cross-entropy over every labelled position: one per image or text, one per token of a language model
+    (logits (B, T, V), targets (B, T)); target -100 marks a position without a label."""
+    return F.cross_entropy(logits.flatten(0, -2).float(), y.flatten(), reduction=reduction)
+
+
 @torch.no_grad()
-def evaluate(model: nn.Module, loader: DataLoader, device: torch.device) -> float:
-    """Top-1 accuracy in percent (summed over ranks under DDP)."""
+def evaluate_metrics(model: nn.Module, loader: DataLoader, device: torch.device) -> dict[str, float]:
+    """Top-1 accuracy in percent and perplexity (exp of the mean cross-entropy), over every labelled position
+    (summed over ranks under DDP): a classifier's top-1, or a language model's next-token accuracy."""
     was_training = model.training
     model.eval()
-    correct = torch.zeros(2, dtype=torch.float64, device=device)
+    sums = torch.zeros(3, dtype=torch.float64, device=device)  # correct, positions, summed cross-entropy
     for x, y in loader:
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-        correct[0] += (model(x).argmax(-1) == y).sum()
-        correct[1] += y.numel()
+        logits = model(x)
+        labelled = y.flatten() != -100
+        sums[0] += (logits.flatten(0, -2).argmax(-1) == y.flatten())[labelled].sum()
+        sums[1] += labelled.sum()
+        sums[2] += prediction_loss(logits, y, "sum")
     if is_distributed():
-        dist.all_reduce(correct)
+        dist.all_reduce(sums)
     model.train(was_training)
-    return float(100.0 * correct[0] / correct[1].clamp_min(1))
+    positions = sums[1].clamp_min(1)
+    return {"top1": float(100.0 * sums[0] / positions), "ppl": math.exp(min(float(sums[2] / positions), 700.0))}
+
+
+def evaluate(model: nn.Module, loader: DataLoader, device: torch.device) -> float:
+    """Top-1 accuracy in percent (summed over ranks under DDP)."""
+    return evaluate_metrics(model, loader, device)["top1"]
 
 
 def seed_everything(seed: int, loader: DataLoader | None = None) -> None:
@@ -64,10 +81,14 @@ def seed_everything(seed: int, loader: DataLoader | None = None) -> None:
         loader.sampler.seed = seed
 
 
+OPTIMIZERS = ("sgd", "adamw")
+
+
 def finetune(model: nn.Module, loader: DataLoader, device: torch.device, epochs: float, lr: float,
-             weight_decay: float = 5e-4, on_step: Callable[[], None] | None = None,
+             weight_decay: float = 5e-4, on_step: Callable[[], None] | None = None, optimizer: str = "sgd",
              penalty: Callable[[], torch.Tensor] | None = None) -> float:
-    """SGD + momentum with a cosine schedule; returns the mean training loss of the last epoch.
+    """SGD + momentum (or AdamW: transformers train poorly with SGD) with a cosine schedule; returns the mean
+    training loss of the last epoch.
 
     ``epochs`` may be fractional (e.g. 0.25 = a quarter of an epoch), for quick rounds on big datasets.
     ``penalty()``, when given, is added to each step's loss after the forward pass (a regulariser that hooks
@@ -77,14 +98,14 @@ def finetune(model: nn.Module, loader: DataLoader, device: torch.device, epochs:
         return float("nan")
     steps = max(1, math.ceil(epochs * len(loader)))
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=weight_decay, nesterov=True)
+    opt = torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=weight_decay, nesterov=True) \
+        if optimizer == "sgd" else torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * s / steps)))
     use_amp = device.type == "cuda"
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
     net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None) \
         if is_distributed() else model
     model.train()
-    loss_fn = nn.CrossEntropyLoss()
     step, epoch, total, count = 0, 0, 0.0, 0
     while step < steps:
         if isinstance(loader.sampler, DistributedSampler):
@@ -93,7 +114,7 @@ def finetune(model: nn.Module, loader: DataLoader, device: torch.device, epochs:
         for x, y in loader:
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             with torch.autocast(device.type, enabled=use_amp):
-                loss = loss_fn(net(x), y)
+                loss = prediction_loss(net(x), y)
                 if penalty is not None:
                     loss = loss + penalty()
             opt.zero_grad(set_to_none=True)

@@ -2,6 +2,10 @@
 
     W2 (W1 x + b1) + b2 = (W2 W1) x + (W2 b1 + b2)
 
+Hugging Face GPT-2's ``Conv1D`` is a linear layer with its weight stored transposed, (in, out):
+``y = x W + b``; :func:`linear_from_conv1d` turns it into the ``nn.Linear`` with weight Wᵀ, so the same merge
+applies across a removed GPT-2 MLP activation.
+
 Linear acts on the last dim only, so this holds for any leading dims ((B, C), ViT/Swin (B, N, C) or
 (B, H, W, C)); it is exact algebra, with no border effects. Whether it is *faster* depends on the widths
 (an MLP 96 -> 384 -> 96 becomes one 96 x 96 matmul; a bottleneck 512 -> 64 -> 512 grows): the planner decides.
@@ -31,6 +35,15 @@ def compose_linears(first: nn.Linear, second: nn.Linear) -> Merge:
     merged.weight.data.copy_(w2 @ w1)
     merged.bias.data.copy_(w2 @ bias64(first) + bias64(second))
     return Merge(merged)
+
+
+def linear_from_conv1d(conv: nn.Module) -> nn.Linear:
+    """The ``nn.Linear`` equal to a GPT-2 ``Conv1D`` (weight (in, out), ``y = x W + b``): weight Wᵀ, same bias."""
+    weight = conv.weight.detach()
+    linear = nn.Linear(weight.shape[0], weight.shape[1], dtype=weight.dtype)
+    linear.weight.data.copy_(weight.t())
+    linear.bias.data.copy_(conv.bias.detach())
+    return linear
 
 
 def match_linear_pair(gm: GraphModule, node: Node, explain: bool = False) -> Candidate | None:
