@@ -80,6 +80,15 @@ def table(reports: dict[int, dict], args: argparse.Namespace) -> str:
     return "\n".join(lines) + "\n"
 
 
+def common_args(parser: argparse.ArgumentParser, runs: str, table: str, entropy_batches: int, workers: int) -> None:
+    """Options every CIFAR benchmark script shares (data loading, the entropy pass, where runs and the table go)."""
+    parser.add_argument("--entropy-batches", type=int, default=entropy_batches)
+    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--workers", type=int, default=workers)
+    parser.add_argument("--out", type=Path, default=ROOT / "runs" / runs)
+    parser.add_argument("--table", type=Path, default=ROOT / "benchmarks" / f"{table}.md")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--depths", type=int, nargs="+", default=[20, 32])
@@ -87,12 +96,8 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=0.01)
     parser.add_argument("--baseline-epochs", type=float, default=0.5)
     parser.add_argument("--max-drop", type=float, default=1.0)
-    parser.add_argument("--entropy-batches", type=int, default=10)
-    parser.add_argument("--batch-size", type=int, default=128)
-    parser.add_argument("--workers", type=int, default=1)
     parser.add_argument("--fold", default="auto")
-    parser.add_argument("--out", type=Path, default=ROOT / "runs" / "bench_cifar")
-    parser.add_argument("--table", type=Path, default=ROOT / "benchmarks" / "cifar_resnets.md")
+    common_args(parser, "bench_cifar", "cifar_resnets", entropy_batches=10, workers=1)
     args = parser.parse_args()
     if not SHARED.is_dir():
         raise SystemExit(f"needs {SHARED} (CIFAR-10 data and checkpoints)")

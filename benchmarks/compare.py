@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from cifar_resnets import common_args  # noqa: E402
 from latency_aware import MODELS, SHARED  # noqa: E402  (one list of the trained CIFAR models)
 
 from easier_export.bench import cpu_name  # noqa: E402
@@ -282,15 +283,11 @@ def main() -> None:
     parser.add_argument("--finetune-epochs", type=float, default=0.05)
     parser.add_argument("--recover-epochs", type=float, default=0.2)
     parser.add_argument("--lr", type=float, default=0.01)
-    parser.add_argument("--entropy-batches", type=int, default=5)
     parser.add_argument("--max-removed", type=int, default=6)
     parser.add_argument("--entropy-reg", type=float, default=0.5)
     parser.add_argument("--entropy-tau", type=float, default=0.1)
-    parser.add_argument("--batch-size", type=int, default=128)
-    parser.add_argument("--workers", type=int, default=1)
-    parser.add_argument("--out", type=Path, default=ROOT / "runs" / "compare")
-    parser.add_argument("--table", type=Path, default=ROOT / "benchmarks" / "compare.md")
     parser.add_argument("--report-only", action="store_true", help="no new runs: rewrite table and plot")
+    common_args(parser, "compare", "compare", entropy_batches=5, workers=1)
     args = parser.parse_args()
     torch.set_num_threads(1)
     all_methods = methods(args)

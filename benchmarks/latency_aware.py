@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from cifar_resnets import p50  # noqa: E402  (one place for reading the benchmark rows)
+from cifar_resnets import common_args, p50  # noqa: E402  (one place for reading the benchmark rows)
 
 from easier_export.bench import bench, cpu_name  # noqa: E402
 from easier_export.data import image_folder  # noqa: E402
@@ -113,15 +113,11 @@ def main() -> None:
     parser.add_argument("--finetune-epochs", type=float, default=0.3)
     parser.add_argument("--lr", type=float, default=0.01)
     parser.add_argument("--max-drop", type=float, default=1.0)
-    parser.add_argument("--entropy-batches", type=int, default=5)
     parser.add_argument("--patience", type=int, default=1)
     parser.add_argument("--max-removed", type=int, default=None)
-    parser.add_argument("--batch-size", type=int, default=128)
-    parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--bench-seconds", type=float, default=3.0)
-    parser.add_argument("--out", type=Path, default=ROOT / "runs" / "latency_aware")
-    parser.add_argument("--table", type=Path, default=ROOT / "benchmarks" / "latency_aware.md")
     parser.add_argument("--bench-only", action="store_true", help="no new runs: re-time the finished ones")
+    common_args(parser, "latency_aware", "latency_aware", entropy_batches=5, workers=2)
     args = parser.parse_args()
     if not args.bench_only:
         for name in args.models:

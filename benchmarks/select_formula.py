@@ -31,7 +31,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from latency_aware import MODELS, ROOT, SHARED  # noqa: E402  (one list of trained models)
+from cifar_resnets import common_args  # noqa: E402
+from latency_aware import MODELS, SHARED  # noqa: E402  (one list of trained models)
 
 from easier_export.bench import cpu_name  # noqa: E402
 from easier_export.data import image_folder  # noqa: E402
@@ -130,13 +131,9 @@ def main() -> None:
     parser.add_argument("--models", nargs="+", default=["mobilenet_v2", "vit"], choices=list(MODELS))
     parser.add_argument("--groups-from", type=Path, default=None, help="a latency_aware.py --out folder")
     parser.add_argument("--steps", type=int, default=8, help="groups removed per rule")
-    parser.add_argument("--entropy-batches", type=int, default=5)
     parser.add_argument("--recal-batches", type=int, default=10)
-    parser.add_argument("--batch-size", type=int, default=128)
-    parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", type=Path, default=ROOT / "runs" / "select_formula")
-    parser.add_argument("--table", type=Path, default=ROOT / "benchmarks" / "select_formula.md")
+    common_args(parser, "select_formula", "select_formula", entropy_batches=5, workers=2)
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     body = [line for name in args.models for line in study(name, args)]
