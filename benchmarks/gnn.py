@@ -109,7 +109,7 @@ def table_head(args: argparse.Namespace, train_s: float) -> list[str]:
     return [
         "# EASIER on a GCN (stochastic block model, generated offline)",
         "",
-        f"Machine: {cpu_name()}, {os.cpu_count()} cores shared with other work, no GPU; torch {torch.__version__}; "
+        f"Machine: {cpu_name()}, {os.cpu_count()} cores, no GPU; torch {torch.__version__}; "
         "one torch and one onnxruntime thread.",
         "",
         "Graph: `sbm_graph(seed=0)`: 2,000 nodes, 5 communities (p_in 0.004, p_out 0.0006), 32 features = 0.6 × "
@@ -119,7 +119,7 @@ def table_head(args: argparse.Namespace, train_s: float) -> list[str]:
         f"--lr 0.005`, {args.finetune_steps} full-batch finetuning steps per round, entropy over all nodes, patience "
         "2, seed 0. Removing the ReLU between two layers merges them exactly (`fold/gcn.py`: "
         "Â^(h1+h2) X (W1 W2) + per-node bias). Latency: ORT CPU p50 of the whole-graph forward (static 2000 × 32 "
-        "input), original vs shipped ONNX, interleaved, 5 repeats, on a machine shared with other work: the first row "
+        "input), original vs shipped ONNX, interleaved, 5 repeats, the first row "
         "times the original against itself, so its ratio is the noise level; 'noisy' marks rows whose repeats "
         "disagree by more than 10 %. Accuracy in % of nodes.",
         "",
