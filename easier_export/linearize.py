@@ -13,7 +13,7 @@ import math
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -231,6 +231,14 @@ def _fingerprint(gm: fx.GraphModule, source: str, cfg: LoopConfig, train_loader,
             "train": _data_id(train_loader), "val": _data_id(val_loader)}
 
 
+def changed_settings(stored: dict, current: dict) -> list[str]:
+    """Fingerprint keys that differ. A setting the stored run did not record (written before that option existed)
+    counts as the option's default: that run behaved as the default does, so a newer version still resumes it."""
+    defaults = {f.name: f.default for f in fields(LoopConfig)}
+    missing = object()
+    return sorted(k for k in current if stored.get(k, defaults.get(k, missing)) != current[k])
+
+
 def load_state(out_dir: Path, fingerprint: dict) -> LoopState | None:
     path = out_dir / STATE_FILE
     if not path.exists():
@@ -239,8 +247,8 @@ def load_state(out_dir: Path, fingerprint: dict) -> LoopState | None:
         state = LoopState(**torch.load(path, map_location="cpu", weights_only=True))
     except Exception as e:  # empty, truncated or foreign: torch and the dataclass raise many types
         raise UserError(f"{path} is unreadable ({type(e).__name__}: {first_line(e)}); delete it to start over") from e
-    if state.fingerprint != fingerprint:
-        changed = sorted(k for k in fingerprint if state.fingerprint.get(k) != fingerprint[k])
+    changed = changed_settings(state.fingerprint, fingerprint)
+    if changed:
         raise UserError(f"{path} was written with different settings ({', '.join(changed)}); "
                         "use another --out or delete it to start over")
     return state

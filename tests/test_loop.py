@@ -69,6 +69,18 @@ def test_changed_settings_refuse_to_resume(loaders, tmp_path):
         _run(loaders, tmp_path, max_removed=2)
 
 
+def test_state_from_before_an_option_existed_resumes_with_its_default(loaders, tmp_path):
+    """A state.pt written by an older version lacks newer settings: at their defaults it resumes, otherwise not."""
+    _run(loaders, tmp_path, max_removed=1)
+    path = tmp_path / loop_mod.STATE_FILE
+    state = torch.load(path, weights_only=True)
+    del state["fingerprint"]["entropy_tau"]
+    torch.save(state, path)
+    assert _run(loaders, tmp_path, max_removed=1).resumed_rounds == 1
+    with pytest.raises(UserError, match="different settings .*entropy_tau"):
+        _run(loaders, tmp_path, max_removed=1, entropy_tau=0.5)
+
+
 def test_one_shot_removes_k_in_one_round(loaders, tmp_path):
     result = _run(loaders, tmp_path, one_shot=4, max_removed=None)
     assert len(result.history) == 1 and len(result.removed) == 4
