@@ -10,6 +10,10 @@ Two phases, so that speed is measured on an idle machine even when the rounds ra
 (skipped when their report exists), then one interleaved `bench` of every run's `onnx/original.onnx` against its
 `model.onnx`, after which the table is written.
 
+`--control` adds the accuracy the *unchanged* original reaches with the same finetuning (as many 1-round
+finetunes as the longest run of that model had rounds, same seeds): an under-trained checkpoint gains top-1 from
+any extra epochs, and this row separates that gain from what removing activations cost.
+
     .venv/bin/python benchmarks/latency_aware.py --models mobilenet_v2 vit --finetune-epochs 0.3
     .venv/bin/python benchmarks/latency_aware.py --bench-only       # re-time every finished run, rewrite the table
 """
@@ -34,6 +38,7 @@ from easier_export.io import save_json  # noqa: E402
 from easier_export.linearize import LoopConfig  # noqa: E402
 from easier_export.models import load_model  # noqa: E402
 from easier_export.pipeline import CompressConfig, compress  # noqa: E402
+from easier_export.train import evaluate_metrics, finetune, seed_everything  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"
@@ -47,24 +52,49 @@ MODELS = {
 }
 
 
+def _load(name: str, args: argparse.Namespace):
+    arch, weights, _ = MODELS[name]
+    loaded = load_model(arch, weights=weights)
+    return loaded, image_folder(SHARED / "datasets" / "cifar10-jpeg", loaded.input_size, loaded.mean, loaded.std,
+                                args.batch_size, args.workers, num_classes=10)
+
+
 def run(name: str, select: str, args: argparse.Namespace) -> dict:
     """The compress report of this (model, selection), running it unless it has finished before."""
     done = args.out / f"{name}-{select}" / "report.json"
     if done.is_file():
         return json.loads(done.read_text())
-    arch, weights, baseline = MODELS[name]
-    loaded = load_model(arch, weights=weights)
-    loaders = image_folder(SHARED / "datasets" / "cifar10-jpeg", loaded.input_size, loaded.mean, loaded.std,
-                           args.batch_size, args.workers, num_classes=10)
+    loaded, loaders = _load(name, args)
     loop = LoopConfig(max_drop=args.max_drop, finetune_epochs=args.finetune_epochs, lr=args.lr,
-                      entropy_batches=args.entropy_batches, baseline_epochs=baseline, select=select,
-                      patience=args.patience, max_removed=args.max_removed)
+                      entropy_batches=args.entropy_batches, baseline_epochs=MODELS[name][2], select=select,
+                      patience=args.patience, max_removed=args.max_removed, max_rounds=args.max_rounds)
     cfg = CompressConfig(loop, fold="auto", device="cpu", bench_seconds=args.bench_seconds)
     t0 = time.perf_counter()
     report = compress(loaded, loaders, args.out / f"{name}-{select}", cfg)
     report["wall_s"] = time.perf_counter() - t0
     save_json(report, done)  # with the wall time, which compress's own report.json lacks
     return report
+
+
+def control(name: str, rounds: int, args: argparse.Namespace) -> dict:
+    """Top-1 of the unchanged original after ``rounds`` finetunes of ``--finetune-epochs`` each, seeded like the
+    loop's rounds (cached in ``<out>/<name>-control.json``; recomputed if the round count grew)."""
+    path = args.out / f"{name}-control.json"
+    if path.is_file() and json.loads(path.read_text())["rounds"] == rounds:
+        return json.loads(path.read_text())
+    loaded, loaders = _load(name, args)
+    model, top1 = loaded.model, []
+    if MODELS[name][2] > 0:  # the loop's baseline finetune (seed 0), as in run()
+        seed_everything(0, loaders.train)
+        finetune(model, loaders.train, torch.device("cpu"), MODELS[name][2], args.lr)
+    for rnd in range(1, rounds + 1):
+        seed_everything(rnd, loaders.train)  # the loop's round seed at --seed 0
+        finetune(model, loaders.train, torch.device("cpu"), args.finetune_epochs, args.lr)
+        top1.append(evaluate_metrics(model, loaders.val, torch.device("cpu"))["top1"])
+        print(f"{name} control: round {rnd}/{rounds} top-1 {top1[-1]:.2f}%", flush=True)
+    result = {"rounds": rounds, "finetune_epochs": args.finetune_epochs, "lr": args.lr, "top1": top1}
+    save_json(result, path)
+    return result
 
 
 def rebench(run_dir: Path, seconds: float) -> list[dict]:
@@ -93,7 +123,7 @@ def header(args: argparse.Namespace) -> str:
         f"Machine: {cpu_name()}, {torch.get_num_threads()} threads ({os.cpu_count()} cores), no GPU; "
         f"torch {torch.__version__}. Settings: `--max-drop {args.max_drop} --lr {args.lr} "
         f"--entropy-batches {args.entropy_batches} --patience "
-        f"{args.patience} --max-removed {args.max_removed} --fold auto`, batch 128; the shared ResNets get "
+        f"{args.patience} --max-removed {args.max_removed} --max-rounds {args.max_rounds} --fold auto`, batch 128; the shared ResNets get "
         "`--baseline-epochs 0.5` first (JPEG domain shift). Speed-ups: ORT CPU p50 of `model.onnx` vs the "
         "original ONNX, re-timed together after all runs (interleaved, 5 repeats) with the machine otherwise idle; "
         "'predicted µs' is the sum of the kept groups' measured savings (batch 1); 'wall' includes any "
@@ -115,6 +145,8 @@ def main() -> None:
     parser.add_argument("--max-drop", type=float, default=1.0)
     parser.add_argument("--patience", type=int, default=1)
     parser.add_argument("--max-removed", type=int, default=None)
+    parser.add_argument("--max-rounds", type=int, default=None, help="the same finetuning budget for every run")
+    parser.add_argument("--control", action="store_true", help="also finetune the unchanged original as long")
     parser.add_argument("--bench-seconds", type=float, default=3.0)
     parser.add_argument("--bench-only", action="store_true", help="no new runs: re-time the finished ones")
     common_args(parser, "latency_aware", "latency_aware", entropy_batches=5, workers=2)
@@ -130,7 +162,19 @@ def main() -> None:
             if (run_dir / "report.json").is_file() and (run_dir / "model.onnx").is_file():
                 rows.append(row(name, select, json.loads((run_dir / "report.json").read_text()),
                                 rebench(run_dir, args.bench_seconds)))
-    args.table.write_text(header(args) + "\n" + "\n".join(rows) + "\n")
+    controls = []
+    for name in MODELS if args.control else ():
+        reports = [json.loads(p.read_text()) for p in args.out.glob(f"{name}-*/report.json")]
+        if reports:
+            c = control(name, max(len(r["rounds"]) for r in reports), args)
+            controls.append(f"| {name} | {reports[0]['original']['top1']:.2f} | {c['rounds']} × "
+                            f"{c['finetune_epochs']} | {c['top1'][-1]:.2f} | "
+                            + " ".join(f"{t:.2f}" for t in c["top1"]) + " |")
+    control_table = ["", "Control: the unchanged original finetuned as long as the longest run of that model "
+                     "(one cosine schedule per round, the rounds' seeds):", "",
+                     "| model | original top-1 | finetune rounds × epochs | top-1 after | top-1 per round |",
+                     "|---|---|---|---|---|", *controls] if controls else []
+    args.table.write_text(header(args) + "\n" + "\n".join(rows + control_table) + "\n")
     print(args.table.read_text())
 
 

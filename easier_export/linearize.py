@@ -12,7 +12,7 @@ import hashlib
 import math
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -31,6 +31,8 @@ from .train import OPTIMIZERS, evaluate_metrics, finetune, is_main_process, seed
 from .ui import info, progress
 
 STATE_FILE = "state.pt"
+# When to stop, not what a round computes: a resumed run may change them (e.g. raise --max-rounds to go on)
+STOP_RULES = ("max_removed", "max_rounds", "patience", "target_speedup")
 SELECTIONS = ("entropy", "latency")
 
 
@@ -50,6 +52,8 @@ class LoopConfig:
     optimizer: str = option("sgd", "finetuning optimizer: sgd (momentum 0.9) or adamw (for transformers and "
                                    "language models)", choices=OPTIMIZERS)
     max_removed: int | None = option(None, "stop after removing this many activations", min=0)
+    max_rounds: int | None = option(None, "stop after this many rounds, kept or reverted (a fixed finetuning "
+                                          "budget, e.g. to compare selections at equal cost)", min=1)
     one_shot: int | None = option(None, "remove the K lowest-scoring activations at once, finetune once", min=1)
     criterion: str = option("entropy", "which call site goes first (the study's baselines: gradient, tlc, "
                                        "layerfold, egp; see easier_export/criteria.py)",
@@ -86,22 +90,15 @@ class LoopConfig:
         return self.relocate_padding or self.select == "latency"
 
     def __post_init__(self) -> None:
-        """Refuse bad settings before any work is done (and before a state file records them)."""
-        checks = [
-            (self.criterion in ("random", *CRITERIA, *STUDY_CRITERIA),
-             f"unknown --criterion '{self.criterion}' (choose from random, {', '.join((*CRITERIA, *STUDY_CRITERIA))})"),
+        """Refuse bad settings before any work is done (and before a state file records them). Bounds and choices
+        come from the fields' metadata (the CLI's own checks), so the Python API refuses what the CLI does."""
+        checks = [(ok, f"--{f.name.replace('_', '-')} {why}") for f in fields(self) for ok, why in _field_checks(
+            f.metadata, getattr(self, f.name))]
+        checks += [
             (self.entropy_reg == 0 or self.one_shot is not None, "--entropy-reg trains once, then removes "
                                                                  "--one-shot K sites: give --one-shot"),
             (self.entropy_tau > 0, "--entropy-tau must be positive"),
-            (self.entropy_mode in ("train", "eval"), f"--entropy-mode is train or eval, not {self.entropy_mode!r}"),
-            (self.entropy_batches is None or self.entropy_batches >= 1, "--entropy-batches must be at least 1"),
-            (self.one_shot is None or self.one_shot >= 1, "--one-shot must be at least 1"),
-            (self.max_removed is None or self.max_removed >= 0, "--max-removed must not be negative"),
-            (self.finetune_epochs >= 0 and self.baseline_epochs >= 0, "epochs must not be negative"),
             (self.lr > 0, "--lr must be positive"),
-            (self.optimizer in OPTIMIZERS, f"--optimizer is one of {', '.join(OPTIMIZERS)}, not {self.optimizer!r}"),
-            (self.select in SELECTIONS, f"--select must be one of {', '.join(SELECTIONS)}, got '{self.select}'"),
-            (self.patience >= 0, "--patience must not be negative"),
             (self.target_speedup is None or self.target_speedup > 0, "--target-speedup must be positive"),
             (self.select != "latency" or self.one_shot is None, "--one-shot removes sites, not fold groups: "
                                                                 "use it with --select entropy"),
@@ -109,6 +106,20 @@ class LoopConfig:
         for ok, message in checks:
             if not ok:
                 raise UserError(message)
+
+
+def _field_checks(meta: Mapping[str, Any], value: Any) -> list[tuple[bool, str]]:
+    """A setting against its option's ``min``/``max`` bounds and ``choices`` (each item, for a tuple)."""
+    checks = []
+    if value is not None and "min" in meta:
+        checks.append((value >= meta["min"], f"must be at least {meta['min']}, got {value}"))
+    if value is not None and "max" in meta:
+        checks.append((value <= meta["max"], f"must be at most {meta['max']}, got {value}"))
+    if "choices" in meta:
+        items = value if isinstance(value, tuple) else (value,)
+        checks.append((set(items) <= set(meta["choices"]),
+                       f"must be one of {', '.join(meta['choices'])}, got {value!r}"))
+    return checks
 
 
 @dataclass(frozen=True)
@@ -153,7 +164,7 @@ class LoopState:
     baseline: dict | None = None  # weights of the finetuned original (with baseline_epochs)
     history: list[dict] = field(default_factory=list)
     entropy0: list[dict] = field(default_factory=list)
-    finished: bool = False
+    finished: bool = False  # nothing left to try (stop rules are re-evaluated on resume instead)
     groups: dict | None = None  # FoldGroups.to_dict(), measured once (latency selection)
     base_ppl: float | None = None  # language models: the original's validation perplexity
 
@@ -170,6 +181,7 @@ class LoopResult:
     groups: list[dict] = field(default_factory=list)  # fold groups of the original, for the report
     base_ppl: float | None = None  # language models (Task metric ppl)
     final_ppl: float | None = None
+    stopped: str = ""  # why the rounds ended (a stop rule, or nothing left to try)
 
 
 # --- scoring: lower = removed first ------------------------------------------------------------------
@@ -232,11 +244,13 @@ def _fingerprint(gm: fx.GraphModule, source: str, cfg: LoopConfig, train_loader,
 
 
 def changed_settings(stored: dict, current: dict) -> list[str]:
-    """Fingerprint keys that differ. A setting the stored run did not record (written before that option existed)
-    counts as the option's default: that run behaved as the default does, so a newer version still resumes it."""
+    """Fingerprint keys that differ, stop rules aside. A setting the stored run did not record (written before
+    that option existed) counts as the option's default: that run behaved as the default does, so a newer version
+    still resumes it."""
     defaults = {f.name: f.default for f in fields(LoopConfig)}
     missing = object()
-    return sorted(k for k in current if stored.get(k, defaults.get(k, missing)) != current[k])
+    return sorted(k for k in current
+                  if k not in STOP_RULES and stored.get(k, defaults.get(k, missing)) != current[k])
 
 
 def load_state(out_dir: Path, fingerprint: dict) -> LoopState | None:
@@ -294,6 +308,25 @@ def misses_in_a_row(history: list[dict]) -> int:
     """Over-budget rounds since the last kept one: the run ends when they exceed ``--patience``."""
     kept = [i for i, r in enumerate(history) if r["within_budget"]]
     return len(history) - (kept[-1] + 1 if kept else 0)
+
+
+def stop_reason(cfg: LoopConfig, history: list[dict], removed: int) -> str | None:
+    """Why the run ends before another round, or None. Evaluated from the history, so a resumed run with other
+    stop rules decides afresh."""
+    kept = [r for r in history if r["within_budget"]]
+    misses = misses_in_a_row(history)
+    if cfg.one_shot is not None and history:
+        return "one-shot: its single round is done"
+    if cfg.max_rounds is not None and len(history) >= cfg.max_rounds:
+        return f"--max-rounds {cfg.max_rounds} reached"
+    if cfg.max_removed is not None and removed >= cfg.max_removed:
+        return f"--max-removed {cfg.max_removed} reached"
+    if misses > cfg.patience:
+        return f"{misses} over-budget candidate(s) in a row (--patience {cfg.patience})"
+    speedup = kept[-1].get("speedup") if kept else None
+    if cfg.target_speedup is not None and speedup is not None and speedup >= cfg.target_speedup:
+        return f"shipped model at ×{speedup:.2f} ≥ --target-speedup ×{cfg.target_speedup:.2f}"
+    return None
 
 
 def _choose(scores: dict[str, float], cfg: LoopConfig, state: LoopState,
@@ -371,11 +404,12 @@ def run_loop(gm: fx.GraphModule, source: str, train_loader, val_loader, cfg: Loo
         current.load_state_dict(state.state_dict)
     current = current.to(device)
 
-    while not state.finished:
+    stopped = "the stored run had ended (nothing left to try)" if state.finished else None
+    while stopped is None:
         rnd = len(state.history) + 1
         sites = find_call_sites(current, cfg.rectifiers)
-        if not sites or (cfg.max_removed is not None and len(state.removed) >= cfg.max_removed):
-            state.finished = True
+        stopped = stop_reason(cfg, state.history, len(state.removed)) or (None if sites else "no activation left")
+        if stopped is not None:
             break
         t0 = time.perf_counter()
         round_seed = cfg.seed * 100_003 + rnd
@@ -386,8 +420,8 @@ def run_loop(gm: fx.GraphModule, source: str, train_loader, val_loader, cfg: Loo
             state.entropy0 = [s.to_dict() for s in stats.values()]
         chosen, us_saved = _choose(scores, cfg, state, groups)
         if not chosen:
-            info("no candidate left" + (" with a measured saving" if groups is not None else ""))
-            state.finished = True
+            stopped = "no candidate left" + (" with a measured saving" if groups is not None else "")
+            state.finished = True  # exhausted: no stop rule can reopen it
             save_state(out_dir, state)
             break
         candidate = remove_sites(scored, chosen, cfg.relocates).to(device)
@@ -413,14 +447,12 @@ def run_loop(gm: fx.GraphModule, source: str, train_loader, val_loader, cfg: Loo
             if probe is not None and cfg.target_speedup is not None:
                 record.speedup = probe(current)
                 info(f"shipped model now ×{record.speedup:.2f} (target ×{cfg.target_speedup:.2f})")
-                state.finished = record.speedup >= cfg.target_speedup
         state.history.append(asdict(record))
-        finished = misses_in_a_row(state.history) > cfg.patience or cfg.one_shot is not None
-        state.finished = state.finished or finished
         save_state(out_dir, state)
+    info(f"stopped: {stopped}")
 
     kept = [r for r in state.history if r["within_budget"]]
     summary = [] if groups is None else [asdict(g) for g in groups.candidates(set())]
     return LoopResult(current.eval(), state.removed, state.base_top1, kept[-1]["val_top1"] if kept else state.base_top1,
                       [RoundRecord(**r) for r in state.history], state.entropy0, resumed, summary, state.base_ppl,
-                      kept[-1].get("val_ppl") if kept else state.base_ppl)
+                      kept[-1].get("val_ppl") if kept else state.base_ppl, stopped)

@@ -263,6 +263,7 @@ def build_report(loaded: LoadedModel, cfg: CompressConfig, result: LoopResult, o
                    for r in result.history],
         "rejected": [{"round": r.round, "removed": r.removed, "val_top1": r.val_top1}
                      for r in result.history if not r.within_budget],
+        "stopped": result.stopped,
         "groups": [{**g, "sites": list(g["sites"]),
                     "entropy": sum(entropy0.get(s, float("nan")) for s in g["sites"])} for g in result.groups],
         "folds": [f.to_dict() for f in folds],

@@ -31,9 +31,11 @@ def test_pick_lowest_or_all_zeros_and_one_shot():
     assert pick({"a": 0.0, "b": 0.0}, LoopConfig(max_removed=3), 2) == ["a"]
 
 
-def test_loop_stops_at_budget_and_keeps_last_good_model(loaders, tmp_path):
-    result = _run(loaders, tmp_path, max_drop=-1000.0, patience=0)  # impossible budget: first round rejected
-    assert result.removed == []
+def test_loop_stops_at_budget_and_keeps_last_good_model(loaders, tmp_path, monkeypatch):
+    accuracies = iter([90.0, 80.0])  # the original, then a first round 10 points down: over a 1-point budget
+    monkeypatch.setattr(loop_mod, "evaluate_metrics", lambda *a, **k: {"top1": next(accuracies), "ppl": 1.0})
+    result = _run(loaders, tmp_path, max_drop=1.0, patience=0)
+    assert result.removed == [] and "--patience 0" in result.stopped
     assert [r.within_budget for r in result.history] == [False]
     assert len(find_call_sites(result.model)) == 6
 
@@ -65,8 +67,20 @@ def test_resume_after_kill_gives_same_history(loaders, tmp_path, monkeypatch):
 
 def test_changed_settings_refuse_to_resume(loaders, tmp_path):
     _run(loaders, tmp_path, max_removed=1)
-    with pytest.raises(UserError, match="different settings .*max_removed"):
-        _run(loaders, tmp_path, max_removed=2)
+    with pytest.raises(UserError, match="different settings .*lr"):
+        _run(loaders, tmp_path, max_removed=1, lr=0.5)
+
+
+def test_a_stopped_run_continues_when_a_stop_rule_is_raised(loaders, tmp_path):
+    """Stop rules decide when to end, not what a round computes: raising one on the same --out goes on from the
+    stored rounds (a fixed --max-rounds budget first, then more) instead of refusing or starting over."""
+    first = _run(loaders, tmp_path, max_rounds=1)
+    assert len(first.history) == 1 and "--max-rounds 1" in first.stopped
+    more = _run(loaders, tmp_path, max_rounds=2)
+    assert more.resumed_rounds == 1 and len(more.history) == 2
+    assert more.history[0] == first.history[0]
+    assert "--max-rounds 2" in more.stopped
+    assert "--max-removed 2" in _run(loaders, tmp_path, max_rounds=5, max_removed=2).stopped
 
 
 def test_state_from_before_an_option_existed_resumes_with_its_default(loaders, tmp_path):
@@ -100,10 +114,17 @@ def test_baseline_finetuning_sets_budget_and_survives_resume(loaders, tmp_path):
     assert resumed.base_top1 == first.base_top1 and resumed.resumed_rounds == 1
 
 
-@pytest.mark.parametrize("bad", [{"entropy_batches": 0}, {"one_shot": 0}, {"criterion": "entorpy"},
-                                 {"max_removed": -1}, {"entropy_mode": "test"}])
-def test_bad_settings_are_refused_before_any_work(bad):
-    with pytest.raises(UserError):
+@pytest.mark.parametrize("bad, says", [({"entropy_batches": 0}, "--entropy-batches must be at least 1"),
+                                       ({"one_shot": 0}, "--one-shot must be at least 1"),
+                                       ({"criterion": "entorpy"}, "--criterion must be one of"),
+                                       ({"max_removed": -1}, "--max-removed must be at least 0"),
+                                       ({"max_rounds": 0}, "--max-rounds must be at least 1"),
+                                       ({"max_drop": -1.0}, "--max-drop must be at least 0"),
+                                       ({"rectifiers": ("relu", "tanh")}, "--rectifiers must be one of"),
+                                       ({"entropy_mode": "test"}, "--entropy-mode must be one of")])
+def test_bad_settings_are_refused_before_any_work(bad, says):
+    """The Python API refuses what the CLI refuses, with the option's name."""
+    with pytest.raises(UserError, match=says):
         LoopConfig(**bad)
 
 
