@@ -123,8 +123,9 @@ def header(args: argparse.Namespace) -> str:
         f"Machine: {cpu_name()}, {torch.get_num_threads()} threads ({os.cpu_count()} cores), no GPU; "
         f"torch {torch.__version__}. Settings: `--max-drop {args.max_drop} --lr {args.lr} "
         f"--entropy-batches {args.entropy_batches} --patience "
-        f"{args.patience} --max-removed {args.max_removed} --max-rounds {args.max_rounds} --fold auto`, batch 128; the shared ResNets get "
-        "`--baseline-epochs 0.5` first (JPEG domain shift). Speed-ups: ORT CPU p50 of `model.onnx` vs the "
+        f"{args.patience} --max-removed {args.max_removed} --max-rounds {args.max_rounds} --fold auto`, batch 128; "
+        "the shared ResNets get `--baseline-epochs 0.5` first (JPEG domain shift). Speed-ups: ORT CPU p50 of "
+        "`model.onnx` vs the "
         "original ONNX, re-timed together after all runs (interleaved, 5 repeats) with the machine otherwise idle; "
         "'predicted µs' is the sum of the kept groups' measured savings (batch 1); 'wall' includes any "
         "contention during the rounds.",
