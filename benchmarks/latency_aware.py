@@ -12,7 +12,9 @@ Two phases, so that speed is measured on an idle machine even when the rounds ra
 
 `--control` adds the accuracy the *unchanged* original reaches with the same finetuning (as many 1-round
 finetunes as the longest run of that model had rounds, same seeds): an under-trained checkpoint gains top-1 from
-any extra epochs, and this row separates that gain from what removing activations cost.
+any extra epochs, and this row separates that gain from what removing activations cost. `--ceiling` times the
+most any selection could ship: every activation removed (no finetuning, accuracy not measured), folded with
+`--fold auto`, exported, verified against the linearized model.
 
     .venv/bin/python benchmarks/latency_aware.py --models mobilenet_v2 vit --finetune-epochs 0.3
     .venv/bin/python benchmarks/latency_aware.py --bench-only       # re-time every finished run, rewrite the table
@@ -34,10 +36,12 @@ from cifar_resnets import common_args, p50  # noqa: E402  (one place for reading
 
 from easier_export.bench import bench, cpu_name  # noqa: E402
 from easier_export.data import image_folder  # noqa: E402
+from easier_export.fold import fold_model  # noqa: E402
+from easier_export.graph import find_call_sites, remove_sites, trace  # noqa: E402
 from easier_export.io import save_json  # noqa: E402
 from easier_export.linearize import LoopConfig  # noqa: E402
 from easier_export.models import load_model  # noqa: E402
-from easier_export.pipeline import CompressConfig, compress  # noqa: E402
+from easier_export.pipeline import CompressConfig, compress, export_and_verify  # noqa: E402
 from easier_export.train import evaluate_metrics, finetune, seed_everything  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -97,6 +101,27 @@ def control(name: str, rounds: int, args: argparse.Namespace) -> dict:
     return result
 
 
+def ceiling(name: str, args: argparse.Namespace) -> tuple[int, list[dict]]:
+    """Every in-graph activation of the original removed, folded (auto), exported and verified (``<out>/<name>-
+    ceiling``, reused when there), then timed against the original: (folds applied, bench rows)."""
+    run_dir = args.out / f"{name}-ceiling"
+    files = {"original": run_dir / "onnx" / "original.onnx", "folded": run_dir / "model.onnx"}
+    loaded = load_model(MODELS[name][0], weights=MODELS[name][1])
+    example = torch.randn(1, *loaded.input_size)
+    if not all(f.is_file() for f in files.values()) or not (run_dir / "folds.json").is_file():
+        gm = trace(loaded.model.eval())
+        linear = remove_sites(gm, [s.name for s in find_call_sites(gm) if s.in_graph], True)
+        folded, folds = fold_model(linear, example, mode="auto", target="cpu", cache=run_dir / "latency_table.json")
+        cfg = CompressConfig()
+        export_and_verify(gm, gm, example, files["original"], [example], {}, cfg)
+        if not export_and_verify(folded, linear, example, files["folded"], [example], {}, cfg)["verify"]["passed"]:
+            raise SystemExit(f"{name} ceiling: model.onnx failed verification")
+        save_json({"applied": sum(f.applied for f in folds)}, run_dir / "folds.json")
+    applied = json.loads((run_dir / "folds.json").read_text())["applied"]
+    return applied, bench(files, tuple(example.shape[1:]), ("cpu",), (1, 8), max_seconds=args.bench_seconds,
+                          repeats=5)
+
+
 def rebench(run_dir: Path, seconds: float) -> list[dict]:
     """Original vs shipped ONNX, interleaved, batch 1 and 8, on this (idle) machine."""
     files = {"original": run_dir / "onnx" / "original.onnx", "folded": run_dir / "model.onnx"}
@@ -148,6 +173,8 @@ def main() -> None:
     parser.add_argument("--max-removed", type=int, default=None)
     parser.add_argument("--max-rounds", type=int, default=None, help="the same finetuning budget for every run")
     parser.add_argument("--control", action="store_true", help="also finetune the unchanged original as long")
+    parser.add_argument("--ceiling", nargs="*", default=[], choices=list(MODELS),
+                        help="also time these models with every activation removed (the most a selection can ship)")
     parser.add_argument("--bench-seconds", type=float, default=3.0)
     parser.add_argument("--bench-only", action="store_true", help="no new runs: re-time the finished ones")
     common_args(parser, "latency_aware", "latency_aware", entropy_batches=5, workers=2)
@@ -175,7 +202,16 @@ def main() -> None:
                      "(one cosine schedule per round, the rounds' seeds):", "",
                      "| model | original top-1 | finetune rounds × epochs | top-1 after | top-1 per round |",
                      "|---|---|---|---|---|", *controls] if controls else []
-    args.table.write_text(header(args) + "\n" + "\n".join(rows + control_table) + "\n")
+    ceilings = []
+    for name in args.ceiling:
+        applied, timed = ceiling(name, args)
+        b1o, b1f, b8o, b8f = (p50({"bench": timed}, lab, b) for b in (1, 8) for lab in ("original", "folded"))
+        ceilings.append(f"| {name} | {applied} | {b1o:.3f} → {b1f:.3f} | ×{b1o / b1f:.2f} | ×{b8o / b8f:.2f} |")
+    ceiling_table = ["", "Ceiling: every activation removed (no finetuning, accuracy not measured), folded "
+                     "(`--fold auto`), verified, timed in the same session:", "",
+                     "| model | folds applied | ORT p50 b1 ms | speed-up b1 | speed-up b8 |", "|---|---|---|---|---|",
+                     *ceilings] if ceilings else []
+    args.table.write_text(header(args) + "\n" + "\n".join(rows + control_table + ceiling_table) + "\n")
     print(args.table.read_text())
 
 
