@@ -84,8 +84,9 @@ def control(name: str, rounds: int, args: argparse.Namespace) -> dict:
     """Top-1 of the unchanged original after ``rounds`` finetunes of ``--finetune-epochs`` each, seeded like the
     loop's rounds (cached in ``<out>/<name>-control.json``; recomputed if the round count grew)."""
     path = args.out / f"{name}-control.json"
-    if path.is_file() and json.loads(path.read_text())["rounds"] == rounds:
-        return json.loads(path.read_text())
+    cached = json.loads(path.read_text()) if path.is_file() else None
+    if cached is not None and cached["rounds"] == rounds:
+        return cached
     loaded, loaders = _load(name, args)
     model, top1 = loaded.model, []
     if MODELS[name][2] > 0:  # the loop's baseline finetune (seed 0), as in run()
@@ -105,7 +106,7 @@ def ceiling(name: str, args: argparse.Namespace) -> tuple[int, list[dict]]:
     """Every in-graph activation of the original removed, folded (auto), exported and verified (``<out>/<name>-
     ceiling``, reused when there), then timed against the original: (folds applied, bench rows)."""
     run_dir = args.out / f"{name}-ceiling"
-    files = {"original": run_dir / "onnx" / "original.onnx", "folded": run_dir / "model.onnx"}
+    files = onnx_pair(run_dir)
     loaded = load_model(MODELS[name][0], weights=MODELS[name][1])
     example = torch.randn(1, *loaded.input_size)
     if not all(f.is_file() for f in files.values()) or not (run_dir / "folds.json").is_file():
@@ -122,16 +123,26 @@ def ceiling(name: str, args: argparse.Namespace) -> tuple[int, list[dict]]:
                           repeats=5)
 
 
+def onnx_pair(run_dir: Path) -> dict[str, Path]:
+    """A run folder's original and shipped ONNX files, labelled as the bench rows name them."""
+    return {"original": run_dir / "onnx" / "original.onnx", "folded": run_dir / "model.onnx"}
+
+
+def p50s(timed: list[dict]) -> tuple[float, float, float, float]:
+    """p50 ms of (original b1, folded b1, original b8, folded b8)."""
+    return tuple(p50({"bench": timed}, lab, b) for b in (1, 8) for lab in ("original", "folded"))
+
+
 def rebench(run_dir: Path, seconds: float) -> list[dict]:
     """Original vs shipped ONNX, interleaved, batch 1 and 8, on this (idle) machine."""
-    files = {"original": run_dir / "onnx" / "original.onnx", "folded": run_dir / "model.onnx"}
+    files = onnx_pair(run_dir)
     shape = tuple(json.loads((run_dir / "report.json").read_text())["model"]["input_size"])
     return bench(files, shape, ("cpu",), (1, 8), max_seconds=seconds, repeats=5)
 
 
 def row(name: str, select: str, r: dict, timed: list[dict]) -> str:
     o, c = r["original"], r["compressed"]
-    b1o, b1f, b8o, b8f = (p50({"bench": timed}, lab, b) for b in (1, 8) for lab in ("original", "folded"))
+    b1o, b1f, b8o, b8f = p50s(timed)
     saved = sum(x["us_saved"] or 0.0 for x in r["rounds"] if x["within_budget"])
     kept = sum(x["within_budget"] for x in r["rounds"])
     return (f"| {name} | {select} | {o['top1']:.2f} | {c['top1']:.2f} | {c['top1'] - o['top1']:+.2f} | "
@@ -205,7 +216,7 @@ def main() -> None:
     ceilings = []
     for name in args.ceiling:
         applied, timed = ceiling(name, args)
-        b1o, b1f, b8o, b8f = (p50({"bench": timed}, lab, b) for b in (1, 8) for lab in ("original", "folded"))
+        b1o, b1f, b8o, b8f = p50s(timed)
         ceilings.append(f"| {name} | {applied} | {b1o:.3f} → {b1f:.3f} | ×{b1o / b1f:.2f} | ×{b8o / b8f:.2f} |")
     ceiling_table = ["", "Ceiling: every activation removed (no finetuning, accuracy not measured), folded "
                      "(`--fold auto`), verified, timed in the same session:", "",
