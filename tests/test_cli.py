@@ -76,6 +76,11 @@ def test_bad_option_value_is_usage_error(capsys, image_folder):
     assert code == 2 and "Invalid value for '--fold'" in out and "'auto', 'all', 'none'" in out
 
 
+def test_max_rounds_below_one_is_usage_error(capsys, image_folder):
+    code, out = run(capsys, "compress", "cifar_resnet20", "--data", str(image_folder), "--max-rounds", "0")
+    assert code == 2 and "Invalid value for '--max-rounds'" in out and "Traceback" not in out
+
+
 def test_console_script_prints_one_line_not_a_traceback(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "easier_export.cli", "export", str(tmp_path / "missing.pt")],
                           capture_output=True, text=True, timeout=300)
