@@ -46,19 +46,24 @@ from easier_export.train import evaluate_metrics, finetune, seed_everything  # n
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"
-TRAINED = ROOT / "runs" / "train_cifar"
-# name: (builtin arch, weights, baseline finetune epochs: the shared ResNets were trained on other pixels)
+# name: (builtin arch, weights or None for `<--trained>/<arch>.pt`, baseline finetune epochs: the shared ResNets
+# were trained on other pixels)
 MODELS = {
     "resnet20": ("cifar_resnet20", SHARED / "models" / "cifar10-resnet20.th", 0.5),
     "resnet32": ("cifar_resnet32", SHARED / "models" / "cifar10-resnet32.th", 0.5),
-    "mobilenet_v2": ("cifar_mobilenet_v2", TRAINED / "cifar_mobilenet_v2.pt", 0.0),
-    "vit": ("cifar_vit", TRAINED / "cifar_vit.pt", 0.0),
+    "mobilenet_v2": ("cifar_mobilenet_v2", None, 0.0),
+    "vit": ("cifar_vit", None, 0.0),
 }
 
 
-def _load(name: str, args: argparse.Namespace):
+def weights_of(name: str, args: argparse.Namespace) -> Path:
+    """The checkpoint a model row uses: the shared file, or the one train_cifar.py wrote under ``--trained``."""
     arch, weights, _ = MODELS[name]
-    loaded = load_model(arch, weights=weights)
+    return weights or args.trained / f"{arch}.pt"
+
+
+def _load(name: str, args: argparse.Namespace):
+    loaded = load_model(MODELS[name][0], weights=weights_of(name, args))
     return loaded, image_folder(SHARED / "datasets" / "cifar10-jpeg", loaded.input_size, loaded.mean, loaded.std,
                                 args.batch_size, args.workers, num_classes=10)
 
@@ -102,12 +107,26 @@ def control(name: str, rounds: int, args: argparse.Namespace) -> dict:
     return result
 
 
+def control_row(name: str, args: argparse.Namespace) -> str | None:
+    """The control table's row of one model (None without a finished run to compare with)."""
+    reports = {select: json.loads(p.read_text()) for select in ("entropy", "latency")
+               if (p := args.out / f"{name}-{select}" / "report.json").is_file()}
+    if not reports:
+        return None
+    c = control(name, max(len(r["rounds"]) for r in reports.values()), args)
+    costs = [f"{r['compressed']['top1'] - c['top1'][len(r['rounds']) - 1]:+.2f}"
+             if (r := reports.get(select)) and r["rounds"] else "—" for select in ("entropy", "latency")]
+    return (f"| {name} | {next(iter(reports.values()))['original']['top1']:.2f} | {c['rounds']} × "
+            f"{c['finetune_epochs']} | {c['top1'][-1]:.2f} | " + " ".join(f"{t:.2f}" for t in c["top1"])
+            + f" | {costs[0]} | {costs[1]} |")
+
+
 def ceiling(name: str, args: argparse.Namespace) -> tuple[int, list[dict]]:
     """Every in-graph activation of the original removed, folded (auto), exported and verified (``<out>/<name>-
     ceiling``, reused when there), then timed against the original: (folds applied, bench rows)."""
     run_dir = args.out / f"{name}-ceiling"
     files = onnx_pair(run_dir)
-    loaded = load_model(MODELS[name][0], weights=MODELS[name][1])
+    loaded = load_model(MODELS[name][0], weights=weights_of(name, args))
     example = torch.randn(1, *loaded.input_size)
     if not all(f.is_file() for f in files.values()) or not (run_dir / "folds.json").is_file():
         gm = trace(loaded.model.eval())
@@ -183,6 +202,8 @@ def main() -> None:
     parser.add_argument("--patience", type=int, default=1)
     parser.add_argument("--max-removed", type=int, default=None)
     parser.add_argument("--max-rounds", type=int, default=None, help="the same finetuning budget for every run")
+    parser.add_argument("--trained", type=Path, default=ROOT / "runs" / "train_cifar",
+                        help="where train_cifar.py wrote the MobileNetV2 / ViT checkpoints (its --out)")
     parser.add_argument("--control", action="store_true", help="also finetune the unchanged original as long")
     parser.add_argument("--ceiling", nargs="*", default=[], choices=list(MODELS),
                         help="also time these models with every activation removed (the most a selection can ship)")
@@ -201,18 +222,14 @@ def main() -> None:
             if (run_dir / "report.json").is_file() and (run_dir / "model.onnx").is_file():
                 rows.append(row(name, select, json.loads((run_dir / "report.json").read_text()),
                                 rebench(run_dir, args.bench_seconds)))
-    controls = []
-    for name in MODELS if args.control else ():
-        reports = [json.loads(p.read_text()) for p in args.out.glob(f"{name}-*/report.json")]
-        if reports:
-            c = control(name, max(len(r["rounds"]) for r in reports), args)
-            controls.append(f"| {name} | {reports[0]['original']['top1']:.2f} | {c['rounds']} × "
-                            f"{c['finetune_epochs']} | {c['top1'][-1]:.2f} | "
-                            + " ".join(f"{t:.2f}" for t in c["top1"]) + " |")
+    controls = [r for r in (control_row(name, args) for name in MODELS) if r] if args.control else []
     control_table = ["", "Control: the unchanged original finetuned as long as the longest run of that model "
-                     "(one cosine schedule per round, the rounds' seeds):", "",
-                     "| model | original top-1 | finetune rounds × epochs | top-1 after | top-1 per round |",
-                     "|---|---|---|---|---|", *controls] if controls else []
+                     "(one cosine schedule per round, the rounds' seeds); 'run − control': a run's final top-1 "
+                     "minus the control's after as many rounds (what removing activations cost, net of the "
+                     "training the rounds added):", "",
+                     "| model | original top-1 | finetune rounds × epochs | top-1 after | top-1 per round | "
+                     "entropy run − control | latency run − control |",
+                     "|---|---|---|---|---|---|---|", *controls] if controls else []
     ceilings = []
     for name in args.ceiling:
         applied, timed = ceiling(name, args)
