@@ -76,7 +76,8 @@ def run(name: str, select: str, args: argparse.Namespace) -> dict:
     loaded, loaders = _load(name, args)
     loop = LoopConfig(max_drop=args.max_drop, finetune_epochs=args.finetune_epochs, lr=args.lr,
                       entropy_batches=args.entropy_batches, baseline_epochs=MODELS[name][2], select=select,
-                      patience=args.patience, max_removed=args.max_removed, max_rounds=args.max_rounds)
+                      patience=args.patience, max_removed=args.max_removed, max_rounds=args.max_rounds,
+                      optimizer=args.optimizer)
     cfg = CompressConfig(loop, fold="auto", device="cpu", bench_seconds=args.bench_seconds)
     t0 = time.perf_counter()
     report = compress(loaded, loaders, args.out / f"{name}-{select}", cfg)
@@ -96,10 +97,10 @@ def control(name: str, rounds: int, args: argparse.Namespace) -> dict:
     model, top1 = loaded.model, []
     if MODELS[name][2] > 0:  # the loop's baseline finetune (seed 0), as in run()
         seed_everything(0, loaders.train)
-        finetune(model, loaders.train, torch.device("cpu"), MODELS[name][2], args.lr)
+        finetune(model, loaders.train, torch.device("cpu"), MODELS[name][2], args.lr, optimizer=args.optimizer)
     for rnd in range(1, rounds + 1):
         seed_everything(rnd, loaders.train)  # the loop's round seed at --seed 0
-        finetune(model, loaders.train, torch.device("cpu"), args.finetune_epochs, args.lr)
+        finetune(model, loaders.train, torch.device("cpu"), args.finetune_epochs, args.lr, optimizer=args.optimizer)
         top1.append(evaluate_metrics(model, loaders.val, torch.device("cpu"))["top1"])
         print(f"{name} control: round {rnd}/{rounds} top-1 {top1[-1]:.2f}%", flush=True)
     result = {"rounds": rounds, "finetune_epochs": args.finetune_epochs, "lr": args.lr, "top1": top1}
@@ -176,7 +177,7 @@ def header(args: argparse.Namespace) -> str:
         "# Latency-aware EASIER vs EASIER order (CIFAR-10, ../shared data)",
         "",
         f"Machine: {cpu_name()}, {torch.get_num_threads()} threads ({os.cpu_count()} cores), no GPU; "
-        f"torch {torch.__version__}. Settings: `--max-drop {args.max_drop} --lr {args.lr} "
+        f"torch {torch.__version__}. Settings: `--max-drop {args.max_drop} --optimizer {args.optimizer} --lr {args.lr} "
         f"--entropy-batches {args.entropy_batches} --patience "
         f"{args.patience} --max-removed {args.max_removed} --max-rounds {args.max_rounds} --fold auto`, batch 128; "
         "the shared ResNets get `--baseline-epochs 0.5` first (JPEG domain shift). Speed-ups: ORT CPU p50 of "
@@ -198,6 +199,7 @@ def main() -> None:
     parser.add_argument("--selects", nargs="+", default=["entropy", "latency"], choices=["entropy", "latency"])
     parser.add_argument("--finetune-epochs", type=float, default=0.3)
     parser.add_argument("--lr", type=float, default=0.01)
+    parser.add_argument("--optimizer", default="sgd", choices=["sgd", "adamw"], help="finetuning, runs and control")
     parser.add_argument("--max-drop", type=float, default=1.0)
     parser.add_argument("--patience", type=int, default=1)
     parser.add_argument("--max-removed", type=int, default=None)
