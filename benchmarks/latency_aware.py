@@ -88,10 +88,12 @@ def run(name: str, select: str, args: argparse.Namespace) -> dict:
 
 def control(name: str, rounds: int, args: argparse.Namespace) -> dict:
     """Top-1 of the unchanged original after ``rounds`` finetunes of ``--finetune-epochs`` each, seeded like the
-    loop's rounds (cached in ``<out>/<name>-control.json``; recomputed if the round count grew)."""
+    loop's rounds (cached in ``<out>/<name>-control.json``; recomputed if the round count or a finetuning setting
+    changed, so an SGD control is never read against an AdamW run)."""
     path = args.out / f"{name}-control.json"
+    settings = {"rounds": rounds, "finetune_epochs": args.finetune_epochs, "lr": args.lr, "optimizer": args.optimizer}
     cached = json.loads(path.read_text()) if path.is_file() else None
-    if cached is not None and cached["rounds"] == rounds:
+    if cached is not None and all(cached.get(k) == v for k, v in settings.items()):
         return cached
     loaded, loaders = _load(name, args)
     model, top1 = loaded.model, []
@@ -103,7 +105,7 @@ def control(name: str, rounds: int, args: argparse.Namespace) -> dict:
         finetune(model, loaders.train, torch.device("cpu"), args.finetune_epochs, args.lr, optimizer=args.optimizer)
         top1.append(evaluate_metrics(model, loaders.val, torch.device("cpu"))["top1"])
         print(f"{name} control: round {rnd}/{rounds} top-1 {top1[-1]:.2f}%", flush=True)
-    result = {"rounds": rounds, "finetune_epochs": args.finetune_epochs, "lr": args.lr, "top1": top1}
+    result = {**settings, "top1": top1}
     save_json(result, path)
     return result
 
