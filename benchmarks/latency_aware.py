@@ -23,6 +23,7 @@ most any selection could ship: every activation removed (no finetuning, accuracy
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import sys
@@ -42,7 +43,7 @@ from easier_export.io import save_json  # noqa: E402
 from easier_export.linearize import LoopConfig  # noqa: E402
 from easier_export.models import load_model  # noqa: E402
 from easier_export.pipeline import CompressConfig, compress, export_and_verify  # noqa: E402
-from easier_export.train import evaluate_metrics, finetune, seed_everything  # noqa: E402
+from easier_export.train import Teacher, evaluate_metrics, finetune, seed_everything  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"
@@ -77,7 +78,7 @@ def run(name: str, select: str, args: argparse.Namespace) -> dict:
     loop = LoopConfig(max_drop=args.max_drop, finetune_epochs=args.finetune_epochs, lr=args.lr,
                       entropy_batches=args.entropy_batches, baseline_epochs=MODELS[name][2], select=select,
                       patience=args.patience, max_removed=args.max_removed, max_rounds=args.max_rounds,
-                      optimizer=args.optimizer)
+                      optimizer=args.optimizer, anneal=args.anneal, distill=args.distill)
     cfg = CompressConfig(loop, fold="auto", device="cpu", bench_seconds=args.bench_seconds)
     t0 = time.perf_counter()
     report = compress(loaded, loaders, args.out / f"{name}-{select}", cfg)
@@ -86,23 +87,29 @@ def run(name: str, select: str, args: argparse.Namespace) -> dict:
     return report
 
 
+CONTROL_DEFAULTS = {"distill": 0.0}  # a control cached before the setting existed was run with this
+
+
 def control(name: str, rounds: int, args: argparse.Namespace) -> dict:
     """Top-1 of the unchanged original after ``rounds`` finetunes of ``--finetune-epochs`` each, seeded like the
     loop's rounds (cached in ``<out>/<name>-control.json``; recomputed if the round count or a finetuning setting
     changed, so an SGD control is never read against an AdamW run)."""
     path = args.out / f"{name}-control.json"
-    settings = {"rounds": rounds, "finetune_epochs": args.finetune_epochs, "lr": args.lr, "optimizer": args.optimizer}
+    settings = {"rounds": rounds, "finetune_epochs": args.finetune_epochs, "lr": args.lr, "optimizer": args.optimizer,
+                "distill": args.distill}
     cached = json.loads(path.read_text()) if path.is_file() else None
-    if cached is not None and all(cached.get(k) == v for k, v in settings.items()):
+    if cached is not None and all(cached.get(k, CONTROL_DEFAULTS.get(k)) == v for k, v in settings.items()):
         return cached
     loaded, loaders = _load(name, args)
     model, top1 = loaded.model, []
     if MODELS[name][2] > 0:  # the loop's baseline finetune (seed 0), as in run()
         seed_everything(0, loaders.train)
         finetune(model, loaders.train, torch.device("cpu"), MODELS[name][2], args.lr, optimizer=args.optimizer)
+    teacher = Teacher(copy.deepcopy(model).eval().requires_grad_(False), args.distill) if args.distill > 0 else None
     for rnd in range(1, rounds + 1):
         seed_everything(rnd, loaders.train)  # the loop's round seed at --seed 0
-        finetune(model, loaders.train, torch.device("cpu"), args.finetune_epochs, args.lr, optimizer=args.optimizer)
+        finetune(model, loaders.train, torch.device("cpu"), args.finetune_epochs, args.lr, optimizer=args.optimizer,
+                 teacher=teacher)
         top1.append(evaluate_metrics(model, loaders.val, torch.device("cpu"))["top1"])
         print(f"{name} control: round {rnd}/{rounds} top-1 {top1[-1]:.2f}%", flush=True)
     result = {**settings, "top1": top1}
@@ -202,6 +209,10 @@ def main() -> None:
     parser.add_argument("--finetune-epochs", type=float, default=0.3)
     parser.add_argument("--lr", type=float, default=0.01)
     parser.add_argument("--optimizer", default="sgd", choices=["sgd", "adamw"], help="finetuning, runs and control")
+    parser.add_argument("--anneal", type=float, default=0.0, help="fade removed activations out over this fraction "
+                        "of each round (the loop's --anneal; the control is unaffected)")
+    parser.add_argument("--distill", type=float, default=0.0, help="the loop's --distill, for the runs and (from "
+                        "the frozen original, i.e. self-distillation) the control alike")
     parser.add_argument("--max-drop", type=float, default=1.0)
     parser.add_argument("--patience", type=int, default=1)
     parser.add_argument("--max-removed", type=int, default=None)

@@ -207,31 +207,91 @@ def relocate_padding(gm: fx.GraphModule, act: fx.Node) -> bool:
     return True
 
 
+class Blend(nn.Module):
+    """``(1 − α)·act(x) + α·x``: a removed activation faded out during finetuning (α from 0 to 1) rather
+    than switched off at once, so the network adapts along a path instead of after a jump (``--anneal``).
+
+    In the graph it receives the activation's input and output (``act`` runs on a clone of the input, so an
+    in-place rectifier cannot overwrite the x it is blended with); inside a leaf module it wraps ``act``.
+    """
+
+    def __init__(self, act: nn.Module | None = None) -> None:
+        super().__init__()
+        self.act, self.alpha = act, 0.0
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+        if y is None:
+            y = self.act(x.clone())  # type: ignore[misc]
+        return y + self.alpha * (x - y)
+
+
+def blend_sites(gm: fx.GraphModule, names: Iterable[str], relocate: bool = False) -> fx.GraphModule:
+    """A copy of ``gm`` whose named call sites run through a :class:`Blend` at α = 0 (the same function as
+    ``gm``); :func:`settle` turns them into the identity. ``relocate``: see :func:`remove_sites`."""
+    names = list(names)
+    out = copy.deepcopy(gm)
+    out.meta["blended"] = names
+    in_graph = {n.name: n for n in out.graph.nodes}
+    for name in names:
+        if name not in in_graph:
+            try:
+                out.get_submodule(name)
+            except AttributeError:
+                raise UserError(f"no activation call site named '{name}' in the model") from None
+            parent, _, attr = name.rpartition(".")
+            setattr(out.get_submodule(parent), attr, Blend(out.get_submodule(name)))
+            continue
+        act = in_graph[name]
+        if relocate:
+            relocate_padding(out, act)
+        x = act.args[0]
+        target = f"blend_{name}"
+        out.add_submodule(target, Blend())
+        with out.graph.inserting_before(act):
+            act.update_arg(0, out.graph.call_method("clone", (x,)))
+        with out.graph.inserting_after(act):
+            blend = out.graph.call_module(target, (x, act))
+        act.replace_all_uses_with(blend, delete_user_cb=lambda user, blend=blend: user is not blend)
+    out.graph.lint()
+    out.recompile()
+    return out
+
+
+def fade(gm: nn.Module, alpha: float) -> None:
+    """Set α of every :class:`Blend` in ``gm`` (0: the activations as they were, 1: removed)."""
+    for mod in gm.modules():
+        if isinstance(mod, Blend):
+            mod.alpha = alpha
+
+
+def settle(gm: fx.GraphModule) -> fx.GraphModule:
+    """A copy of ``gm`` with every :class:`Blend` replaced by the identity: at α = 1 the function it computes
+    (up to rounding), minus the activation, its input clone and the blend itself. Adds the blended sites to
+    ``meta['removed']`` in the order they were blended."""
+    out = copy.deepcopy(gm)
+    for node in list(out.graph.nodes):
+        mod = out.get_submodule(node.target) if node.op == "call_module" else None
+        if isinstance(mod, Blend):
+            x, act = node.args
+            clone = act.args[0]
+            node.replace_all_uses_with(x)
+            for dead in (node, act, clone):
+                out.graph.erase_node(dead)
+            out.delete_submodule(node.target)
+    for path, mod in list(out.named_modules()):
+        if isinstance(mod, Blend):
+            parent, _, attr = path.rpartition(".")
+            setattr(out.get_submodule(parent), attr, nn.Identity())
+    out.graph.lint()
+    out.recompile()
+    out.meta["removed"] = list(out.meta.get("removed", [])) + out.meta.pop("blended", [])
+    return out
+
+
 def remove_sites(gm: fx.GraphModule, names: Iterable[str], relocate: bool = False) -> fx.GraphModule:
     """A copy of ``gm`` with the named call sites replaced by the identity (the rest untouched).
 
     ``relocate``: also move padding across each removed activation between two convs (see
     :func:`relocate_padding`); the order of ``names`` matters then, so replay them in removal order.
     """
-    names = list(names)
-    out = copy.deepcopy(gm)
-    in_graph = {n.name: n for n in out.graph.nodes}
-    for name in names:
-        if name in in_graph:
-            node = in_graph[name]
-            if relocate:
-                relocate_padding(out, node)
-            node.replace_all_uses_with(node.args[0])
-            out.graph.erase_node(node)
-        else:
-            try:
-                out.get_submodule(name)
-            except AttributeError:
-                raise UserError(f"no activation call site named '{name}' in the model") from None
-            parent, _, attr = name.rpartition(".")
-            setattr(out.get_submodule(parent), attr, nn.Identity())
-    out.graph.lint()
-    out.recompile()
-    out.meta.setdefault("removed", [])
-    out.meta["removed"] = list(out.meta["removed"]) + names
-    return out
+    return settle(blend_sites(gm, names, relocate))

@@ -25,9 +25,9 @@ from .entropy import SiteStats, measure
 from .errors import UserError, first_line
 from .fold.groups import FoldGroups, Group, find_groups
 from .fold.planner import LatencyTable
-from .graph import ALL_RECTIFIERS, CallSite, find_call_sites, remove_sites
+from .graph import ALL_RECTIFIERS, CallSite, blend_sites, fade, find_call_sites, remove_sites, settle
 from .io import save_torch
-from .train import OPTIMIZERS, evaluate_metrics, finetune, is_main_process, seed_everything, warn_near_chance
+from .train import OPTIMIZERS, Teacher, evaluate_metrics, finetune, is_main_process, seed_everything, warn_near_chance
 from .ui import info, progress
 
 STATE_FILE = "state.pt"
@@ -75,6 +75,13 @@ class LoopConfig:
     select: str = option("entropy", "entropy: one activation per round, lowest score first (EASIER); latency: "
                                     "the fold group (activations whose joint removal completes a merge) with the "
                                     "least score per microsecond saved on --target", choices=SELECTIONS)
+    anneal: float = option(0.0, "fade each removed activation out over this fraction of its round's finetuning, "
+                                "(1-α)·act(x) + α·x with α rising from 0 to 1, instead of switching it off "
+                                "before the round (0: at once, as EASIER does)", min=0.0, max=1.0)
+    distill: float = option(0.0, "knowledge distillation weight w in the rounds' finetuning: loss = (1-w)·CE + "
+                                 "w·T²·KL(original ‖ candidate), the original (frozen) as the teacher; 0 = off",
+                            min=0.0, max=1.0)
+    distill_temperature: float = option(4.0, "temperature T of --distill")
     patience: int = option(2, "over-budget candidates in a row (each reverted, then the next one tried) before "
                               "the run ends; 0 stops at the first", min=0)
     target_speedup: float | None = option(None, "stop once the shipped model measures at least this ORT speed-up "
@@ -98,6 +105,7 @@ class LoopConfig:
             (self.entropy_reg == 0 or self.one_shot is not None, "--entropy-reg trains once, then removes "
                                                                  "--one-shot K sites: give --one-shot"),
             (self.entropy_tau > 0, "--entropy-tau must be positive"),
+            (self.distill_temperature > 0, "--distill-temperature must be positive"),
             (self.lr > 0, "--lr must be positive"),
             (self.target_speedup is None or self.target_speedup > 0, "--target-speedup must be positive"),
             (self.select != "latency" or self.one_shot is None, "--one-shot removes sites, not fold groups: "
@@ -349,6 +357,20 @@ def _regularised(gm: fx.GraphModule, sites: list[CallSite], loader, device: torc
                                    cfg.entropy_tau, cfg.threshold, advance, cfg.optimizer)
 
 
+def _fader(model: torch.nn.Module, ramp_steps: float, advance: Callable[[], None]) -> Callable[[], None]:
+    """``--anneal``'s per-step callback: α of the blended activations rises linearly from 0 (the model as it
+    was) to 1 (removed) over the first ``ramp_steps`` optimizer steps, then the round trains the linear model."""
+    done = 0
+    fade(model, 0.0)
+
+    def step() -> None:
+        nonlocal done
+        done += 1
+        fade(model, min(1.0, done / ramp_steps))
+        advance()
+    return step
+
+
 def measure_groups(gm: fx.GraphModule, cfg: LoopConfig, example: torch.Tensor, table: LatencyTable) -> FoldGroups:
     """Fold groups of the model among its in-graph call sites of ``cfg.rectifiers``, timed on the table's target
     (the loop keeps them in its state: resume re-times nothing)."""
@@ -399,6 +421,8 @@ def run_loop(gm: fx.GraphModule, source: str, train_loader, val_loader, cfg: Loo
         state.groups = measure_groups(gm, cfg, example, table).to_dict()
         save_state(out_dir, state)
     groups = FoldGroups.from_dict(state.groups) if state.groups is not None else None
+    teacher = Teacher(copy.deepcopy(gm).eval().requires_grad_(False), cfg.distill, cfg.distill_temperature) \
+        if cfg.distill > 0 else None
     current = remove_sites(gm, state.removed, cfg.relocates) if state.removed else gm
     if state.state_dict is not None:
         current.load_state_dict(state.state_dict)
@@ -424,11 +448,15 @@ def run_loop(gm: fx.GraphModule, source: str, train_loader, val_loader, cfg: Loo
             state.finished = True  # exhausted: no stop rule can reopen it
             save_state(out_dir, state)
             break
-        candidate = remove_sites(scored, chosen, cfg.relocates).to(device)
+        candidate = (blend_sites if cfg.anneal > 0 else remove_sites)(scored, chosen, cfg.relocates).to(device)
         seed_everything(round_seed, train_loader)
-        with progress(f"round {rnd}: finetune", math.ceil(cfg.finetune_epochs * len(train_loader))) as advance:
-            finetune(candidate, train_loader, device, cfg.finetune_epochs, cfg.lr, on_step=advance,
-                     optimizer=cfg.optimizer)
+        steps = math.ceil(cfg.finetune_epochs * len(train_loader))
+        with progress(f"round {rnd}: finetune", steps) as advance:
+            on_step = _fader(candidate, cfg.anneal * steps, advance) if cfg.anneal > 0 else advance
+            finetune(candidate, train_loader, device, cfg.finetune_epochs, cfg.lr, optimizer=cfg.optimizer,
+                     teacher=teacher, on_step=on_step)
+        if cfg.anneal > 0:
+            candidate = settle(candidate).to(device)
         metrics = evaluate_metrics(candidate, val_loader, device)
         acc, ppl = metrics["top1"], metrics["ppl"] if task.metric == "ppl" else None
         within = task.within(cfg, state.base_ppl, ppl) if ppl is not None else task.within(cfg, state.base_top1, acc)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
@@ -46,6 +47,25 @@ def prediction_loss(logits: torch.Tensor, y: torch.Tensor, reduction: str = "mea
     return F.cross_entropy(logits.flatten(0, -2).float(), y.flatten(), reduction=reduction)
 
 
+@dataclass(frozen=True)
+class Teacher:
+    """Knowledge distillation: the student's loss becomes (1 − w)·cross-entropy + w·T²·KL(teacher ‖ student) at
+    temperature T. With the original as the frozen teacher, a linearized candidate is pulled back towards the
+    function it replaces (all its soft outputs, not just the label), which one short finetune of cross-entropy
+    does not recover."""
+
+    model: nn.Module
+    weight: float
+    temperature: float = 4.0
+
+    def loss(self, x: torch.Tensor, logits: torch.Tensor, hard: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            target = self.model(x).flatten(0, -2).float() / self.temperature
+        soft = F.kl_div(F.log_softmax(logits.flatten(0, -2).float() / self.temperature, -1),
+                        F.log_softmax(target, -1), log_target=True, reduction="batchmean")
+        return (1 - self.weight) * hard + self.weight * self.temperature ** 2 * soft
+
+
 @torch.no_grad()
 def evaluate_metrics(model: nn.Module, loader: DataLoader, device: torch.device) -> dict[str, float]:
     """Top-1 accuracy in percent and perplexity (exp of the mean cross-entropy), over every labelled position
@@ -86,13 +106,13 @@ OPTIMIZERS = ("sgd", "adamw")
 
 def finetune(model: nn.Module, loader: DataLoader, device: torch.device, epochs: float, lr: float,
              weight_decay: float = 5e-4, on_step: Callable[[], None] | None = None, optimizer: str = "sgd",
-             penalty: Callable[[], torch.Tensor] | None = None) -> float:
+             penalty: Callable[[], torch.Tensor] | None = None, teacher: Teacher | None = None) -> float:
     """SGD + momentum (or AdamW: transformers train poorly with SGD) with a cosine schedule; returns the mean
     training loss of the last epoch.
 
     ``epochs`` may be fractional (e.g. 0.25 = a quarter of an epoch), for quick rounds on big datasets.
     ``penalty()``, when given, is added to each step's loss after the forward pass (a regulariser that hooks
-    inside the model read during that pass, e.g. ``--entropy-reg``).
+    inside the model read during that pass, e.g. ``--entropy-reg``). ``teacher``: distil from it (``--distill``).
     """
     if epochs <= 0:
         return float("nan")
@@ -114,7 +134,10 @@ def finetune(model: nn.Module, loader: DataLoader, device: torch.device, epochs:
         for x, y in loader:
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             with torch.autocast(device.type, enabled=use_amp):
-                loss = prediction_loss(net(x), y)
+                logits = net(x)
+                loss = prediction_loss(logits, y)
+                if teacher is not None:
+                    loss = teacher.loss(x, logits, loss)
                 if penalty is not None:
                     loss = loss + penalty()
             opt.zero_grad(set_to_none=True)
