@@ -187,6 +187,7 @@ def header(args: argparse.Namespace) -> str:
         "",
         f"Machine: {cpu_name()}, {torch.get_num_threads()} threads ({os.cpu_count()} cores), no GPU; "
         f"torch {torch.__version__}. Settings: `--max-drop {args.max_drop} --optimizer {args.optimizer} --lr {args.lr} "
+        f"--anneal {args.anneal} --distill {args.distill} "
         f"--entropy-batches {args.entropy_batches} --patience "
         f"{args.patience} --max-removed {args.max_removed} --max-rounds {args.max_rounds} --fold auto`, batch 128; "
         "the shared ResNets get `--baseline-epochs 0.5` first (JPEG domain shift). Speed-ups: ORT CPU p50 of "
