@@ -1,6 +1,7 @@
 """What folding buys for fixed removal patterns (issue: folding) and the study's removal counts (issue: export).
 
-Random weights (latency only). For each architecture and pattern: the linearized model unfolded (`--fold none`,
+Random weights with trained-like (non-zero) norm affines and running statistics (latency only). For each
+architecture and pattern: the linearized model unfolded (`--fold none`,
 BatchNorm folded only), `--fold all` and `--fold auto`; ONNX export of each, max abs diff of the folded ONNX
 against the unfolded PyTorch model, conv/linear op counts and parameters, onnxruntime CPU p50 at batch 1 and 8,
 measured interleaved in one run. Writes benchmarks/fold_patterns.md.
@@ -19,6 +20,7 @@ from pathlib import Path
 
 import onnx
 import torch
+from torch import nn
 
 from easier_export.bench import bench, cpu_name, speedups
 from easier_export.entropy import measure
@@ -81,9 +83,25 @@ def op_counts(path: Path) -> tuple[int, int]:
     return ops.count("Conv"), sum(ops.count(k) for k in ("Gemm", "MatMul"))
 
 
+def nonzero_norms(model: nn.Module) -> nn.Module:
+    """Random weights leave every BatchNorm/LayerNorm at weight 1, bias 0 (and running stats 0 / 1), so folded
+    convs carry no bias and a merge across zero padding never needs a bias map; trained models do. Give the
+    norms trained-like values (seeded) so the timings include what trained biases cost."""
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, (nn.BatchNorm2d, nn.LayerNorm)) and m.weight is not None:
+                m.weight.copy_(torch.rand(m.weight.shape, generator=gen) + 0.5)
+                m.bias.copy_(torch.randn(m.bias.shape, generator=gen) * 0.1)
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.copy_(torch.randn(m.running_mean.shape, generator=gen) * 0.1)
+                m.running_var.copy_(torch.rand(m.running_var.shape, generator=gen) + 0.5)
+    return model
+
+
 def run_case(arch: str, size: int, chooser, tmp: Path, threads: int, seconds: float) -> dict:
     torch.manual_seed(0)
-    gm = trace(build_arch(arch, num_classes=10).eval())
+    gm = trace(nonzero_norms(build_arch(arch, num_classes=10)).eval())
     sites = find_call_sites(gm)
     chosen = chooser(sites, gm, size) if chooser.__code__.co_argcount == 3 else chooser(sites)
     lin = remove_sites(gm, [s.name for s in chosen]).eval()
@@ -119,11 +137,13 @@ def main() -> None:
     args = parser.parse_args()
     warnings.simplefilter("ignore")
     lines = [
-        "# Folding: latency by removal pattern (onnxruntime CPU, random weights)",
+        "# Folding: latency by removal pattern (onnxruntime CPU, random weights, non-zero norm biases)",
         "",
         f"Machine: {cpu_name()}, {os.cpu_count()} cores, no GPU; onnxruntime "
         f"intra-op threads {args.threads}; torch {torch.__version__}. p50 of interleaved runs "
-        f"({args.seconds:.0f} s budget per model and batch). `none` = activations removed, BatchNorm folded, no "
+        f"({args.seconds:.0f} s budget per model and batch), run with the machine otherwise idle; random weights, norm "
+        "layers given non-zero affines and running statistics (so folded biases are non-zero, as in a trained "
+        "model). `none` = activations removed, BatchNorm folded, no "
         "merges; `all` = every exact merge; `auto` = merges the planner measured faster. Speed-ups are vs `none`.",
         "",
         "| model | input | pattern | removed | Conv / MatMul+Gemm none → all → auto | params none → all (M) | "
