@@ -268,7 +268,11 @@ def settle(gm: fx.GraphModule) -> fx.GraphModule:
     """A copy of ``gm`` with every :class:`Blend` replaced by the identity: at α = 1 the function it computes
     (up to rounding), minus the activation, its input clone and the blend itself. Adds the blended sites to
     ``meta['removed']`` in the order they were blended."""
-    out = copy.deepcopy(gm)
+    return _settle_in_place(copy.deepcopy(gm))
+
+
+def _settle_in_place(out: fx.GraphModule) -> fx.GraphModule:
+    """:func:`settle` on ``out`` itself (for a copy nobody else holds: :func:`remove_sites` copies once, not twice)."""
     for node in list(out.graph.nodes):
         mod = out.get_submodule(node.target) if node.op == "call_module" else None
         if isinstance(mod, Blend):
@@ -294,4 +298,4 @@ def remove_sites(gm: fx.GraphModule, names: Iterable[str], relocate: bool = Fals
     ``relocate``: also move padding across each removed activation between two convs (see
     :func:`relocate_padding`); the order of ``names`` matters then, so replay them in removal order.
     """
-    return settle(blend_sites(gm, names, relocate))
+    return _settle_in_place(blend_sites(gm, names, relocate))
