@@ -23,7 +23,6 @@ most any selection could ship: every activation removed (no finetuning, accuracy
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import os
 import sys
@@ -105,7 +104,7 @@ def control(name: str, rounds: int, args: argparse.Namespace) -> dict:
     if MODELS[name][2] > 0:  # the loop's baseline finetune (seed 0), as in run()
         seed_everything(0, loaders.train)
         finetune(model, loaders.train, torch.device("cpu"), MODELS[name][2], args.lr, optimizer=args.optimizer)
-    teacher = Teacher(copy.deepcopy(model).eval().requires_grad_(False), args.distill) if args.distill > 0 else None
+    teacher = Teacher.frozen(model, args.distill) if args.distill > 0 else None
     for rnd in range(1, rounds + 1):
         seed_everything(rnd, loaders.train)  # the loop's round seed at --seed 0
         finetune(model, loaders.train, torch.device("cpu"), args.finetune_epochs, args.lr, optimizer=args.optimizer,

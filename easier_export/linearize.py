@@ -421,8 +421,7 @@ def run_loop(gm: fx.GraphModule, source: str, train_loader, val_loader, cfg: Loo
         state.groups = measure_groups(gm, cfg, example, table).to_dict()
         save_state(out_dir, state)
     groups = FoldGroups.from_dict(state.groups) if state.groups is not None else None
-    teacher = Teacher(copy.deepcopy(gm).eval().requires_grad_(False), cfg.distill, cfg.distill_temperature) \
-        if cfg.distill > 0 else None
+    teacher = Teacher.frozen(gm, cfg.distill, cfg.distill_temperature) if cfg.distill > 0 else None
     current = remove_sites(gm, state.removed, cfg.relocates) if state.removed else gm
     if state.state_dict is not None:
         current.load_state_dict(state.state_dict)

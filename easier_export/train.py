@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -57,6 +58,11 @@ class Teacher:
     model: nn.Module
     weight: float
     temperature: float = 4.0
+
+    @classmethod
+    def frozen(cls, model: nn.Module, weight: float, temperature: float = 4.0) -> Teacher:
+        """A teacher from a frozen copy of ``model`` in eval mode: finetuning the student changes nothing in it."""
+        return cls(copy.deepcopy(model).eval().requires_grad_(False), weight, temperature)
 
     def loss(self, x: torch.Tensor, logits: torch.Tensor, hard: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
