@@ -192,3 +192,12 @@ def test_every_loop_setting_is_an_option_of_the_loop_commands():
             if (name, f.name) == ("linearize", "target_speedup"):  # needs compress's end-to-end probe
                 continue
             assert f.name in params and params[f.name].help.startswith(f.metadata["help"]), (name, f.name)
+
+
+@pytest.mark.parametrize(("flag", "value", "says"), [("--anneal", "1.5", "Invalid value for '--anneal'"),
+                                                     ("--distill", "-0.1", "Invalid value for '--distill'"),
+                                                     ("--distill-temperature", "0",
+                                                      "--distill-temperature must be positive")])
+def test_bad_anneal_or_distill_is_a_one_line_usage_error(capsys, image_folder, flag, value, says):
+    code, out = run(capsys, "compress", "cifar_resnet20", "--data", str(image_folder), flag, value)
+    assert code == 2 and says in out and "Traceback" not in out
