@@ -77,7 +77,8 @@ def run(name: str, select: str, args: argparse.Namespace) -> dict:
     loop = LoopConfig(max_drop=args.max_drop, finetune_epochs=args.finetune_epochs, lr=args.lr,
                       entropy_batches=args.entropy_batches, baseline_epochs=MODELS[name][2], select=select,
                       patience=args.patience, max_removed=args.max_removed, max_rounds=args.max_rounds,
-                      optimizer=args.optimizer, anneal=args.anneal, distill=args.distill)
+                      optimizer=args.optimizer, anneal=args.anneal, distill=args.distill,
+                      substitute=args.substitute)
     cfg = CompressConfig(loop, fold="auto", device="cpu", bench_seconds=args.bench_seconds)
     t0 = time.perf_counter()
     report = compress(loaded, loaders, args.out / f"{name}-{select}", cfg)
@@ -186,7 +187,7 @@ def header(args: argparse.Namespace) -> str:
         "",
         f"Machine: {cpu_name()}, {torch.get_num_threads()} threads ({os.cpu_count()} cores), no GPU; "
         f"torch {torch.__version__}. Settings: `--max-drop {args.max_drop} --optimizer {args.optimizer} --lr {args.lr} "
-        f"--anneal {args.anneal} --distill {args.distill} "
+        f"--anneal {args.anneal} --distill {args.distill} --substitute {args.substitute} "
         f"--entropy-batches {args.entropy_batches} --patience "
         f"{args.patience} --max-removed {args.max_removed} --max-rounds {args.max_rounds} --fold auto`, batch 128; "
         "the shared ResNets get `--baseline-epochs 0.5` first (JPEG domain shift). Speed-ups: ORT CPU p50 of "
@@ -213,6 +214,8 @@ def main() -> None:
                         "of each round (the loop's --anneal; the control is unaffected)")
     parser.add_argument("--distill", type=float, default=0.0, help="the loop's --distill, for the runs and (from "
                         "the frozen original, i.e. self-distillation) the control alike")
+    parser.add_argument("--substitute", default="identity", choices=["identity", "affine"],
+                        help="the loop's --substitute (the control is unaffected)")
     parser.add_argument("--max-drop", type=float, default=1.0)
     parser.add_argument("--patience", type=int, default=1)
     parser.add_argument("--max-removed", type=int, default=None)

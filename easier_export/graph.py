@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import copy
 import operator
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 import torch
@@ -144,7 +144,11 @@ def find_call_sites(gm: fx.GraphModule, rectifiers: Iterable[str] = ALL_RECTIFIE
 
 def channel_dim(gm: fx.GraphModule, site: CallSite) -> int:
     """Which dim holds units: 1 after conv/BN (NCHW maps), -1 after linear/LayerNorm (tokens)."""
-    node = _node(gm, site.name).args[0]
+    return _input_unit_dim(gm, _node(gm, site.name))
+
+
+def _input_unit_dim(gm: fx.GraphModule, act: fx.Node) -> int:
+    node = act.args[0]
     while isinstance(node, fx.Node):
         if node.op == "call_module":
             mod = gm.get_submodule(node.target)
@@ -207,28 +211,85 @@ def relocate_padding(gm: fx.GraphModule, act: fx.Node) -> bool:
     return True
 
 
+@dataclass
+class AffineFit:
+    """A removed activation's per-unit stand-in ``scale·x + shift`` along ``dim`` of its input (``--substitute
+    affine``; fitted by :mod:`easier_export.affine`)."""
+
+    scale: torch.Tensor
+    shift: torch.Tensor
+    dim: int
+
+
+_ABSORBERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+
+
+def absorber(gm: fx.GraphModule, name: str) -> tuple[nn.Module | None, str]:
+    """The module that can take call site ``name``'s affine stand-in into its weights, or None and why not.
+
+    Exact when the activation's input is that module's output and nothing else reads it: scaling a Linear's
+    rows, a conv's output channels or a BatchNorm's affine by ``a`` and shifting its bias by ``b`` turns its
+    output y into a·y + b (per unit) everywhere that output goes.
+    """
+    try:
+        act = _node(gm, name)
+    except KeyError:
+        return None, "it runs inside a module torch.fx could not trace"
+    x = act.args[0]
+    if not (isinstance(x, fx.Node) and x.op == "call_module"):
+        return None, f"its input comes from {getattr(x, 'name', x)}, not from a layer with weights"
+    mod = gm.get_submodule(x.target)
+    if not isinstance(mod, _ABSORBERS) or getattr(mod, "weight", None) is None:
+        return None, f"its input comes from a {type(mod).__name__}, which cannot absorb a per-unit scale"
+    if len(x.users) != 1:
+        return None, f"{x.target}'s output is also read by {', '.join(u.name for u in x.users if u is not act)}"
+    if sum(n.op == "call_module" and n.target == x.target for n in gm.graph.nodes) != 1:
+        return None, f"{x.target} is called more than once"
+    if _input_unit_dim(gm, act) != (-1 if isinstance(mod, nn.Linear) else 1):
+        return None, f"its units are not {x.target}'s output units"
+    return mod, ""
+
+
+def absorb(module: nn.Module, fit: AffineFit) -> None:
+    """``scale·module(x) + shift`` → ``module'(x)`` in place: output units scaled, bias shifted (a module without
+    bias was fitted with shift 0). Exact; :func:`absorber` chose ``module``."""
+    with torch.no_grad():
+        module.weight.mul_(fit.scale.to(module.weight).reshape(-1, *[1] * (module.weight.dim() - 1)))
+        if module.bias is not None:
+            module.bias.mul_(fit.scale.to(module.bias)).add_(fit.shift.to(module.bias))
+
+
 class Blend(nn.Module):
-    """``(1 − α)·act(x) + α·x``: a removed activation faded out during finetuning (α from 0 to 1) rather
+    """``(1 − α)·act(x) + α·s(x)``: a removed activation faded out during finetuning (α from 0 to 1) rather
     than switched off at once, so the network adapts along a path instead of after a jump (``--anneal``).
+    ``s`` is the identity, or the site's :class:`AffineFit` (``--substitute affine``).
 
     In the graph it receives the activation's input and output (``act`` runs on a clone of the input, so an
     in-place rectifier cannot overwrite the x it is blended with); inside a leaf module it wraps ``act``.
     """
 
-    def __init__(self, act: nn.Module | None = None) -> None:
+    def __init__(self, act: nn.Module | None = None, dim: int | None = None, fit: AffineFit | None = None) -> None:
         super().__init__()
-        self.act, self.alpha = act, 0.0
+        self.act, self.alpha, self.dim, self.fit = act, 0.0, dim, fit
 
     def forward(self, x: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
         if y is None:
             y = self.act(x.clone())  # type: ignore[misc]
-        return y + self.alpha * (x - y)
+        if self.fit is None:
+            return y + self.alpha * (x - y)
+        shape = [1] * x.dim()
+        shape[self.fit.dim] = -1
+        stand_in = x * self.fit.scale.to(x).reshape(shape) + self.fit.shift.to(x).reshape(shape)
+        return y + self.alpha * (stand_in - y)
 
 
-def blend_sites(gm: fx.GraphModule, names: Iterable[str], relocate: bool = False) -> fx.GraphModule:
+def blend_sites(gm: fx.GraphModule, names: Iterable[str], relocate: bool = False,
+                fits: Mapping[str, AffineFit] | None = None) -> fx.GraphModule:
     """A copy of ``gm`` whose named call sites run through a :class:`Blend` at α = 0 (the same function as
-    ``gm``); :func:`settle` turns them into the identity. ``relocate``: see :func:`remove_sites`."""
+    ``gm``); :func:`settle` turns them into their stand-in: the identity, or for a site in ``fits`` (in the
+    graph, :func:`absorber` accepted) its affine fit. ``relocate``: see :func:`remove_sites`."""
     names = list(names)
+    fits = fits or {}
     out = copy.deepcopy(gm)
     out.meta["blended"] = names
     in_graph = {n.name: n for n in out.graph.nodes}
@@ -246,7 +307,7 @@ def blend_sites(gm: fx.GraphModule, names: Iterable[str], relocate: bool = False
             relocate_padding(out, act)
         x = act.args[0]
         target = f"blend_{name}"
-        out.add_submodule(target, Blend())
+        out.add_submodule(target, Blend(dim=_input_unit_dim(out, act), fit=fits.get(name)))
         with out.graph.inserting_before(act):
             act.update_arg(0, out.graph.call_method("clone", (x,)))
         with out.graph.inserting_after(act):
@@ -265,9 +326,9 @@ def fade(gm: nn.Module, alpha: float) -> None:
 
 
 def settle(gm: fx.GraphModule) -> fx.GraphModule:
-    """A copy of ``gm`` with every :class:`Blend` replaced by the identity: at α = 1 the function it computes
-    (up to rounding), minus the activation, its input clone and the blend itself. Adds the blended sites to
-    ``meta['removed']`` in the order they were blended."""
+    """A copy of ``gm`` with every :class:`Blend` replaced by its stand-in, an affine one absorbed into the layer
+    before it: at α = 1 the function it computes (up to rounding), minus the activation, its input clone and the
+    blend itself. Adds the blended sites to ``meta['removed']`` in the order they were blended."""
     return _settle_in_place(copy.deepcopy(gm))
 
 
@@ -277,6 +338,8 @@ def _settle_in_place(out: fx.GraphModule) -> fx.GraphModule:
         mod = out.get_submodule(node.target) if node.op == "call_module" else None
         if isinstance(mod, Blend):
             x, act = node.args
+            if mod.fit is not None:
+                absorb(out.get_submodule(x.target), mod.fit)
             clone = act.args[0]
             node.replace_all_uses_with(x)
             for dead in (node, act, clone):
@@ -292,10 +355,12 @@ def _settle_in_place(out: fx.GraphModule) -> fx.GraphModule:
     return out
 
 
-def remove_sites(gm: fx.GraphModule, names: Iterable[str], relocate: bool = False) -> fx.GraphModule:
-    """A copy of ``gm`` with the named call sites replaced by the identity (the rest untouched).
+def remove_sites(gm: fx.GraphModule, names: Iterable[str], relocate: bool = False,
+                 fits: Mapping[str, AffineFit] | None = None) -> fx.GraphModule:
+    """A copy of ``gm`` with the named call sites replaced by the identity, or for a site in ``fits`` by its
+    affine stand-in absorbed into the layer before it (the rest untouched).
 
     ``relocate``: also move padding across each removed activation between two convs (see
     :func:`relocate_padding`); the order of ``names`` matters then, so replay them in removal order.
     """
-    return _settle_in_place(blend_sites(gm, names, relocate))
+    return _settle_in_place(blend_sites(gm, names, relocate, fits))

@@ -20,12 +20,13 @@ from typing import Any
 import torch
 from torch import fx
 
+from .affine import SUBSTITUTES, stand_ins
 from .criteria import STUDY_CRITERIA, entropy_regularised, study_scores
 from .entropy import SiteStats, measure
 from .errors import UserError, first_line
 from .fold.groups import FoldGroups, Group, find_groups
 from .fold.planner import LatencyTable
-from .graph import ALL_RECTIFIERS, CallSite, blend_sites, fade, find_call_sites, remove_sites, settle
+from .graph import ALL_RECTIFIERS, AffineFit, CallSite, blend_sites, fade, find_call_sites, remove_sites, settle
 from .io import save_torch
 from .train import OPTIMIZERS, Teacher, evaluate_metrics, finetune, is_main_process, seed_everything, warn_near_chance
 from .ui import info, progress
@@ -78,6 +79,10 @@ class LoopConfig:
     anneal: float = option(0.0, "fade each removed activation out over this fraction of its round's finetuning, "
                                 "(1-α)·act(x) + α·x with α rising from 0 to 1, instead of switching it off "
                                 "before the round (0: at once, as EASIER does)", min=0.0, max=1.0)
+    substitute: str = option("identity", "what replaces a removed activation: identity (EASIER), or affine: each "
+                                         "unit's least-squares line a·x + b through its (input, output) pairs on the "
+                                         "entropy batches, absorbed into the layer before it (exact; the identity "
+                                         "where no such layer takes it)", choices=SUBSTITUTES)
     distill: float = option(0.0, "knowledge distillation weight w in the rounds' finetuning: loss = (1-w)·CE + "
                                  "w·T²·KL(original ‖ candidate), the original (frozen) as the teacher; 0 = off",
                             min=0.0, max=1.0)
@@ -159,6 +164,7 @@ class RoundRecord:
     us_saved: float | None = None  # latency selection: the group's measured marginal saving (batch 1)
     speedup: float | None = None  # with a target speed-up: the shipped model measured end to end
     val_ppl: float | None = None  # language models: validation perplexity (the budget metric)
+    stand_ins: dict[str, str] | None = None  # --substitute affine: per site "affine", or "identity: why"
 
 
 @dataclass
@@ -371,6 +377,17 @@ def _fader(model: torch.nn.Module, ramp_steps: float, advance: Callable[[], None
     return step
 
 
+def _stand_ins(gm: fx.GraphModule, chosen: list[str], loader, device: torch.device,
+               cfg: LoopConfig) -> tuple[dict[str, AffineFit], dict[str, str] | None]:
+    """``--substitute affine``: the chosen sites' fitted stand-ins, and what each site got (for the report)."""
+    if cfg.substitute == "identity":
+        return {}, None
+    fits, refused = stand_ins(gm, chosen, loader, device, cfg.entropy_batches, cfg.entropy_mode == "train")
+    for name, why in refused.items():
+        info(f"{name}: the identity stands in ({why})")
+    return fits, {name: "affine" if name in fits else f"identity: {refused[name]}" for name in chosen}
+
+
 def measure_groups(gm: fx.GraphModule, cfg: LoopConfig, example: torch.Tensor, table: LatencyTable) -> FoldGroups:
     """Fold groups of the model among its in-graph call sites of ``cfg.rectifiers``, timed on the table's target
     (the loop keeps them in its state: resume re-times nothing)."""
@@ -447,7 +464,8 @@ def run_loop(gm: fx.GraphModule, source: str, train_loader, val_loader, cfg: Loo
             state.finished = True  # exhausted: no stop rule can reopen it
             save_state(out_dir, state)
             break
-        candidate = (blend_sites if cfg.anneal > 0 else remove_sites)(scored, chosen, cfg.relocates).to(device)
+        fits, stand_in = _stand_ins(scored, chosen, train_loader, device, cfg)
+        candidate = (blend_sites if cfg.anneal > 0 else remove_sites)(scored, chosen, cfg.relocates, fits).to(device)
         seed_everything(round_seed, train_loader)
         steps = math.ceil(cfg.finetune_epochs * len(train_loader))
         with progress(f"round {rnd}: finetune", steps) as advance:
@@ -460,7 +478,7 @@ def run_loop(gm: fx.GraphModule, source: str, train_loader, val_loader, cfg: Loo
         acc, ppl = metrics["top1"], metrics["ppl"] if task.metric == "ppl" else None
         within = task.within(cfg, state.base_ppl, ppl) if ppl is not None else task.within(cfg, state.base_top1, acc)
         record = RoundRecord(rnd, chosen, min(scores[n] for n in chosen), acc, acc - state.base_top1, within,
-                             time.perf_counter() - t0, us_saved, val_ppl=ppl)
+                             time.perf_counter() - t0, us_saved, val_ppl=ppl, stand_ins=stand_in)
         saved = f", saves {us_saved:.1f}us" if us_saved is not None else ""
         misses = misses_in_a_row(state.history) + (not within)
         verdict = "kept" if within else f"over budget: reverted ({misses} miss(es) in a row)"

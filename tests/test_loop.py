@@ -124,7 +124,8 @@ def test_baseline_finetuning_sets_budget_and_survives_resume(loaders, tmp_path):
                                        ({"entropy_mode": "test"}, "--entropy-mode must be one of"),
                                        ({"anneal": 1.5}, "--anneal must be at most 1.0"),
                                        ({"distill": -0.1}, "--distill must be at least 0.0"),
-                                       ({"distill_temperature": 0.0}, "--distill-temperature must be positive")])
+                                       ({"distill_temperature": 0.0}, "--distill-temperature must be positive"),
+                                       ({"substitute": "zero"}, "--substitute must be one of identity, affine")])
 def test_bad_settings_are_refused_before_any_work(bad, says):
     """The Python API refuses what the CLI refuses, with the option's name."""
     with pytest.raises(UserError, match=says):

@@ -1,0 +1,95 @@
+"""The affine stand-in for a removed activation (``--substitute affine``).
+
+EASIER replaces a removed rectifier by the identity. That is right for units that are (almost) always ON and
+wrong for units that are (almost) always OFF: ReLU outputs ~0 there, the identity passes the negative input on.
+Both kinds score low entropy, so EASIER removes both. The least-squares line through each unit's
+(input, output) pairs on the data, act(x) ≈ a·x + b per unit, is the best linear stand-in for either kind, and
+costs nothing at inference: a per-unit scale and shift is absorbed into the layer that produces x (Linear,
+Conv, BatchNorm: rows scaled, bias shifted), so the graph after removal is the same as with the identity.
+
+    a = cov(x, act(x)) / var(x),   b = E[act(x)] − a·E[x]          (with a bias to absorb b)
+    a = E[x·act(x)] / E[x²],       b = 0                          (a producer without bias: the line through 0)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+import torch.distributed as dist
+from torch import fx
+
+from .entropy import preserved_buffers, unit_dim
+from .graph import AffineFit, absorber, blend_sites
+
+SUBSTITUTES = ("identity", "affine")
+
+
+class Moments:
+    """Running per-unit sums of x, x², act(x), x·act(x) (float64), fed (x, act(x)) pairs."""
+
+    def __init__(self, dim: int | None) -> None:
+        self.dim, self.n, self.sums = dim, 0, None
+
+    def add(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        self.dim = unit_dim(self.dim, x)
+        x = x.detach().movedim(self.dim, -1).reshape(-1, x.shape[self.dim]).double()
+        y = y.detach().movedim(self.dim, -1).reshape(-1, y.shape[self.dim]).double()
+        sums = torch.stack([x.sum(0), (x * x).sum(0), y.sum(0), (x * y).sum(0)])
+        self.sums = sums if self.sums is None else self.sums + sums
+        self.n += x.shape[0]
+
+    def fit(self, intercept: bool) -> AffineFit:
+        """The least-squares line per unit; a unit whose input never varies keeps slope 1 (nothing to fit)."""
+        sums, n = self.sums.clone(), torch.tensor([float(self.n)], dtype=torch.float64, device=self.sums.device)
+        if dist.is_available() and dist.is_initialized():  # every rank saw a shard of the data
+            dist.all_reduce(sums)
+            dist.all_reduce(n)
+        sx, sxx, sy, sxy = (sums / n).cpu()
+        if intercept:
+            var, cov = sxx - sx * sx, sxy - sx * sy
+            scale = torch.where(var > 1e-12, cov / var.clamp_min(1e-12), torch.ones_like(var))
+            shift = sy - scale * sx
+        else:
+            scale = torch.where(sxx > 1e-12, sxy / sxx.clamp_min(1e-12), torch.ones_like(sxx))
+            shift = torch.zeros_like(scale)
+        return AffineFit(scale.float(), shift.float(), self.dim)
+
+
+def stand_ins(gm: fx.GraphModule, names: Iterable[str], loader, device: torch.device, batches: int | None,
+              train_mode: bool = True) -> tuple[dict[str, AffineFit], dict[str, str]]:
+    """The affine stand-in of each named site whose producer can absorb it (:func:`~easier_export.graph.absorber`),
+    fitted on up to ``batches`` batches of ``loader``; and, for the others, why they keep the identity.
+
+    The (x, act(x)) pairs are read where the model computes them: in a copy of ``gm`` with each site blended at
+    α = 0 (the same function), whose :class:`~easier_export.graph.Blend` sees the activation's input and output.
+    """
+    refused: dict[str, str] = {}
+    intercept: dict[str, bool] = {}
+    for name in names:
+        module, why = absorber(gm, name)
+        if module is None:
+            refused[name] = why
+        else:
+            intercept[name] = module.bias is not None
+    if not intercept:
+        return {}, refused
+    probed = blend_sites(gm, intercept).to(device).train(train_mode)
+    moments: dict[str, Moments] = {}
+    handles = []
+    for name in intercept:
+        blend = probed.get_submodule(f"blend_{name}")
+        moments[name] = Moments(blend.dim)
+        handles.append(blend.register_forward_hook(lambda _m, args, out, m=moments[name]: m.add(args[0], out)))
+    try:
+        with preserved_buffers(probed), torch.no_grad():
+            for i, (x, _y) in enumerate(loader):
+                if batches is not None and i >= batches:
+                    break
+                probed(x.to(device, non_blocking=True))
+    finally:
+        for h in handles:
+            h.remove()
+    fits = {name: m.fit(intercept[name]) for name, m in moments.items() if m.sums is not None}
+    refused.update({name: "no data reached it" for name in intercept if name not in fits})
+    return fits, refused
