@@ -4,6 +4,7 @@ import json
 
 import numpy as np
 import onnx
+import pytest
 import torch
 from conftest import run_cli as run
 from onnx import numpy_helper
@@ -86,6 +87,8 @@ def test_auto_plan_slower_end_to_end_falls_back_to_bn_folding(tmp_path, monkeypa
         for r in rows:  # pretend every merge made the model twice as slow
             if r["label"] == "folded" and r["backend"] == "onnxruntime" and pessimistic_bench.slow:
                 r["p50_ms"] = 2 * max(x["p50_ms"] for x in rows if x["label"] == "linearized")
+            if r["label"] == "every":  # and the end-to-end check of every merge measures the same
+                r["p50_ms"] = 2 * max(x["p50_ms"] for x in rows if x["label"] == "plan")
         pessimistic_bench.slow = False
         return rows
 
@@ -99,3 +102,35 @@ def test_auto_plan_slower_end_to_end_falls_back_to_bn_folding(tmp_path, monkeypa
     assert any("end-to-end check" in f["reason"] for f in merges)
     assert not any(f["applied"] for f in merges)
     assert report["verify"]["passed"]
+
+
+@pytest.mark.parametrize("every_faster", [True, False])
+def test_every_exact_merge_ships_when_faster_end_to_end_than_the_plan(tmp_path, monkeypatch, every_faster):
+    """Merges each below the planner's noise can pay together: compress times the plan against every exact
+    merge, whole model against whole model, and ships the faster (recorded as an ``end_to_end`` fold row)."""
+    from easier_export.demo import run_demo
+
+    real_bench, real_fold = pipeline.bench, pipeline.fold_model
+    seen = []
+
+    def bench(onnx_models, *args, **kwargs):
+        rows = real_bench(onnx_models, *args, **kwargs)
+        if "every" in onnx_models:
+            seen.append(sorted(onnx_models))
+            plan = next(r["p50_ms"] for r in rows if r["label"] == "plan")
+            for r in rows:
+                r["spread"] = 0.0
+                if r["label"] == "every":
+                    r["p50_ms"] = plan / 2 if every_faster else plan
+        return rows
+
+    monkeypatch.setattr(pipeline, "bench", bench)
+    refuse_all = lambda gm, example, mode, **kw: real_fold(gm, example, "none" if mode == "auto" else mode, **kw)  # noqa: E731
+    monkeypatch.setattr(pipeline, "fold_model", refuse_all)  # an auto plan that refused every merge
+    report = run_demo(tmp_path, epochs=4, finetune_epochs=1.0, max_drop=100.0, fold="auto")
+    assert seen == [["every", "plan"]]
+    checks = [f for f in report["folds"] if f["kind"] == "end_to_end"]
+    assert len(checks) == 1 and checks[0]["applied"] is every_faster
+    merges = [f for f in report["folds"] if f["kind"] in pipeline.MERGE_KINDS and f["applied"]]
+    assert bool(merges) is every_faster
+    assert report["verify"]["passed"] and not (tmp_path / "onnx" / "every_merge.onnx").exists()
