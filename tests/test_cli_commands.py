@@ -106,31 +106,36 @@ def test_auto_plan_slower_end_to_end_falls_back_to_bn_folding(tmp_path, monkeypa
 
 @pytest.mark.parametrize("every_faster", [True, False])
 def test_every_exact_merge_ships_when_faster_end_to_end_than_the_plan(tmp_path, monkeypatch, every_faster):
-    """Merges each below the planner's noise can pay together: compress times the plan against every exact
-    merge, whole model against whole model, and ships the faster (recorded as an ``end_to_end`` fold row)."""
-    from easier_export.demo import run_demo
+    """Merges each below the planner's noise can pay together: compress times the shipped plan against every
+    exact merge, whole model against whole model, and ships the faster (an ``end_to_end`` fold row says so)."""
+    from easier_export.arch import DemoInvRes
+    from easier_export.graph import find_call_sites, remove_sites, trace
+    from easier_export.linearize import LoopConfig
 
-    real_bench, real_fold = pipeline.bench, pipeline.fold_model
-    seen = []
+    torch.manual_seed(0)
+    gm = trace(DemoInvRes().eval())
+    linear = remove_sites(gm, [s.name for s in find_call_sites(gm)], relocate=True).eval()
+    example, inputs = torch.randn(1, 1, 16, 16), [torch.randn(4, 1, 16, 16)]
+    cfg = pipeline.CompressConfig(LoopConfig(), fold="auto", device="cpu")
+    _, plan, _ = pipeline.fold_and_ship(linear, example, inputs, "none", tmp_path, {}, cfg)  # a plan of no merge
+    timed = []
 
     def bench(onnx_models, *args, **kwargs):
-        rows = real_bench(onnx_models, *args, **kwargs)
-        if "every" in onnx_models:
-            seen.append(sorted(onnx_models))
-            plan = next(r["p50_ms"] for r in rows if r["label"] == "plan")
-            for r in rows:
-                r["spread"] = 0.0
-                if r["label"] == "every":
-                    r["p50_ms"] = plan / 2 if every_faster else plan
-        return rows
+        timed.append({label: path.is_file() for label, path in onnx_models.items()})
+        return [{"label": "plan", "p50_ms": 1.0, "spread": 0.01},
+                {"label": "every", "p50_ms": 0.5 if every_faster else 0.98, "spread": 0.01}]
 
     monkeypatch.setattr(pipeline, "bench", bench)
-    refuse_all = lambda gm, example, mode, **kw: real_fold(gm, example, "none" if mode == "auto" else mode, **kw)  # noqa: E731
-    monkeypatch.setattr(pipeline, "fold_model", refuse_all)  # an auto plan that refused every merge
-    report = run_demo(tmp_path, epochs=4, finetune_epochs=1.0, max_drop=100.0, fold="auto")
-    assert seen == [["every", "plan"]]
-    checks = [f for f in report["folds"] if f["kind"] == "end_to_end"]
-    assert len(checks) == 1 and checks[0]["applied"] is every_faster
-    merges = [f for f in report["folds"] if f["kind"] in pipeline.MERGE_KINDS and f["applied"]]
-    assert bool(merges) is every_faster
-    assert report["verify"]["passed"] and not (tmp_path / "onnx" / "every_merge.onnx").exists()
+    record, switched = pipeline._every_merge_if_faster(linear, example, inputs, plan, tmp_path, {}, cfg)
+    assert timed == [{"plan": True, "every": True}] and not (tmp_path / "onnx" / "every_merge.onnx").exists()
+    assert record.kind == "end_to_end" and record.applied is every_faster
+    assert (record.us_before, record.us_after) == (1000.0, 500.0 if every_faster else 980.0)
+    if every_faster:
+        folded, folds, export = switched
+        assert export["verify"]["passed"] and sum(f.applied for f in folds if f.kind in pipeline.MERGE_KINDS) > 0
+        torch.testing.assert_close(folded(inputs[0]), linear(inputs[0]), rtol=1e-4, atol=1e-4)
+    else:
+        assert switched is None and "not faster" in record.reason
+    # nothing left to merge: no comparison, nothing timed
+    assert pipeline._every_merge_if_faster(gm, example, inputs, [], tmp_path, {}, cfg) == (None, None)
+    assert len(timed) == 1
