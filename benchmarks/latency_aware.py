@@ -34,6 +34,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from cifar_resnets import common_args, p50  # noqa: E402  (one place for reading the benchmark rows)
 
+from easier_export.affine import SUBSTITUTES  # noqa: E402
 from easier_export.bench import bench, cpu_name  # noqa: E402
 from easier_export.data import image_folder  # noqa: E402
 from easier_export.fold import fold_model  # noqa: E402
@@ -214,7 +215,7 @@ def main() -> None:
                         "of each round (the loop's --anneal; the control is unaffected)")
     parser.add_argument("--distill", type=float, default=0.0, help="the loop's --distill, for the runs and (from "
                         "the frozen original, i.e. self-distillation) the control alike")
-    parser.add_argument("--substitute", default="identity", choices=["identity", "affine"],
+    parser.add_argument("--substitute", default="identity", choices=list(SUBSTITUTES),
                         help="the loop's --substitute (the control is unaffected)")
     parser.add_argument("--max-drop", type=float, default=1.0)
     parser.add_argument("--patience", type=int, default=1)
