@@ -241,14 +241,21 @@ def _fmt_top1(top1: float | None) -> str:
     return "–" if top1 is None else f"{top1:.2f}"
 
 
-ROUND_COLUMNS = ("round", "removed", "entropy", "saves µs", "val top-1", "delta", "within budget", "seconds")
+ROUND_COLUMNS = ("round", "removed", "replaced by", "entropy", "saves µs", "val top-1", "delta", "within budget",
+                 "seconds")
 
 
 def round_rows(report: dict) -> list[list[str]]:
     """One row per EASIER round, shared by the console and report.md."""
-    return [[str(r["round"]), ", ".join(r["removed"]), f"{r['entropy']:.4g}", _us(r.get("us_saved")),
+    return [[str(r["round"]), ", ".join(r["removed"]), _stand_ins(r), f"{r['entropy']:.4g}", _us(r.get("us_saved")),
              f"{r['val_top1']:.2f}",
              f"{r['delta']:+.2f}", _yes(r["within_budget"]), f"{r['seconds']:.1f}"] for r in report["rounds"]]
+
+
+def _stand_ins(round_row: dict) -> str:
+    """What replaced the round's activations (``--substitute``; why a fit was refused is in report.json)."""
+    kinds = [v.split(":")[0] for v in (round_row.get("stand_ins") or {}).values()]
+    return ", ".join(dict.fromkeys(kinds)) or "identity"
 
 
 def rounds_table(report: dict) -> Table:

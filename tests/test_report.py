@@ -213,3 +213,14 @@ def test_noisy_rows_are_flagged(report: dict) -> None:
     assert any("50% noisy" in line for line in lines)
     assert sum("(noisy)" in line for line in lines) == 2  # folded and linearized at batch 1
     assert "| 2% |" in rp.render_markdown(report)
+
+
+def test_round_rows_say_what_replaced_the_removed_activations():
+    from easier_export.report import ROUND_COLUMNS, round_rows
+
+    base = {"entropy": 0.5, "val_top1": 90.0, "delta": -0.5, "within_budget": True, "seconds": 1.0}
+    rounds = [{"round": 1, "removed": ["a"], **base},  # a report written before --substitute
+              {"round": 2, "removed": ["b", "c"], "stand_ins": {"b": "lstsq", "c": "identity: after an add"}, **base},
+              {"round": 3, "removed": ["d"], "stand_ins": {"d": "affine"}, **base}]
+    column = ROUND_COLUMNS.index("replaced by")
+    assert [row[column] for row in round_rows({"rounds": rounds})] == ["identity", "lstsq, identity", "affine"]
