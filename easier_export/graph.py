@@ -220,37 +220,6 @@ class AffineFit:
     shift: torch.Tensor
     dim: int
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        shape = [1] * x.dim()
-        shape[self.dim] = -1
-        return x * self.scale.to(x).reshape(shape) + self.shift.to(x).reshape(shape)
-
-    def absorb(self, module: nn.Module) -> None:
-        """``scale·module(x) + shift`` → ``module'(x)`` in place: output units scaled, bias shifted (a module
-        without bias was fitted with shift 0). Exact; :func:`absorber` chose ``module``."""
-        with torch.no_grad():
-            module.weight.mul_(self.scale.to(module.weight).reshape(-1, *[1] * (module.weight.dim() - 1)))
-            if module.bias is not None:
-                module.bias.mul_(self.scale.to(module.bias)).add_(self.shift.to(module.bias))
-
-
-@dataclass
-class ChainFit:
-    """A removed activation between two Linears, fc1 → act → fc2, replaced by refitting fc1: its new weight and
-    bias make fc2·fc1' the least-squares linear map of the chain (``--substitute lstsq``; see
-    :mod:`easier_export.affine`). Not a function of the activation's input, so it cannot be faded to."""
-
-    weight: torch.Tensor
-    bias: torch.Tensor
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError("a refitted Linear chain has no per-unit stand-in to fade to (--anneal)")
-
-    def absorb(self, module: nn.Module) -> None:
-        with torch.no_grad():
-            module.weight.copy_(self.weight)
-            module.bias.copy_(self.bias)
-
 
 _ABSORBERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 
@@ -281,52 +250,41 @@ def absorber(gm: fx.GraphModule, name: str) -> tuple[nn.Module | None, str]:
     return mod, ""
 
 
-_PASS_THROUGH = (nn.Dropout, nn.Identity)
-
-
-def linear_chain(gm: fx.GraphModule, name: str) -> tuple[nn.Linear, nn.Linear] | str:
-    """fc1 → act → [Dropout / Identity ...] → fc2 around call site ``name``, each Linear called once and read by
-    the chain only (a transformer MLP, a classifier head); otherwise why not."""
-    fc1, why = absorber(gm, name)
-    if not isinstance(fc1, nn.Linear) or fc1.bias is None:
-        return why or "its input does not come from a Linear with bias"
-    node = _node(gm, name)
-    while len(node.users) == 1:
-        node = next(iter(node.users))
-        mod = gm.get_submodule(node.target) if node.op == "call_module" else None
-        if isinstance(mod, nn.Linear):
-            once = sum(n.op == "call_module" and n.target == node.target for n in gm.graph.nodes) == 1
-            return (fc1, mod) if once and mod.bias is not None else f"{node.target} is shared or has no bias"
-        if not isinstance(mod, _PASS_THROUGH):
-            return f"{node.name} follows it, not a Linear"
-    return "its output is read by more than one node"
+def absorb(module: nn.Module, fit: AffineFit) -> None:
+    """``scale·module(x) + shift`` → ``module'(x)`` in place: output units scaled, bias shifted (a module without
+    bias was fitted with shift 0). Exact; :func:`absorber` chose ``module``."""
+    with torch.no_grad():
+        module.weight.mul_(fit.scale.to(module.weight).reshape(-1, *[1] * (module.weight.dim() - 1)))
+        if module.bias is not None:
+            module.bias.mul_(fit.scale.to(module.bias)).add_(fit.shift.to(module.bias))
 
 
 class Blend(nn.Module):
     """``(1 − α)·act(x) + α·s(x)``: a removed activation faded out during finetuning (α from 0 to 1) rather
     than switched off at once, so the network adapts along a path instead of after a jump (``--anneal``).
-    ``s`` is the identity, or the site's :class:`AffineFit` (``--substitute affine``); a :class:`ChainFit` is
-    only settled, never faded.
+    ``s`` is the identity, or the site's :class:`AffineFit` (``--substitute affine``).
 
     In the graph it receives the activation's input and output (``act`` runs on a clone of the input, so an
     in-place rectifier cannot overwrite the x it is blended with); inside a leaf module it wraps ``act``.
     """
 
-    def __init__(self, act: nn.Module | None = None, dim: int | None = None,
-                 fit: AffineFit | ChainFit | None = None) -> None:
+    def __init__(self, act: nn.Module | None = None, dim: int | None = None, fit: AffineFit | None = None) -> None:
         super().__init__()
         self.act, self.alpha, self.dim, self.fit = act, 0.0, dim, fit
 
     def forward(self, x: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
         if y is None:
             y = self.act(x.clone())  # type: ignore[misc]
-        if self.alpha == 0:
-            return y
-        return y + self.alpha * ((x if self.fit is None else self.fit(x)) - y)
+        if self.fit is None:
+            return y + self.alpha * (x - y)
+        shape = [1] * x.dim()
+        shape[self.fit.dim] = -1
+        stand_in = x * self.fit.scale.to(x).reshape(shape) + self.fit.shift.to(x).reshape(shape)
+        return y + self.alpha * (stand_in - y)
 
 
 def blend_sites(gm: fx.GraphModule, names: Iterable[str], relocate: bool = False,
-                fits: Mapping[str, AffineFit | ChainFit] | None = None) -> fx.GraphModule:
+                fits: Mapping[str, AffineFit] | None = None) -> fx.GraphModule:
     """A copy of ``gm`` whose named call sites run through a :class:`Blend` at α = 0 (the same function as
     ``gm``); :func:`settle` turns them into their stand-in: the identity, or for a site in ``fits`` (in the
     graph, :func:`absorber` accepted) its affine fit. ``relocate``: see :func:`remove_sites`."""
@@ -381,7 +339,7 @@ def _settle_in_place(out: fx.GraphModule) -> fx.GraphModule:
         if isinstance(mod, Blend):
             x, act = node.args
             if mod.fit is not None:
-                mod.fit.absorb(out.get_submodule(x.target))
+                absorb(out.get_submodule(x.target), mod.fit)
             clone = act.args[0]
             node.replace_all_uses_with(x)
             for dead in (node, act, clone):
@@ -398,7 +356,7 @@ def _settle_in_place(out: fx.GraphModule) -> fx.GraphModule:
 
 
 def remove_sites(gm: fx.GraphModule, names: Iterable[str], relocate: bool = False,
-                 fits: Mapping[str, AffineFit | ChainFit] | None = None) -> fx.GraphModule:
+                 fits: Mapping[str, AffineFit] | None = None) -> fx.GraphModule:
     """A copy of ``gm`` with the named call sites replaced by the identity, or for a site in ``fits`` by its
     affine stand-in absorbed into the layer before it (the rest untouched).
 

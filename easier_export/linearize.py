@@ -26,17 +26,7 @@ from .entropy import SiteStats, measure
 from .errors import UserError, first_line
 from .fold.groups import FoldGroups, Group, find_groups
 from .fold.planner import LatencyTable
-from .graph import (
-    ALL_RECTIFIERS,
-    AffineFit,
-    CallSite,
-    ChainFit,
-    blend_sites,
-    fade,
-    find_call_sites,
-    remove_sites,
-    settle,
-)
+from .graph import ALL_RECTIFIERS, AffineFit, CallSite, blend_sites, fade, find_call_sites, remove_sites, settle
 from .io import save_torch
 from .train import OPTIMIZERS, Teacher, evaluate_metrics, finetune, is_main_process, seed_everything, warn_near_chance
 from .ui import info, progress
@@ -89,12 +79,10 @@ class LoopConfig:
     anneal: float = option(0.0, "fade each removed activation out over this fraction of its round's finetuning, "
                                 "(1-α)·act(x) + α·x with α rising from 0 to 1, instead of switching it off "
                                 "before the round (0: at once, as EASIER does)", min=0.0, max=1.0)
-    substitute: str = option("identity", "what replaces a removed activation: identity (EASIER); affine: each "
+    substitute: str = option("identity", "what replaces a removed activation: identity (EASIER), or affine: each "
                                          "unit's least-squares line a·x + b through its (input, output) pairs on the "
                                          "entropy batches, absorbed into the layer before it (exact; the identity "
-                                         "where no such layer takes it); lstsq: as affine, but an activation between "
-                                         "two Linears refits the first so that the pair is the least-squares linear "
-                                         "map of the chain", choices=SUBSTITUTES)
+                                         "where no such layer takes it)", choices=SUBSTITUTES)
     distill: float = option(0.0, "knowledge distillation weight w in the rounds' finetuning: loss = (1-w)·CE + "
                                  "w·T²·KL(original ‖ candidate), the original (frozen) as the teacher; 0 = off",
                             min=0.0, max=1.0)
@@ -125,8 +113,6 @@ class LoopConfig:
             (self.distill_temperature > 0, "--distill-temperature must be positive"),
             (self.lr > 0, "--lr must be positive"),
             (self.target_speedup is None or self.target_speedup > 0, "--target-speedup must be positive"),
-            (self.anneal == 0 or self.substitute != "lstsq", "--anneal fades to a per-unit stand-in; --substitute "
-                                                             "lstsq refits whole Linear chains: use affine with it"),
             (self.select != "latency" or self.one_shot is None, "--one-shot removes sites, not fold groups: "
                                                                 "use it with --select entropy"),
         ]
@@ -392,16 +378,14 @@ def _fader(model: torch.nn.Module, ramp_steps: float, advance: Callable[[], None
 
 
 def _stand_ins(gm: fx.GraphModule, chosen: list[str], loader, device: torch.device,
-               cfg: LoopConfig) -> tuple[dict[str, AffineFit | ChainFit], dict[str, str] | None]:
-    """``--substitute affine|lstsq``: the chosen sites' fitted stand-ins, and what each got (for the report)."""
+               cfg: LoopConfig) -> tuple[dict[str, AffineFit], dict[str, str] | None]:
+    """``--substitute affine``: the chosen sites' fitted stand-ins, and what each site got (for the report)."""
     if cfg.substitute == "identity":
         return {}, None
-    fits, refused = stand_ins(gm, chosen, loader, device, cfg.entropy_batches, cfg.entropy_mode == "train",
-                              chains=cfg.substitute == "lstsq")
+    fits, refused = stand_ins(gm, chosen, loader, device, cfg.entropy_batches, cfg.entropy_mode == "train")
     for name, why in refused.items():
         info(f"{name}: the identity stands in ({why})")
-    kinds = {name: "lstsq" if isinstance(fit, ChainFit) else "affine" for name, fit in fits.items()}
-    return fits, {name: kinds.get(name) or f"identity: {refused[name]}" for name in chosen}
+    return fits, {name: "affine" if name in fits else f"identity: {refused[name]}" for name in chosen}
 
 
 def measure_groups(gm: fx.GraphModule, cfg: LoopConfig, example: torch.Tensor, table: LatencyTable) -> FoldGroups:

@@ -1,5 +1,4 @@
-"""--substitute affine / lstsq: a removed activation's per-unit least-squares line, absorbed into the layer before
-it; or, between two Linears, the whole chain refitted as its least-squares linear map."""
+"""--substitute affine: a removed activation's per-unit least-squares line, absorbed into the layer before it."""
 
 import pytest
 import torch
@@ -10,17 +9,7 @@ from torch import nn
 from easier_export.affine import Moments, stand_ins
 from easier_export.arch import DemoNet
 from easier_export.data import digits
-from easier_export.graph import (
-    AffineFit,
-    ChainFit,
-    absorber,
-    blend_sites,
-    fade,
-    find_call_sites,
-    remove_sites,
-    settle,
-    trace,
-)
+from easier_export.graph import AffineFit, absorber, blend_sites, fade, find_call_sites, remove_sites, settle, trace
 from easier_export.linearize import LoopConfig, run_loop
 
 
@@ -177,56 +166,3 @@ def test_loop_ships_the_absorbed_stand_in_and_resumes_it(anneal, tmp_path):
     resumed = run_loop(trace(DemoNet()), "demo_cnn", loaders.train, loaders.val, cfg, torch.device("cpu"), tmp_path)
     x = torch.randn(2, 1, 16, 16)
     torch.testing.assert_close(resumed.model.eval()(x), result.model.eval()(x), rtol=0, atol=0)
-
-
-class Deep(nn.Module):
-    """Linear → GELU → Linear → GELU → Linear, with a dropout inside the first chain."""
-
-    def __init__(self, hidden: int = 16) -> None:
-        super().__init__()
-        self.fc1, self.act1, self.drop = nn.Linear(6, hidden), nn.GELU(), nn.Dropout(0.0)
-        self.fc2 = nn.Linear(hidden, 6)
-        self.act2, self.fc3 = nn.GELU(), nn.Linear(6, 3)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc3(self.act2(self.fc2(self.drop(self.act1(self.fc1(x))))))
-
-
-def _lstsq_chain(z: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    design = torch.cat([z.double(), torch.ones(len(z), 1, dtype=torch.float64)], 1)
-    sol = torch.linalg.lstsq(design, target.double()).solution
-    return sol[:-1].T, sol[-1]
-
-
-def test_lstsq_makes_the_chain_the_least_squares_linear_map_of_its_input():
-    torch.manual_seed(0)
-    gm = trace(Deep().eval())
-    z = torch.randn(512, 6)
-    fits, refused = stand_ins(gm, ["act1"], [(z, None)], torch.device("cpu"), None, chains=True)
-    assert refused == {} and isinstance(fits["act1"], ChainFit)
-    shipped = remove_sites(gm, ["act1"], fits=fits)
-    chain = lambda m, x: m.fc2(m.drop(m.act1(m.fc1(x))))  # noqa: E731
-    weight, bias = _lstsq_chain(z, chain(gm, z).detach())
-    fitted = shipped.fc2(shipped.fc1(z))
-    torch.testing.assert_close(fitted.double(), z.double() @ weight.T + bias, rtol=1e-3, atol=1e-4)
-    affine, _ = stand_ins(gm, ["act1"], [(z, None)], torch.device("cpu"), None)
-    per_unit = remove_sites(gm, ["act1"], fits=affine)
-    target = chain(gm, z)
-    assert (fitted - target).pow(2).mean() <= (per_unit.fc2(per_unit.fc1(z)) - target).pow(2).mean() + 1e-7
-
-
-def test_lstsq_falls_back_to_the_per_unit_line_where_the_chain_cannot_be_refitted():
-    torch.manual_seed(0)
-    z = [(torch.randn(64, 6), None)]
-    narrow = trace(Deep(hidden=2).eval())  # fc2 writes 6 outputs from 2 units: W2·W2⁺ ≠ I
-    fits, _ = stand_ins(narrow, ["act1"], z, torch.device("cpu"), None, chains=True)
-    assert isinstance(fits["act1"], AffineFit)
-    both, _ = stand_ins(trace(Deep().eval()), ["act1", "act2"], z, torch.device("cpu"), None, chains=True)
-    assert isinstance(both["act1"], ChainFit) and isinstance(both["act2"], AffineFit)  # fc2 is in both chains
-
-
-def test_lstsq_cannot_be_faded_to():
-    from easier_export.errors import UserError
-
-    with pytest.raises(UserError, match="--anneal fades to a per-unit stand-in"):
-        LoopConfig(substitute="lstsq", anneal=0.5)
