@@ -65,9 +65,10 @@ def recalibrate(model: torch.nn.Module, batches: list[torch.Tensor]) -> None:
     model.eval()
 
 
-def zero_shot(gm, removed: list[str], batches: list[torch.Tensor], val) -> float:
-    """Val top-1 with ``removed`` gone (padding relocated as the loop does), after BN recalibration."""
-    model = remove_sites(gm, removed, relocate=True)
+def zero_shot(gm, removed: list[str], batches: list[torch.Tensor], val, fits: dict | None = None) -> float:
+    """Val top-1 with ``removed`` gone (padding relocated as the loop does; ``fits``: their affine stand-ins),
+    after BN recalibration."""
+    model = remove_sites(gm, removed, relocate=True, fits=fits)
     recalibrate(model, batches)
     return evaluate(model, val, torch.device("cpu"))
 
