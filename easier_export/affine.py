@@ -30,11 +30,13 @@ class Moments:
 
     def __init__(self, dim: int | None) -> None:
         self.dim, self.n, self.sums = dim, 0, None
+        self.keep: torch.Tensor | None = None  # (B, T) for padded token batches: only those positions count
 
     def add(self, x: torch.Tensor, y: torch.Tensor) -> None:
         self.dim = unit_dim(self.dim, x)
-        x = x.detach().movedim(self.dim, -1).reshape(-1, x.shape[self.dim]).double()
-        y = y.detach().movedim(self.dim, -1).reshape(-1, y.shape[self.dim]).double()
+        x, y = (t.detach().movedim(self.dim, -1).double() for t in (x, y))
+        masked = self.keep is not None and x.shape[:-1] == self.keep.shape
+        x, y = (t[self.keep] if masked else t.reshape(-1, t.shape[-1]) for t in (x, y))
         sums = torch.stack([x.sum(0), (x * x).sum(0), y.sum(0), (x * y).sum(0)])
         self.sums = sums if self.sums is None else self.sums + sums
         self.n += x.shape[0]
@@ -48,21 +50,22 @@ class Moments:
         sx, sxx, sy, sxy = (sums / n).cpu()
         if intercept:
             var, cov = sxx - sx * sx, sxy - sx * sy
-            scale = torch.where(var > 1e-12, cov / var.clamp_min(1e-12), torch.ones_like(var))
+            scale = torch.where(var > 1e-10 * sxx, cov / var.clamp_min(1e-30), torch.ones_like(var))
             shift = sy - scale * sx
         else:
-            scale = torch.where(sxx > 1e-12, sxy / sxx.clamp_min(1e-12), torch.ones_like(sxx))
+            scale = torch.where(sxx > 0, sxy / sxx.clamp_min(1e-30), torch.ones_like(sxx))
             shift = torch.zeros_like(scale)
         return AffineFit(scale.float(), shift.float(), self.dim)
 
 
 def stand_ins(gm: fx.GraphModule, names: Iterable[str], loader, device: torch.device, batches: int | None,
-              train_mode: bool = True) -> tuple[dict[str, AffineFit], dict[str, str]]:
+              train_mode: bool = True, pad_id: int | None = None) -> tuple[dict[str, AffineFit], dict[str, str]]:
     """The affine stand-in of each named site whose producer can absorb it (:func:`~easier_export.graph.absorber`),
     fitted on up to ``batches`` batches of ``loader``; and, for the others, why they keep the identity.
 
     The (x, act(x)) pairs are read where the model computes them: in a copy of ``gm`` with each site blended at
     α = 0 (the same function), whose :class:`~easier_export.graph.Blend` sees the activation's input and output.
+    With ``pad_id`` (token batches), padding positions are left out, as in the entropy counts.
     """
     refused: dict[str, str] = {}
     intercept: dict[str, bool] = {}
@@ -86,7 +89,10 @@ def stand_ins(gm: fx.GraphModule, names: Iterable[str], loader, device: torch.de
             for i, (x, _y) in enumerate(loader):
                 if batches is not None and i >= batches:
                     break
-                probed(x.to(device, non_blocking=True))
+                x = x.to(device, non_blocking=True)
+                for m in moments.values():
+                    m.keep = None if pad_id is None else x != pad_id
+                probed(x)
     finally:
         for h in handles:
             h.remove()

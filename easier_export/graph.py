@@ -239,14 +239,20 @@ def absorber(gm: fx.GraphModule, name: str) -> tuple[nn.Module | None, str]:
     if not (isinstance(x, fx.Node) and x.op == "call_module"):
         return None, f"its input comes from {getattr(x, 'name', x)}, not from a layer with weights"
     mod = gm.get_submodule(x.target)
-    if not isinstance(mod, _ABSORBERS) or getattr(mod, "weight", None) is None:
+    # the exact types: a subclass (a parametrized module, weight_norm, QAT fused modules) or a hooked module may not
+    # compute weight·x + bias from the stored weight, and scaling it would be silently lost
+    if type(mod) not in _ABSORBERS or getattr(mod, "weight", None) is None:
         return None, f"its input comes from a {type(mod).__name__}, which cannot absorb a per-unit scale"
+    if mod._forward_hooks or mod._forward_pre_hooks:
+        return None, f"{x.target} has forward hooks: its output may not be weight·x + bias"
     if len(x.users) != 1:
         return None, f"{x.target}'s output is also read by {', '.join(u.name for u in x.users if u is not act)}"
     if sum(n.op == "call_module" and n.target == x.target for n in gm.graph.nodes) != 1:
         return None, f"{x.target} is called more than once"
-    if _input_unit_dim(gm, act) != (-1 if isinstance(mod, nn.Linear) else 1):
-        return None, f"its units are not {x.target}'s output units"
+    own = {id(p) for p in mod.parameters()}
+    if sum(id(p) in own for _, p in gm.named_parameters(remove_duplicate=False)) != len(own) or any(
+            n.op == "get_attr" and n.target.startswith(f"{x.target}.") for n in gm.graph.nodes):
+        return None, f"{x.target}'s weights are shared or read elsewhere"
     return mod, ""
 
 

@@ -77,8 +77,9 @@ class LoopConfig:
                                     "the fold group (activations whose joint removal completes a merge) with the "
                                     "least score per microsecond saved on --target", choices=SELECTIONS)
     anneal: float = option(0.0, "fade each removed activation out over this fraction of its round's finetuning, "
-                                "(1-α)·act(x) + α·x with α rising from 0 to 1, instead of switching it off "
-                                "before the round (0: at once, as EASIER does)", min=0.0, max=1.0)
+                                "(1-α)·act(x) + α·s(x) with α rising from 0 to 1 (s: its --substitute stand-in), "
+                                "instead of switching it off before the round (0: at once, as EASIER does)",
+                           min=0.0, max=1.0)
     substitute: str = option("identity", "what replaces a removed activation: identity (EASIER), or affine: each "
                                          "unit's least-squares line a·x + b through its (input, output) pairs on the "
                                          "entropy batches, absorbed into the layer before it (exact; the identity "
@@ -91,9 +92,10 @@ class LoopConfig:
                               "the run ends; 0 stops at the first", min=0)
     target_speedup: float | None = option(None, "stop once the shipped model measures at least this ORT speed-up "
                                                 "over the original on --target", min=0.0)
-    retry_margin: float = option(0.0, "a candidate over budget by at most this much (top-1 points; perplexity "
-                                      "percent for language models) is finetuned one more round before it is "
-                                      "judged; 0 = off", min=0.0)
+    retry_margin: float = option(0.0, "a candidate over budget by at most this much (top-1 points; percent of the "
+                                      "original perplexity for language models) is finetuned one more round, a "
+                                      "fresh schedule from where it stands, and judged again on the same "
+                                      "validation set; 0 = off", min=0.0)
 
     def budget(self, already: int) -> int:
         """How many more activations may go (``--max-removed``), ``already`` being gone."""
@@ -152,9 +154,10 @@ class Task:
         return base * (1 + cfg.max_ppl_increase / 100) if self.metric == "ppl" else base - cfg.max_drop
 
     def miss(self, cfg: LoopConfig, base: float, value: float) -> float:
-        """How far ``value`` is beyond the budget: top-1 points, or perplexity percent (≤ 0: within)."""
+        """How far ``value`` is beyond the budget, in the budget's unit: top-1 points, or percent of the original
+        perplexity (≤ 0: within)."""
         limit = self.limit(cfg, base)
-        return (value / limit - 1) * 100 if self.metric == "ppl" else limit - value
+        return (value - limit) / base * 100 if self.metric == "ppl" else limit - value
 
 
 @dataclass
@@ -383,12 +386,12 @@ def _fader(model: torch.nn.Module, ramp_steps: float, advance: Callable[[], None
     return step
 
 
-def _stand_ins(gm: fx.GraphModule, chosen: list[str], loader, device: torch.device,
-               cfg: LoopConfig) -> tuple[dict[str, AffineFit], dict[str, str] | None]:
+def _stand_ins(gm: fx.GraphModule, chosen: list[str], loader, device: torch.device, cfg: LoopConfig,
+               pad_id: int | None) -> tuple[dict[str, AffineFit], dict[str, str] | None]:
     """``--substitute affine``: the chosen sites' fitted stand-ins, and what each site got (for the report)."""
     if cfg.substitute == "identity":
         return {}, None
-    fits, refused = stand_ins(gm, chosen, loader, device, cfg.entropy_batches, cfg.entropy_mode == "train")
+    fits, refused = stand_ins(gm, chosen, loader, device, cfg.entropy_batches, cfg.entropy_mode == "train", pad_id)
     for name, why in refused.items():
         info(f"{name}: the identity stands in ({why})")
     return fits, {name: "affine" if name in fits else f"identity: {refused[name]}" for name in chosen}
@@ -478,7 +481,7 @@ def run_loop(gm: fx.GraphModule, source: str, train_loader, val_loader, cfg: Loo
             state.finished = True  # exhausted: no stop rule can reopen it
             save_state(out_dir, state)
             break
-        fits, stand_in = _stand_ins(scored, chosen, train_loader, device, cfg)
+        fits, stand_in = _stand_ins(scored, chosen, train_loader, device, cfg, task.pad_id)
         candidate = (blend_sites if cfg.anneal > 0 else remove_sites)(scored, chosen, cfg.relocates, fits).to(device)
         seed_everything(round_seed, train_loader)
         steps = math.ceil(cfg.finetune_epochs * len(train_loader))

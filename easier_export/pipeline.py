@@ -175,14 +175,15 @@ def speedup_probe(original: nn.Module, example: torch.Tensor, work_dir: Path,
 def _every_merge_if_faster(linearized: fx.GraphModule, example: torch.Tensor, inputs: list[torch.Tensor],
                            folds: list, out_dir: Path, meta: dict[str, str], cfg: CompressConfig
                            ) -> tuple[FoldRecord | None, tuple[fx.GraphModule, list, dict] | None]:
-    """Ship every exact merge instead of the auto plan when the whole model measures faster that way.
+    """Ship every exact merge instead of the shipped plan when the whole model measures faster that way.
 
     The planner keeps a merge only if its own in-context saving clears the timing noise, so a model of many
     small merges, each below the noise, is left unmerged although together they pay (MobileNetV2 at 32x32:
     plan ×1.71, every merge ×1.98, benchmarks/fold_patterns.md). When ``all`` applies more merges than the
-    shipped plan, both models are exported and timed side by side on the target at the smallest benchmark
-    batch; ``all`` ships only if faster by more than both rows' spread (and 3 %). Returns the comparison as a
-    fold row of kind ``end_to_end`` (None: nothing to compare) and, when ``all`` ships, its (folded, folds, export).
+    shipped plan, that model is exported and verified beside it, both are timed side by side on the target at the
+    smallest benchmark batch, and ``all`` replaces model.onnx only if verified and faster by more than both rows'
+    spread (and 3 %). Returns the comparison as a fold row of kind ``end_to_end`` (None: nothing to compare) and,
+    when ``all`` ships, its (folded, folds, export).
     """
     every, every_folds = fold_model(linearized, example, mode="all")
     shipped = sum(f.applied and f.kind in MERGE_KINDS for f in folds)
@@ -190,25 +191,32 @@ def _every_merge_if_faster(linearized: fx.GraphModule, example: torch.Tensor, in
     if more <= shipped:
         return None, None
     info(f"timing every exact merge ({more}) against the shipped plan ({shipped}) end to end")
-    path = Path(export_onnx(every, example, out_dir / "onnx" / "every_merge.onnx", meta, cfg.simplify)["path"])
-    batch = min(cfg.bench_batches)
-    rows = bench({"plan": out_dir / "model.onnx", "every": path}, tuple(example.shape[1:]), (cfg.target,),
-                 (batch,), cfg.threads, max_seconds=cfg.bench_seconds, repeats=5)
-    path.unlink()
-    p50 = {r["label"]: r["p50_ms"] for r in rows}
-    if len(p50) < 2:  # the target could not run (no GPU): nothing measured, nothing changed
-        return None, None
-    margin = max(0.03, *(r["spread"] for r in rows))
-    faster = p50["every"] < p50["plan"] * (1 - margin)
-    detail = (f"shipped plan ({shipped} merges) {p50['plan']:.3f} ms vs every exact merge ({more}) "
-              f"{p50['every']:.3f} ms, batch {batch} on {cfg.target}")
-    record = FoldRecord("end_to_end", [], detail, faster,
-                        "" if faster else f"every merge not faster by more than {margin:.0%} (timing spread)",
-                        p50["plan"] * 1e3, p50["every"] * 1e3)
-    if not faster:
-        return record, None
-    info(f"every exact merge runs ×{p50['plan'] / p50['every']:.2f} faster than the plan: shipping it")
-    return record, fold_and_ship(linearized, example, inputs, "all", out_dir, meta, cfg)
+    meta = {**meta, "folds_applied": str(sum(f.applied for f in every_folds))}
+    export = export_and_verify(every, linearized, example, out_dir / "onnx" / "every_merge.onnx", inputs, meta, cfg)
+    path = Path(export["path"])
+    try:
+        if not export["verify"]["passed"]:
+            return FoldRecord("end_to_end", [], f"every exact merge ({more})", False,
+                              "every merge did not pass verification"), None
+        batch = min(cfg.bench_batches)
+        rows = bench({"plan": out_dir / "model.onnx", "every": path}, tuple(example.shape[1:]), (cfg.target,),
+                     (batch,), cfg.threads, max_seconds=cfg.bench_seconds, repeats=5)
+        p50 = {r["label"]: r["p50_ms"] for r in rows}
+        if len(p50) < 2:  # the target could not run (no GPU): nothing measured, nothing changed
+            return None, None
+        margin = max(0.03, *(r["spread"] for r in rows))
+        faster = p50["every"] < p50["plan"] * (1 - margin)
+        record = FoldRecord("end_to_end", [], f"shipped plan ({shipped} merges) {p50['plan']:.3f} ms vs every exact "
+                            f"merge ({more}) {p50['every']:.3f} ms, batch {batch} on {cfg.target}", faster,
+                            "" if faster else f"every merge not faster by more than {margin:.0%} (timing spread)",
+                            p50["plan"] * 1e3, p50["every"] * 1e3)
+        if not faster:
+            return record, None
+        info(f"every exact merge runs ×{p50['plan'] / p50['every']:.2f} faster than the plan: shipping it")
+        os.replace(path, out_dir / "model.onnx")
+        return record, (every, every_folds, {**export, "path": str(out_dir / "model.onnx")})
+    finally:
+        path.unlink(missing_ok=True)
 
 
 def _end_to_end_ratio(rows: list[dict]) -> float:

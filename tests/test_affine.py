@@ -4,7 +4,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from torch import nn
+from torch import fx, nn
 
 from easier_export.affine import Moments, stand_ins
 from easier_export.arch import DemoNet
@@ -125,6 +125,50 @@ def test_absorber_says_why_it_refuses():
     assert "called more than once" in reasons["act4"]
     model, why = absorber(trace(ConvBN()), "act")
     assert isinstance(model, nn.BatchNorm2d) and why == ""
+
+
+class Tied(nn.Module):
+    """Producers whose stored weight is not (only) what the activation's input is computed from."""
+
+    class Scaled(nn.Linear):  # a subclass: its forward may do anything
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return 2 * super().forward(x)
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.norm = nn.utils.parametrizations.weight_norm(nn.Linear(4, 4))
+        self.sub, self.a, self.b = self.Scaled(4, 4), nn.Linear(4, 4), nn.Linear(4, 4)
+        self.b.weight = self.a.weight
+        self.hooked = nn.Linear(4, 4)
+        self.hooked.register_forward_hook(lambda _m, _a, out: out.clamp(0))
+        self.act1, self.act2, self.act3, self.act4 = nn.ReLU(), nn.ReLU(), nn.ReLU(), nn.ReLU()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.act1(self.norm(x)) + self.act2(self.sub(x)) + self.act3(self.a(x)) + self.b(x) + self.act4(
+            self.hooked(x))
+
+
+def test_absorber_refuses_weights_that_are_not_what_the_layer_computes_with():
+    gm = fx.GraphModule(Tied(), TiedTracer().trace(Tied()))
+    reasons = {s.name: absorber(gm, s.name)[1] for s in find_call_sites(gm)}
+    assert "ParametrizedLinear, which cannot absorb" in reasons["act1"]
+    assert "Scaled, which cannot absorb" in reasons["act2"]
+    assert "shared or read elsewhere" in reasons["act3"]
+    assert "forward hooks" in reasons["act4"]
+
+
+class TiedTracer(fx.Tracer):
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        return isinstance(m, nn.Linear) or super().is_leaf_module(m, qualname)
+
+
+def test_padding_positions_are_left_out_of_the_fit():
+    m = Moments(-1)
+    x = torch.tensor([[[1.0], [2.0], [-50.0]]])  # the last position is padding
+    m.keep = torch.tensor([[True, True, False]])
+    m.add(x, nn.ReLU()(x))
+    fit = m.fit(True)
+    assert m.n == 2 and fit.scale.item() == pytest.approx(1.0) and fit.shift.item() == pytest.approx(0.0)
 
 
 def test_stand_ins_fit_what_can_be_absorbed_and_explain_the_rest():
