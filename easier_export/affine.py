@@ -19,7 +19,7 @@ import torch
 import torch.distributed as dist
 from torch import fx
 
-from .entropy import preserved_buffers, unit_dim
+from .entropy import feed, unit_dim
 from .graph import AffineFit, absorber, blend_sites
 
 SUBSTITUTES = ("identity", "affine")
@@ -79,23 +79,11 @@ def stand_ins(gm: fx.GraphModule, names: Iterable[str], loader, device: torch.de
         return {}, refused
     probed = blend_sites(gm, intercept).to(device).train(train_mode)
     moments: dict[str, Moments] = {}
-    handles = []
-    for name in intercept:
+    for name in intercept:  # (hooks on a throwaway copy: nothing to remove or restore afterwards)
         blend = probed.get_submodule(f"blend_{name}")
         moments[name] = Moments(blend.dim)
-        handles.append(blend.register_forward_hook(lambda _m, args, out, m=moments[name]: m.add(args[0], out)))
-    try:
-        with preserved_buffers(probed), torch.no_grad():
-            for i, (x, _y) in enumerate(loader):
-                if batches is not None and i >= batches:
-                    break
-                x = x.to(device, non_blocking=True)
-                for m in moments.values():
-                    m.keep = None if pad_id is None else x != pad_id
-                probed(x)
-    finally:
-        for h in handles:
-            h.remove()
+        blend.register_forward_hook(lambda _m, args, out, m=moments[name]: m.add(args[0], out))
+    feed(probed, list(moments.values()), loader, device, batches, pad_id)
     fits = {name: m.fit(intercept[name]) for name, m in moments.items() if m.sums is not None}
     refused.update({name: "no data reached it" for name in intercept if name not in fits})
     return fits, refused

@@ -142,6 +142,22 @@ def preserved_buffers(model: nn.Module) -> Iterator[None]:
         model.load_state_dict(saved, strict=False)
 
 
+def feed(model: nn.Module, probes: list, loader: Iterable, device: torch.device, batches: int | None,
+         pad_id: int | None = None, progress: Callable[[], None] | None = None) -> None:
+    """Run up to ``batches`` batches of ``loader`` through ``model`` without gradients, for the probes inside it
+    to read; before each batch every probe's ``keep`` says which token positions count (not ``pad_id``)."""
+    with torch.no_grad():
+        for i, (x, _y) in enumerate(loader):
+            if batches is not None and i >= batches:
+                break
+            x = x.to(device, non_blocking=True)
+            for probe in probes:
+                probe.keep = None if pad_id is None else x != pad_id
+            model(x)
+            if progress is not None:
+                progress()
+
+
 def measure(gm: fx.GraphModule, sites: list[CallSite], loader: Iterable, device: torch.device,
             batches: int | None = None, train_mode: bool = True, threshold: float = 0.0,
             progress=None, pad_id: int | None = None) -> dict[str, SiteStats]:
@@ -151,16 +167,8 @@ def measure(gm: fx.GraphModule, sites: list[CallSite], loader: Iterable, device:
     was_training = gm.training
     probed.train(train_mode)
     try:
-        with preserved_buffers(gm), torch.no_grad():
-            for i, (x, _y) in enumerate(loader):
-                if batches is not None and i >= batches:
-                    break
-                x = x.to(device, non_blocking=True)
-                for counter in counters.values():
-                    counter.keep = None if pad_id is None else x != pad_id
-                probed(x)
-                if progress is not None:
-                    progress()
+        with preserved_buffers(gm):
+            feed(probed, list(counters.values()), loader, device, batches, pad_id, progress)
     finally:
         for h in handles:
             h.remove()
