@@ -79,7 +79,7 @@ def run(name: str, select: str, args: argparse.Namespace) -> dict:
                       entropy_batches=args.entropy_batches, baseline_epochs=MODELS[name][2], select=select,
                       patience=args.patience, max_removed=args.max_removed, max_rounds=args.max_rounds,
                       optimizer=args.optimizer, anneal=args.anneal, distill=args.distill,
-                      substitute=args.substitute, retry_margin=args.retry_margin)
+                      substitute=args.substitute)
     cfg = CompressConfig(loop, fold="auto", device="cpu", bench_seconds=args.bench_seconds)
     t0 = time.perf_counter()
     report = compress(loaded, loaders, args.out / f"{name}-{select}", cfg)
@@ -189,7 +189,6 @@ def header(args: argparse.Namespace) -> str:
         f"Machine: {cpu_name()}, {torch.get_num_threads()} threads ({os.cpu_count()} cores), no GPU; "
         f"torch {torch.__version__}. Settings: `--max-drop {args.max_drop} --optimizer {args.optimizer} --lr {args.lr} "
         f"--anneal {args.anneal} --distill {args.distill} --substitute {args.substitute} "
-        f"--retry-margin {args.retry_margin} "
         f"--entropy-batches {args.entropy_batches} --patience "
         f"{args.patience} --max-removed {args.max_removed} --max-rounds {args.max_rounds} --fold auto`, batch 128; "
         "the shared ResNets get `--baseline-epochs 0.5` first (JPEG domain shift). Speed-ups: ORT CPU p50 of "
@@ -218,7 +217,6 @@ def main() -> None:
                         "the frozen original, i.e. self-distillation) the control alike")
     parser.add_argument("--substitute", default="identity", choices=list(SUBSTITUTES),
                         help="the loop's --substitute (the control is unaffected)")
-    parser.add_argument("--retry-margin", type=float, default=0.0, help="the loop's --retry-margin")
     parser.add_argument("--max-drop", type=float, default=1.0)
     parser.add_argument("--patience", type=int, default=1)
     parser.add_argument("--max-removed", type=int, default=None)

@@ -92,10 +92,6 @@ class LoopConfig:
                               "the run ends; 0 stops at the first", min=0)
     target_speedup: float | None = option(None, "stop once the shipped model measures at least this ORT speed-up "
                                                 "over the original on --target", min=0.0)
-    retry_margin: float = option(0.0, "a candidate over budget by at most this much (top-1 points; percent of the "
-                                      "original perplexity for language models) is finetuned one more round, a "
-                                      "fresh schedule from where it stands, and judged again on the same "
-                                      "validation set; 0 = off", min=0.0)
 
     def budget(self, already: int) -> int:
         """How many more activations may go (``--max-removed``), ``already`` being gone."""
@@ -173,7 +169,6 @@ class RoundRecord:
     speedup: float | None = None  # with a target speed-up: the shipped model measured end to end
     val_ppl: float | None = None  # language models: validation perplexity (the budget metric)
     stand_ins: dict[str, str] | None = None  # --substitute affine: per site "affine", or "identity: why"
-    retried: bool = False  # --retry-margin: it missed narrowly and was finetuned one more round before judged
 
 
 @dataclass
@@ -492,20 +487,12 @@ def run_loop(gm: fx.GraphModule, source: str, train_loader, val_loader, cfg: Loo
         if cfg.anneal > 0:
             candidate = settle(candidate).to(device)
         acc, ppl, miss = _judge(candidate, val_loader, device, task, cfg, state)
-        retried = 0 < miss <= cfg.retry_margin
-        if retried:  # a narrow miss: one more round of finetuning (its own seed) before the verdict
-            seed_everything(round_seed + 50_000, train_loader)
-            with progress(f"round {rnd}: missed by {miss:.2f}, one more finetuning", steps) as advance:
-                finetune(candidate, train_loader, device, cfg.finetune_epochs, cfg.lr, optimizer=cfg.optimizer,
-                         teacher=teacher, on_step=advance)
-            acc, ppl, miss = _judge(candidate, val_loader, device, task, cfg, state)
         within = miss <= 0
         record = RoundRecord(rnd, chosen, min(scores[n] for n in chosen), acc, acc - state.base_top1, within,
-                             time.perf_counter() - t0, us_saved, val_ppl=ppl, stand_ins=stand_in, retried=retried)
+                             time.perf_counter() - t0, us_saved, val_ppl=ppl, stand_ins=stand_in)
         saved = f", saves {us_saved:.1f}us" if us_saved is not None else ""
         misses = misses_in_a_row(state.history) + (not within)
-        verdict = ("kept" if within else f"over budget: reverted ({misses} miss(es) in a row)") + (
-            " after one more finetuning" if retried else "")
+        verdict = "kept" if within else f"over budget: reverted ({misses} miss(es) in a row)"
         shown = f"perplexity {ppl:.3f}, " if ppl is not None else ""
         info(f"round {rnd}: removed {', '.join(chosen)} (score {record.score:.3f}{saved}) → {shown}top-1 {acc:.2f}% "
              f"(Δ {record.delta:+.2f}) {verdict}")
