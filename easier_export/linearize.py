@@ -149,11 +149,8 @@ class Task:
         """The worst value of the metric still within budget."""
         return base * (1 + cfg.max_ppl_increase / 100) if self.metric == "ppl" else base - cfg.max_drop
 
-    def miss(self, cfg: LoopConfig, base: float, value: float) -> float:
-        """How far ``value`` is beyond the budget, in the budget's unit: top-1 points, or percent of the original
-        perplexity (≤ 0: within)."""
-        limit = self.limit(cfg, base)
-        return (value - limit) / base * 100 if self.metric == "ppl" else limit - value
+    def within(self, cfg: LoopConfig, base: float, value: float) -> bool:
+        return value <= self.limit(cfg, base) if self.metric == "ppl" else value >= self.limit(cfg, base)
 
 
 @dataclass
@@ -392,14 +389,6 @@ def _stand_ins(gm: fx.GraphModule, chosen: list[str], loader, device: torch.devi
     return fits, {name: "affine" if name in fits else f"identity: {refused[name]}" for name in chosen}
 
 
-def _judge(candidate: fx.GraphModule, val_loader, device: torch.device, task: Task, cfg: LoopConfig,
-           state: LoopState) -> tuple[float, float | None, float]:
-    """The candidate's top-1, perplexity (language models, else None) and how far it is beyond the budget."""
-    metrics = evaluate_metrics(candidate, val_loader, device)
-    acc, ppl = metrics["top1"], metrics["ppl"] if task.metric == "ppl" else None
-    return acc, ppl, task.miss(cfg, state.base_ppl, ppl) if ppl is not None else task.miss(cfg, state.base_top1, acc)
-
-
 def measure_groups(gm: fx.GraphModule, cfg: LoopConfig, example: torch.Tensor, table: LatencyTable) -> FoldGroups:
     """Fold groups of the model among its in-graph call sites of ``cfg.rectifiers``, timed on the table's target
     (the loop keeps them in its state: resume re-times nothing)."""
@@ -486,8 +475,9 @@ def run_loop(gm: fx.GraphModule, source: str, train_loader, val_loader, cfg: Loo
                      teacher=teacher, on_step=on_step)
         if cfg.anneal > 0:
             candidate = settle(candidate).to(device)
-        acc, ppl, miss = _judge(candidate, val_loader, device, task, cfg, state)
-        within = miss <= 0
+        metrics = evaluate_metrics(candidate, val_loader, device)
+        acc, ppl = metrics["top1"], metrics["ppl"] if task.metric == "ppl" else None
+        within = task.within(cfg, state.base_ppl, ppl) if ppl is not None else task.within(cfg, state.base_top1, acc)
         record = RoundRecord(rnd, chosen, min(scores[n] for n in chosen), acc, acc - state.base_top1, within,
                              time.perf_counter() - t0, us_saved, val_ppl=ppl, stand_ins=stand_in)
         saved = f", saves {us_saved:.1f}us" if us_saved is not None else ""
