@@ -16,10 +16,9 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 import torch
-import torch.distributed as dist
 from torch import fx
 
-from .entropy import feed, unit_dim
+from .entropy import feed, mean_over_ranks, unit_dim
 from .graph import AffineFit, absorber, blend_sites
 
 SUBSTITUTES = ("identity", "affine")
@@ -43,11 +42,7 @@ class Moments:
 
     def fit(self, intercept: bool) -> AffineFit:
         """The least-squares line per unit; a unit whose input never varies keeps slope 1 (nothing to fit)."""
-        sums, n = self.sums.clone(), torch.tensor([float(self.n)], dtype=torch.float64, device=self.sums.device)
-        if dist.is_available() and dist.is_initialized():  # every rank saw a shard of the data
-            dist.all_reduce(sums)
-            dist.all_reduce(n)
-        sx, sxx, sy, sxy = (sums / n).cpu()
+        sx, sxx, sy, sxy = mean_over_ranks(self.sums, self.n)
         if intercept:
             var, cov = sxx - sx * sx, sxy - sx * sy
             scale = torch.where(var > 1e-10 * sxx, cov / var.clamp_min(1e-30), torch.ones_like(var))

@@ -81,11 +81,16 @@ class OnCounter(nn.Module):
     def p_on(self) -> torch.Tensor:
         if self.on is None:
             return torch.zeros(0, dtype=torch.float64)
-        on, seen = self.on.clone(), torch.tensor([float(self.seen)], dtype=torch.float64, device=self.on.device)
-        if dist.is_available() and dist.is_initialized():  # every rank saw a shard of the data
-            dist.all_reduce(on)
-            dist.all_reduce(seen)
-        return (on / seen.clamp_min(1)).cpu()
+        return mean_over_ranks(self.on, self.seen)
+
+
+def mean_over_ranks(sums: torch.Tensor, count: int) -> torch.Tensor:
+    """``sums / count`` over every rank's shard of the data (summed under DDP), on the CPU."""
+    sums, n = sums.clone(), torch.tensor([float(count)], dtype=torch.float64, device=sums.device)
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(sums)
+        dist.all_reduce(n)
+    return (sums / n.clamp_min(1)).cpu()
 
 
 def instrument(gm: fx.GraphModule, sites: Iterable[CallSite], threshold: float = 0.0,

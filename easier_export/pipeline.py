@@ -142,8 +142,15 @@ def fold_and_ship(linearized: fx.GraphModule, example: torch.Tensor, inputs: lis
     info(f"folding (mode {mode}, target {cfg.target})")
     folded, folds = fold_model(linearized, example, mode=mode, target=cfg.target,
                                cache=out_dir / "latency_table.json", threads=cfg.threads)
+    return folded, folds, ship(folded, folds, linearized, example, out_dir / "model.onnx", inputs, meta, cfg)
+
+
+def ship(folded: fx.GraphModule, folds: list, linearized: fx.GraphModule, example: torch.Tensor, path: Path,
+         inputs: list[torch.Tensor], meta: dict[str, str], cfg: CompressConfig) -> dict:
+    """Export a folded model with the number of folds it carries in its metadata, verified against the
+    linearized model."""
     meta = {**meta, "folds_applied": str(sum(f.applied for f in folds))}
-    return folded, folds, export_and_verify(folded, linearized, example, out_dir / "model.onnx", inputs, meta, cfg)
+    return export_and_verify(folded, linearized, example, path, inputs, meta, cfg)
 
 
 def _bench(exports: dict, example: torch.Tensor, cfg: CompressConfig, original: nn.Module,
@@ -191,8 +198,7 @@ def _every_merge_if_faster(linearized: fx.GraphModule, example: torch.Tensor, in
     if more <= shipped:
         return None, None
     info(f"timing every exact merge ({more}) against the shipped plan ({shipped}) end to end")
-    meta = {**meta, "folds_applied": str(sum(f.applied for f in every_folds))}
-    export = export_and_verify(every, linearized, example, out_dir / "onnx" / "every_merge.onnx", inputs, meta, cfg)
+    export = ship(every, every_folds, linearized, example, out_dir / "onnx" / "every_merge.onnx", inputs, meta, cfg)
     path = Path(export["path"])
     try:
         if not export["verify"]["passed"]:
