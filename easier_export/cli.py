@@ -23,6 +23,7 @@ from rich.markup import escape
 
 from .bench import DEVICES
 from .errors import EXIT_INTERRUPTED, EXIT_USAGE, Interrupted, UserError, VerificationError
+from .export import MAX_OPSET, MIN_OPSET
 from .fold import MODES
 from .linearize import STATE_FILE, LoopConfig
 from .ui import console
@@ -72,6 +73,9 @@ ScaleTol = Annotated[float, typer.Option(min=0.0, help="verification tolerance r
                                                        "(max |reference|)")]
 MinTop1 = Annotated[float, typer.Option(min=0.0, max=1.0, help="minimum top-1 agreement (a fraction)")]
 NoSimplify = Annotated[bool, typer.Option("--no-simplify", help="skip onnxsim")]
+Opset = Annotated[int, typer.Option(min=MIN_OPSET, max=MAX_OPSET, help="ONNX opset of the file: 20 and newer write "
+                                    "GELU as one Gelu op, 23 attention as one Attention op (faster in onnxruntime; "
+                                    "the runtime must support the opset)")]
 
 
 # ---------------------------------------------------------------------------------------------- the loop's options
@@ -294,7 +298,7 @@ def compress(model: ModelArg, data: Data, loop: LoopConfig, out: Out = Path("run
              device: Device = "auto", fold: Fold = "auto", target: Target = "cpu", bench_devices: BenchDevices = "cpu",
              bench_batches: BenchBatches = "1,8", bench_seconds: BenchSeconds = 2.0, threads: Threads = None,
              atol: Atol = 1e-4, rtol: Rtol = 1e-3, scale_tol: ScaleTol = 1e-4, min_top1: MinTop1 = 0.99,
-             no_simplify: NoSimplify = False) -> None:
+             no_simplify: NoSimplify = False, opset: Opset = MIN_OPSET) -> None:
     """Run the whole pipeline: entropy → linearize/finetune rounds → fold → ONNX → verify → bench → report."""
     from .pipeline import CompressConfig
     from .pipeline import compress as run
@@ -302,7 +306,7 @@ def compress(model: ModelArg, data: Data, loop: LoopConfig, out: Out = Path("run
     cfg = CompressConfig(loop, fold, _usable((target,), "target")[0], device, not no_simplify, atol=atol,
                          rtol=rtol, scale_tol=scale_tol, min_top1=min_top1, bench_devices=_devices(bench_devices),
                          bench_batches=_ints(bench_batches, "bench-batches"), threads=threads,
-                         bench_seconds=bench_seconds)
+                         bench_seconds=bench_seconds, opset=opset)
     with _distributed(device), _resumable(out):
         loaded = _load(model, weights, arch, num_classes, trust_pickle, input_size, mean, std)
         run(loaded, _with_data(loaded, data, batch_size, workers, skip_bad_images, loop.seed), out, cfg)
@@ -390,7 +394,8 @@ def fold(model: ModelArg, out: Out = Path("runs/fold"),
          weights: Weights = None, arch: Arch = None, num_classes: NumClasses = None,
          trust_pickle: TrustPickle = False, input_size: InputSize = None, fold: Fold = "auto",
          target: Target = "cpu", threads: Threads = None, atol: Atol = 1e-4, rtol: Rtol = 1e-3,
-         scale_tol: ScaleTol = 1e-4, min_top1: MinTop1 = 0.99, no_simplify: NoSimplify = False) -> None:
+         scale_tol: ScaleTol = 1e-4, min_top1: MinTop1 = 0.99, no_simplify: NoSimplify = False,
+         opset: Opset = MIN_OPSET) -> None:
     """Fold a (linearized) model: writes folded.pt2, model.onnx (verified) and fold_plan.json."""
     import torch
 
@@ -402,7 +407,7 @@ def fold(model: ModelArg, out: Out = Path("runs/fold"),
 
     source = str(linearized) if linearized is not None else model
     cfg = CompressConfig(fold=fold, target=_usable((target,), "target")[0], simplify=not no_simplify, atol=atol,
-                         rtol=rtol, scale_tol=scale_tol, min_top1=min_top1, threads=threads)
+                         rtol=rtol, scale_tol=scale_tol, min_top1=min_top1, threads=threads, opset=opset)
     loaded = _ready(_load(source, weights, arch, num_classes, trust_pickle, input_size))
     ensure_writable(out)
     inputs = _random_batches(loaded)
@@ -429,12 +434,14 @@ def export(model: ModelArg, out: Annotated[Path, typer.Option(help="ONNX file")]
            data: Annotated[Path | None, typer.Option(help="verify on these val/ images instead of random "
                                                          "inputs")] = None,
            skip_bad_images: SkipBadImages = False, atol: Atol = 1e-4, rtol: Rtol = 1e-3,
-           scale_tol: ScaleTol = 1e-4, min_top1: MinTop1 = 0.99, no_simplify: NoSimplify = False) -> None:
+           scale_tol: ScaleTol = 1e-4, min_top1: MinTop1 = 0.99, no_simplify: NoSimplify = False,
+           opset: Opset = MIN_OPSET) -> None:
     """Export any loadable model to one verified ONNX file (no compression)."""
     from .pipeline import CompressConfig, ensure_writable_file, export_and_verify, onnx_metadata, val_batches
 
     ensure_writable_file(out, "--out")
-    cfg = CompressConfig(simplify=not no_simplify, atol=atol, rtol=rtol, scale_tol=scale_tol, min_top1=min_top1)
+    cfg = CompressConfig(simplify=not no_simplify, atol=atol, rtol=rtol, scale_tol=scale_tol, min_top1=min_top1,
+                         opset=opset)
     loaded = _load(model, weights, arch, num_classes, trust_pickle, input_size, mean, std)
     if data is not None:
         inputs = val_batches(_with_data(loaded, data, 16, 0, skip_bad_images), cfg.verify_batches,

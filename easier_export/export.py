@@ -28,6 +28,8 @@ from .io import atomic_write
 logger = logging.getLogger(__name__)
 
 MIN_OPSET = 18
+MAX_OPSET = 23  # the newest opset torch 2.14's dynamo exporter writes (Gelu from 20, Attention from 23)
+TORCHSCRIPT_MAX_OPSET = 20  # the legacy exporter's newest
 INPUT_NAME = "input"
 OUTPUT_NAME = "logits"
 
@@ -53,6 +55,8 @@ def export_onnx(
     """
     if opset < MIN_OPSET:
         raise UserError(f"ONNX opset {opset} is too old: use {MIN_OPSET} or newer")
+    if opset > MAX_OPSET:
+        raise UserError(f"ONNX opset {opset} is newer than the exporter writes: use {MAX_OPSET} or older")
     path = Path(path)
     model = eval_copy(model)
     # torch.export specialises a size-1 dimension, so trace a batch of 2 to keep the batch axis symbolic.
@@ -65,10 +69,12 @@ def export_onnx(
         try:
             proto, exporter = _export_dynamo(model, example, opset), "dynamo"
         except Exception as e:  # any tracing failure: the legacy exporter handles more Python control flow
-            notice = f"dynamo export failed ({_describe(e)}); used the TorchScript exporter"
+            legacy = min(opset, TORCHSCRIPT_MAX_OPSET)
+            notice = f"dynamo export failed ({_describe(e)}); used the TorchScript exporter" + (
+                f" at opset {legacy} (its newest)" if legacy < opset else "")
             logger.warning(notice)
             notes.append(notice)
-            proto, exporter = _export_torchscript(model, example, opset), "torchscript"
+            proto, exporter = _export_torchscript(model, example, legacy), "torchscript"
 
     simplified = False
     if simplify:

@@ -16,7 +16,7 @@ from . import __version__
 from .bench import bench, speedups
 from .data import Loaders
 from .errors import UserError, VerificationError, first_line
-from .export import eval_copy, export_onnx, mark_unverified, print_verify, verify_onnx
+from .export import MIN_OPSET, eval_copy, export_onnx, mark_unverified, print_verify, verify_onnx
 from .fold import FoldRecord, fold_model
 from .fold.planner import LatencyTable
 from .graph import find_call_sites, trace
@@ -36,6 +36,7 @@ class CompressConfig:
     target: str = "cpu"
     device: str = "auto"
     simplify: bool = True
+    opset: int = MIN_OPSET
     atol: float = 1e-4
     rtol: float = 1e-3
     scale_tol: float = 1e-4
@@ -123,7 +124,7 @@ def task_of(loaded: LoadedModel) -> Task:
 def export_and_verify(model: nn.Module, reference: nn.Module, example: torch.Tensor, path: Path,
                       inputs: list[torch.Tensor], metadata: dict[str, str], cfg: CompressConfig) -> dict:
     """Export, then prove the file reproduces ``reference``; a failure keeps the file as *.unverified.onnx."""
-    info_ = export_onnx(model, example, path, metadata, simplify=cfg.simplify)
+    info_ = export_onnx(model, example, path, metadata, simplify=cfg.simplify, opset=cfg.opset)
     result = verify_onnx(path, reference, inputs, cfg.atol, cfg.rtol, cfg.min_top1, scale_tol=cfg.scale_tol)
     print_verify(result, console)
     info_["verify"] = result.to_dict()
@@ -165,13 +166,13 @@ def speedup_probe(original: nn.Module, example: torch.Tensor, work_dir: Path,
                   cfg: CompressConfig) -> Callable[[fx.GraphModule], float]:
     """Measures what would ship after a round: fold (``cfg.fold``), export, time against the original on the
     target at the smallest benchmark batch. The original is exported once, before the loop changes nothing."""
-    base = Path(export_onnx(original, example, work_dir / "original.onnx", {}, cfg.simplify)["path"])
+    base = Path(export_onnx(original, example, work_dir / "original.onnx", {}, cfg.simplify, cfg.opset)["path"])
     batch = min(cfg.bench_batches)
 
     def probe(model: fx.GraphModule) -> float:
         folded, _ = fold_model(eval_copy(model), example, mode=cfg.fold, target=cfg.target,
                                cache=work_dir.parent / "latency_table.json", threads=cfg.threads)
-        path = Path(export_onnx(folded, example, work_dir / "folded.onnx", {}, cfg.simplify)["path"])
+        path = Path(export_onnx(folded, example, work_dir / "folded.onnx", {}, cfg.simplify, cfg.opset)["path"])
         rows = bench({"original": base, "folded": path}, tuple(example.shape[1:]), (cfg.target,), (batch,),
                      cfg.threads, max_seconds=cfg.bench_seconds)
         return speedups(rows, "original")[("onnxruntime", cfg.target, batch)]["folded"]
@@ -262,7 +263,7 @@ def compress(loaded: LoadedModel, loaders: Loaders, out_dir: Path, cfg: Compress
 
     meta = {**onnx_metadata(loaded), "removed_activations": ",".join(result.removed)}
     info("exporting ONNX")
-    exports = {name: export_onnx(model, example, out_dir / "onnx" / f"{name}.onnx", meta, cfg.simplify)
+    exports = {name: export_onnx(model, example, out_dir / "onnx" / f"{name}.onnx", meta, cfg.simplify, cfg.opset)
                for name, model in (("original", original), ("linearized", linearized))}
     folded, folds, exports["folded"] = fold_and_ship(linearized, example, inputs, cfg.fold, out_dir, meta, cfg)
     bench_rows = _bench(exports, example, cfg, original, folded)

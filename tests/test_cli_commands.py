@@ -76,6 +76,16 @@ def test_export_and_bench_commands(capsys, tmp_path):
     assert "speed-up" in text  # (the old spellings --batch and --seconds still parse)
 
 
+def test_export_opset_option(capsys, tmp_path):
+    out = tmp_path / "m.onnx"
+    code, text = run(capsys, "export", "demo_cnn", "--out", str(out), "--opset", "20")
+    assert code == 0 and "✓" in text
+    assert next(o.version for o in onnx.load(str(out)).opset_import if o.domain in ("", "ai.onnx")) == 20
+    code, text = run(capsys, "export", "demo_cnn", "--out", str(tmp_path / "old.onnx"), "--opset", "17")
+    assert code == 2 and "Invalid value for '--opset'" in text and "Traceback" not in text
+    assert not (tmp_path / "old.onnx").exists()
+
+
 def test_auto_plan_slower_end_to_end_falls_back_to_bn_folding(tmp_path, monkeypatch):
     """The planner times ops alone; if the whole folded model then runs slower, compress must not ship it."""
     from easier_export.demo import run_demo

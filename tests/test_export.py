@@ -111,9 +111,44 @@ def test_simplifier_failure_keeps_model(tmp_path: Path, monkeypatch: pytest.Monk
     assert run_onnx(tmp_path / "m.onnx", torch.randn(3, 3, 16, 16)).shape == (3, 10)
 
 
-def test_old_opset_rejected(tmp_path: Path) -> None:
-    with pytest.raises(UserError, match="opset 13"):
-        ex.export_onnx(SmallNet(), torch.randn(1, 3, 16, 16), tmp_path / "m.onnx", opset=13)
+@pytest.mark.parametrize(("opset", "says"), [(13, "opset 13 is too old"), (ex.MAX_OPSET + 1, "newer than")])
+def test_opset_out_of_range_rejected(tmp_path: Path, opset: int, says: str) -> None:
+    with pytest.raises(UserError, match=says):
+        ex.export_onnx(SmallNet(), torch.randn(1, 3, 16, 16), tmp_path / "m.onnx", opset=opset)
+
+
+class Attend(nn.Module):
+    """One self-attention step and a GELU MLP over tokens (what a ViT block runs)."""
+
+    def __init__(self, dim: int = 16, heads: int = 2) -> None:
+        super().__init__()
+        self.heads, self.qkv, self.fc = heads, nn.Linear(dim, 3 * dim), nn.Sequential(nn.Linear(dim, 4 * dim),
+                                                                                       nn.GELU(),
+                                                                                       nn.Linear(4 * dim, dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, n, c = x.shape
+        q, k, v = self.qkv(x).reshape(b, n, 3, self.heads, c // self.heads).permute(2, 0, 3, 1, 4).unbind(0)
+        a = nn.functional.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, n, c)
+        return self.fc(x + a)
+
+
+@pytest.mark.parametrize(("opset", "fused"), [(18, set()), (20, {"Gelu"}), (23, {"Gelu", "Attention"})])
+def test_newer_opset_writes_gelu_and_attention_as_one_op_and_reproduces(tmp_path: Path, opset: int,
+                                                                         fused: set[str]) -> None:
+    model = Attend().eval()
+    x = torch.randn(3, 5, 16)
+    info = ex.export_onnx(model, x, tmp_path / "m.onnx", opset=opset)
+    assert info["opset"] == opset and {"Gelu", "Attention"} & set(info["op_counts"]) == fused
+    with torch.no_grad():
+        np.testing.assert_allclose(run_onnx(tmp_path / "m.onnx", x), model(x).numpy(), atol=1e-5, rtol=1e-4)
+
+
+def test_torchscript_fallback_caps_the_opset_at_its_newest(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(ex, "_export_dynamo", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("untraceable")))
+    info = ex.export_onnx(SmallNet(), torch.randn(2, 3, 16, 16), tmp_path / "m.onnx", opset=ex.MAX_OPSET)
+    assert info["exporter"] == "torchscript" and info["opset"] == ex.TORCHSCRIPT_MAX_OPSET
+    assert f"at opset {ex.TORCHSCRIPT_MAX_OPSET} (its newest)" in info["notes"][0]
 
 
 @pytest.fixture(scope="module")
