@@ -135,6 +135,7 @@ def export_and_verify(model: nn.Module, reference: nn.Module, example: torch.Ten
 
 MERGE_KINDS = ("conv_conv", "linear_linear", "residual")
 AUTO_FLOOR = 0.97  # an auto plan measured slower than this (folded vs unfolded, end to end) is not shipped
+AUTO_GAIN = 1.03  # ... nor one that adds weights (a bigger file) unless it measured at least this much faster
 
 
 def fold_and_ship(linearized: fx.GraphModule, example: torch.Tensor, inputs: list[torch.Tensor], mode: str,
@@ -226,6 +227,23 @@ def _every_merge_if_faster(linearized: fx.GraphModule, example: torch.Tensor, in
         path.unlink(missing_ok=True)
 
 
+def plan_refusal(ratio: float, folded: nn.Module, linearized: nn.Module) -> str:
+    """Why an auto fold plan must not ship ('' when it may), judged on the whole model: the planner times ops in
+    isolation, so never ship a plan that ran slower end to end (``ratio``: linearized / folded latency), nor one
+    that adds weights (a merge through a bottleneck: a bigger file, more FLOPs) without running measurably faster.
+    """
+    grows = deployed_weights(folded) > deployed_weights(linearized)
+    if ratio < (AUTO_GAIN if grows else AUTO_FLOOR):
+        return f"the plan ran ×{ratio:.2f}" + (" and adds weights" if grows else "")
+    return ""
+
+
+def deployed_weights(model: nn.Module) -> int:
+    """Parameters outside BatchNorm: every runtime folds BatchNorm into the conv before it, so they never ship."""
+    return sum(p.numel() for m in model.modules() if not isinstance(m, nn.modules.batchnorm._BatchNorm)
+               for p in m.parameters(recurse=False))
+
+
 def _end_to_end_ratio(rows: list[dict]) -> float:
     """ORT speed-up of folded over linearized at the smallest benchmarked batch (1.0 when not measured)."""
     ort_rows = [r for r in rows if r["backend"] == "onnxruntime"]
@@ -269,12 +287,11 @@ def compress(loaded: LoadedModel, loaders: Loaders, out_dir: Path, cfg: Compress
     bench_rows = _bench(exports, example, cfg, original, folded)
     ratio = _end_to_end_ratio(bench_rows)
     merges = [f for f in folds if f.applied and f.kind in MERGE_KINDS]
-    if cfg.fold == "auto" and merges and ratio < AUTO_FLOOR and exports["folded"]["verify"]["passed"]:
-        # The planner times ops in isolation; the whole model is the ground truth: never ship a slower plan.
-        info(f"[yellow]the auto fold plan ran ×{ratio:.2f} end to end: keeping BatchNorm folding only[/]")
+    why = plan_refusal(ratio, folded, linearized)
+    if cfg.fold == "auto" and merges and why and exports["folded"]["verify"]["passed"]:
+        info(f"[yellow]{why} end to end: keeping BatchNorm folding only[/]")
         folded, folds, exports["folded"] = fold_and_ship(linearized, example, inputs, "none", out_dir, meta, cfg)
-        folds += [dataclasses.replace(f, applied=False, reason=f"end-to-end check: the plan ran ×{ratio:.2f}")
-                  for f in merges]
+        folds += [dataclasses.replace(f, applied=False, reason=f"end-to-end check: {why}") for f in merges]
         bench_rows = _bench(exports, example, cfg, original, folded)
     if cfg.fold == "auto" and exports["folded"]["verify"]["passed"]:
         record, switched = _every_merge_if_faster(linearized, example, inputs, folds, out_dir, meta, cfg)

@@ -149,3 +149,24 @@ def test_every_exact_merge_ships_when_faster_end_to_end_than_the_plan(tmp_path, 
     # nothing left to merge: no comparison, nothing timed
     assert pipeline._every_merge_if_faster(gm, example, inputs, [], tmp_path, {}, cfg) == (None, None)
     assert len(timed) == 1
+
+
+def test_auto_plan_that_adds_weights_must_run_measurably_faster():
+    """A merge through a bottleneck (1x1 16→4 · 1x1 4→16 → 1x1 16→16) adds weights: shipped only if it pays end to
+    end; a plan that does not grow the model ships unless it ran slower; BatchNorm counts as no weight."""
+    from torch import nn
+
+    from easier_export.fold import fold_model
+    from easier_export.graph import trace
+
+    torch.manual_seed(0)
+    bottleneck = trace(nn.Sequential(nn.Conv2d(16, 4, 1), nn.Conv2d(4, 16, 1), nn.BatchNorm2d(16)).eval())
+    merged, folds = fold_model(bottleneck, torch.randn(1, 16, 8, 8), mode="all")
+    assert any(f.applied and f.kind == "conv_conv" for f in folds)
+    assert pipeline.deployed_weights(merged) > pipeline.deployed_weights(bottleneck)  # 16·16+16 > 16·4+4+4·16+16
+    assert pipeline.plan_refusal(1.00, merged, bottleneck) == "the plan ran ×1.00 and adds weights"
+    assert pipeline.plan_refusal(1.10, merged, bottleneck) == ""
+    bn_only, _ = fold_model(bottleneck, torch.randn(1, 16, 8, 8), mode="none")
+    assert pipeline.deployed_weights(bn_only) == pipeline.deployed_weights(bottleneck)  # BatchNorm folded away
+    assert pipeline.plan_refusal(1.00, bn_only, bottleneck) == ""
+    assert pipeline.plan_refusal(0.90, bn_only, bottleneck) == "the plan ran ×0.90"
