@@ -28,7 +28,8 @@ from .io import atomic_write
 logger = logging.getLogger(__name__)
 
 MIN_OPSET = 18
-MAX_OPSET = 23  # the newest opset torch 2.14's dynamo exporter writes (Gelu from 20, Attention from 23)
+# the newest opset torch 2.14's dynamo exporter writes (Gelu from 20, Attention from 23), or the installed onnx's
+MAX_OPSET = min(23, onnx.defs.onnx_opset_version())
 TORCHSCRIPT_MAX_OPSET = 20  # the legacy exporter's newest
 INPUT_NAME = "input"
 OUTPUT_NAME = "logits"
