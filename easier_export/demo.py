@@ -24,8 +24,8 @@ from .ui import info, progress
 def trained_demo_model(out_dir: Path, epochs: int, seed: int) -> DemoInvRes:
     """Train once and keep the weights, so a rerun (or a resumed run) starts from the same model."""
     path = out_dir / "demo_invres.pt"
-    model = DemoInvRes()
     if path.exists():
+        model = DemoInvRes()
         try:
             model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
         except Exception as e:  # truncated, foreign or hostile: torch raises many types
@@ -35,6 +35,7 @@ def trained_demo_model(out_dir: Path, epochs: int, seed: int) -> DemoInvRes:
         return model.eval()
     loaders = digits(seed=seed)
     seed_everything(seed, loaders.train)
+    model = DemoInvRes()  # after seeding: its initial weights must not depend on what drew random numbers before
     with progress("train demo network on digits", epochs * len(loaders.train)) as advance:
         finetune(model, loaders.train, torch.device("cpu"), epochs, lr=0.05, weight_decay=1e-4, on_step=advance)
     info(f"trained demo network: {evaluate(model, loaders.val, torch.device('cpu')):.2f}% top-1 on digits val")

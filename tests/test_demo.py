@@ -28,3 +28,13 @@ def test_demo_pipeline_removes_activations_and_onnx_matches_pytorch(tmp_path):
     got = session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]
     assert np.abs(got - expected).max() <= 1e-4
     assert {"original", "linearized", "folded"} <= {row["label"] for row in report["bench"]}
+
+
+def test_demo_model_does_not_depend_on_random_numbers_drawn_before(tmp_path):
+    """`make demo` must train the same network whatever imported or ran before it (it once varied by commit)."""
+    from easier_export.demo import trained_demo_model
+
+    first = trained_demo_model(tmp_path / "a", epochs=0, seed=0).state_dict()
+    torch.rand(1000)  # anything else drawing from the global generator
+    second = trained_demo_model(tmp_path / "b", epochs=0, seed=0).state_dict()
+    assert all(torch.equal(first[k], second[k]) for k in first)
