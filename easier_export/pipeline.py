@@ -242,7 +242,8 @@ def plan_refusal(rows: list[dict], folded: nn.Module, fallback: nn.Module) -> st
         return f"the plan ran ×{ratio:.2f} end to end"
     need = 1 + max(AUTO_GAIN - 1, spread)
     if stored_numbers(folded) > stored_numbers(fallback) and ratio < need:
-        return f"the plan adds weights and ran ×{ratio:.2f} end to end (needs ×{need:.2f}: 3 % or the timing spread)"
+        return (f"the plan adds weights and ran ×{ratio:.2f} end to end (needs ×{need:.2f}: {AUTO_GAIN - 1:.0%} or "
+                "the timing spread)")
     return ""
 
 

@@ -188,6 +188,6 @@ def test_auto_plan_that_adds_weights_must_run_measurably_faster():
         assert pipeline.plan_refusal(_rows(1.20), merged, fallback) == ""
         assert pipeline.plan_refusal([], merged, fallback) == ""
         refused = pipeline.plan_refusal(_rows(1.02), merged, fallback)
-        assert refused == ("the plan adds weights and ran ×1.02 end to end (needs ×1.03: 3 % or the timing spread)"
+        assert refused == ("the plan adds weights and ran ×1.02 end to end (needs ×1.03: 3% or the timing spread)"
                            if grows else "")
         assert (pipeline.plan_refusal(_rows(1.20, spread=0.3), merged, fallback) != "") == grows
