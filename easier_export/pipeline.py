@@ -298,11 +298,15 @@ def compress(loaded: LoadedModel, loaders: Loaders, out_dir: Path, cfg: Compress
     folded, folds, exports["folded"] = fold_and_ship(linearized, example, inputs, cfg.fold, out_dir, meta, cfg)
     bench_rows = _bench(exports, example, cfg, original, folded)
     merges = [f for f in folds if f.applied and f.kind in MERGE_KINDS]
-    checked = cfg.fold == "auto" and merges and exports["folded"]["verify"]["passed"]
-    why = plan_refusal(bench_rows, folded, fold_model(linearized, example, mode="none")[0]) if checked else ""
+    if cfg.fold == "auto" and merges and exports["folded"]["verify"]["passed"]:
+        fallback, fallback_folds = fold_model(linearized, example, mode="none")
+        why = plan_refusal(bench_rows, folded, fallback)
+    else:
+        why = ""
     if why:
         info(f"[yellow]{why}: keeping BatchNorm folding only[/]")
-        folded, folds, exports["folded"] = fold_and_ship(linearized, example, inputs, "none", out_dir, meta, cfg)
+        folded, folds = fallback, fallback_folds
+        exports["folded"] = ship(folded, folds, linearized, example, out_dir / "model.onnx", inputs, meta, cfg)
         folds += [dataclasses.replace(f, applied=False, reason=f"end-to-end check: {why}") for f in merges]
         bench_rows = _bench(exports, example, cfg, original, folded)
     if cfg.fold == "auto" and exports["folded"]["verify"]["passed"]:
