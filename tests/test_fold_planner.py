@@ -3,15 +3,26 @@
 from __future__ import annotations
 
 import json
+import math
 import pathlib
 
+import onnx
 import torch
 from _fold_util import assert_same, count_modules, traced
 from torch import nn
 
 from easier_export.fold import plan_and_fold
+from easier_export.fold import planner as planner_module
 from easier_export.fold._common import Merge, propagate_shapes
-from easier_export.fold.planner import ChainPlanner, LatencyTable, Segment, SegmentSpec, best_partition, find_chains
+from easier_export.fold.planner import (
+    ChainPlanner,
+    LatencyTable,
+    Segment,
+    SegmentSpec,
+    best_partition,
+    find_chains,
+    segment_graph,
+)
 
 
 class Block(nn.Module):
@@ -69,11 +80,39 @@ def test_partition_keeps_savings_above_noise_and_never_overlaps() -> None:
     assert best_partition(segs[:2], 3) == (7, [segs[1]])
 
 
+class FakeClock:
+    """A stand-in for ``time``: each ORT run advances it by its graph's cost (10 us a node, 1 ns a weight), plus
+    an optional repeating noise pattern, so the timing loop is tested without depending on the machine's load."""
+
+    def __init__(self, noise: tuple[float, ...] = (0.0,)) -> None:
+        self.now, self.noise, self.calls = 0.0, noise, 0
+
+    def perf_counter(self) -> float:
+        return self.now
+
+    def session(self, model: onnx.ModelProto) -> tuple[object, dict]:
+        cost = 10.0 * len(model.graph.node) + 1e-3 * sum(math.prod(t.dims) for t in model.graph.initializer)
+        clock = self
+
+        class Session:
+            def run(self, *_: object) -> None:
+                clock.now += (cost + clock.noise[clock.calls % len(clock.noise)]) * 1e-6
+                clock.calls += 1
+
+        return Session(), {}
+
+
+def _fake_timing(monkeypatch, clock: FakeClock) -> None:
+    monkeypatch.setattr(planner_module, "time", clock)
+    monkeypatch.setattr(LatencyTable, "_session", lambda _self, model: clock.session(model))
+
+
 def test_plan_and_fold_measures_caches_and_stays_exact(tmp_path: pathlib.Path, monkeypatch) -> None:
     torch.manual_seed(0)
     gm = traced(nn.Sequential(Block(8, 48), Block(8, 48, residual=False)), torch.float32)
     x = torch.randn(2, 8, 16, 16)
     cache = tmp_path / "latency.json"
+    _fake_timing(monkeypatch, FakeClock())
     folded, records = plan_and_fold(gm, x[:1], cache=cache, threads=1)
     assert_same(gm, folded, x, 1e-4)
     applied = [r for r in records if r.applied]
@@ -92,12 +131,24 @@ def test_plan_and_fold_measures_caches_and_stays_exact(tmp_path: pathlib.Path, m
     assert [r.to_dict() for r in records_again] == [r.to_dict() for r in records]
 
 
-def test_in_context_timing_sees_the_ops_removed() -> None:
-    """Three tiny 1x1 convs against their merge: the merge saves two dispatches, which single-op timings net out."""
-    table = LatencyTable("cpu", threads=1, max_seconds=2.0)
+def test_in_context_timing_sees_the_ops_removed(monkeypatch) -> None:
+    """Three 1x1 convs against their merge, timed as graphs: the merge saves two dispatches (two nodes), which
+    single-op timings minus their call overhead net out; the loop stops as soon as the difference is stable."""
     ops = [nn.Conv2d(8, 8, 1) for _ in range(3)]
-    before, after, spread = table.times(SegmentSpec(ops, (1, 8, 4, 4)), nn.Conv2d(8, 8, 1))
-    assert before > after + spread > after
-    big_before, big_after, _ = table.times(SegmentSpec([nn.Conv2d(64, 64, 1)], (1, 64, 32, 32)),
-                                           nn.Conv2d(64, 64, 5, padding=2))
-    assert big_after > big_before  # a 5x5 dense conv costs more than the 1x1 it would replace
+    spec = SegmentSpec(ops, (1, 8, 4, 4))
+    assert [n.op_type for n in segment_graph(spec).graph.node] == ["Conv"] * 3
+    clock = FakeClock()
+    _fake_timing(monkeypatch, clock)
+    before, after, spread = LatencyTable("cpu", threads=1).times(spec, nn.Conv2d(8, 8, 1))
+    assert (round(before, 3), round(after, 3), round(spread, 6)) == (30.216, 10.072, 0.0)
+    assert clock.calls == 2 * 3 + 2 * 4 * LatencyTable.block  # warm-up, then the four blocks an IQR needs
+
+
+def test_noisy_timing_runs_to_its_time_limit_and_reports_the_spread(monkeypatch) -> None:
+    """A difference that never settles below ``rel_tol`` is timed until ``max_seconds``, and its spread is
+    returned, so the planner can refuse a saving inside it."""
+    clock = FakeClock(noise=(0.0,) * 10 + (40.0,) * 10 + (0.0,) * 10)  # every third block of ten runs is slow
+    _fake_timing(monkeypatch, clock)
+    table = LatencyTable("cpu", threads=1, max_seconds=0.05)
+    before, after, spread = table.times(SegmentSpec([nn.Conv2d(8, 8, 1)] * 3, (1, 8, 4, 4)), nn.Conv2d(8, 8, 1))
+    assert clock.now > 0.05 and spread > table.rel_tol * before and before > after
