@@ -86,7 +86,17 @@ def common_args(parser: argparse.ArgumentParser, runs: str, table: str, entropy_
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--workers", type=int, default=workers)
     parser.add_argument("--out", type=Path, default=ROOT / "runs" / runs)
-    parser.add_argument("--table", type=Path, default=ROOT / "benchmarks" / f"{table}.md")
+    parser.add_argument("--table", type=Path, default=None,
+                        help=f"default: <out>/table.md (benchmarks/{table}.md is curated: prose around such tables)")
+
+
+def parse(parser: argparse.ArgumentParser) -> argparse.Namespace:
+    """Parse, and send the table under ``--out`` unless told otherwise, so a rerun never overwrites the curated
+    file in benchmarks/ (it once did, prose and all)."""
+    args = parse(parser)
+    args.table = args.table or args.out / "table.md"
+    args.table.parent.mkdir(parents=True, exist_ok=True)
+    return args
 
 
 def main() -> None:
@@ -98,7 +108,7 @@ def main() -> None:
     parser.add_argument("--max-drop", type=float, default=1.0)
     parser.add_argument("--fold", default="auto")
     common_args(parser, "bench_cifar", "cifar_resnets", entropy_batches=10, workers=1)
-    args = parser.parse_args()
+    args = parse(parser)
     if not SHARED.is_dir():
         raise SystemExit(f"needs {SHARED} (CIFAR-10 data and checkpoints)")
     reports = {}

@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from cifar_resnets import common_args  # noqa: E402
+from cifar_resnets import common_args, parse  # noqa: E402
 from latency_aware import MODELS, SHARED  # noqa: E402  (one list of the trained CIFAR models)
 
 from easier_export.bench import cpu_name  # noqa: E402
@@ -288,7 +288,7 @@ def main() -> None:
     parser.add_argument("--entropy-tau", type=float, default=0.1)
     parser.add_argument("--report-only", action="store_true", help="no new runs: rewrite table and plot")
     common_args(parser, "compare", "compare", entropy_batches=5, workers=1)
-    args = parser.parse_args()
+    args = parse(parser)
     torch.set_num_threads(1)
     all_methods = methods(args)
     todo = [(m, k, s) for m in args.models for s in args.seeds for k in (args.methods or all_methods)]

@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from cifar_resnets import common_args, p50  # noqa: E402  (one place for reading the benchmark rows)
+from cifar_resnets import common_args, p50, parse  # noqa: E402  (one place for reading the benchmark rows)
 
 from easier_export.affine import SUBSTITUTES  # noqa: E402
 from easier_export.bench import bench, cpu_name  # noqa: E402
@@ -229,7 +229,7 @@ def main() -> None:
     parser.add_argument("--bench-seconds", type=float, default=3.0)
     parser.add_argument("--bench-only", action="store_true", help="no new runs: re-time the finished ones")
     common_args(parser, "latency_aware", "latency_aware", entropy_batches=5, workers=2)
-    args = parser.parse_args()
+    args = parse(parser)
     if not args.bench_only:
         for name in args.models:
             for select in args.selects:

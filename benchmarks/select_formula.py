@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from cifar_resnets import common_args  # noqa: E402
+from cifar_resnets import common_args, parse  # noqa: E402
 from latency_aware import MODELS, SHARED  # noqa: E402  (one list of trained models)
 
 from easier_export.bench import cpu_name  # noqa: E402
@@ -135,7 +135,7 @@ def main() -> None:
     parser.add_argument("--recal-batches", type=int, default=10)
     parser.add_argument("--seed", type=int, default=0)
     common_args(parser, "select_formula", "select_formula", entropy_batches=5, workers=2)
-    args = parser.parse_args()
+    args = parse(parser)
     args.out.mkdir(parents=True, exist_ok=True)
     body = [line for name in args.models for line in study(name, args)]
     head = ["# Which fold group first? The ranking rule of `--select latency`, measured", "",

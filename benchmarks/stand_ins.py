@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from cifar_resnets import common_args  # noqa: E402
+from cifar_resnets import common_args, parse  # noqa: E402
 from latency_aware import MODELS, ROOT, _load  # noqa: E402
 from select_formula import zero_shot  # noqa: E402
 
@@ -67,7 +67,7 @@ def main() -> None:
                         help="where train_cifar.py wrote the MobileNetV2 / ViT checkpoints")
     parser.add_argument("--recal-batches", type=int, default=10)
     common_args(parser, "stand_ins", "stand_ins", entropy_batches=5, workers=2)
-    args = parser.parse_args()
+    args = parse(parser)
     torch.set_num_threads(os.cpu_count() or 1)
     summaries, rows = [], []
     for name in args.models:

@@ -7,6 +7,7 @@ import math
 import pathlib
 
 import onnx
+import pytest
 import torch
 from _fold_util import assert_same, count_modules, traced
 from torch import nn
@@ -21,6 +22,7 @@ from easier_export.fold.planner import (
     SegmentSpec,
     best_partition,
     find_chains,
+    median_ci_half_width,
     segment_graph,
 )
 
@@ -82,9 +84,10 @@ def test_partition_keeps_savings_above_noise_and_never_overlaps() -> None:
 
 class FakeClock:
     """A stand-in for ``time``: each ORT run advances it by its graph's cost (10 us a node, 1 ns a weight), plus
-    an optional repeating noise pattern, so the timing loop is tested without depending on the machine's load."""
+    noise per timed block of ten runs (``noise[i]`` repeats over the i-th session's blocks), so the timing loop
+    is tested without depending on the machine's load."""
 
-    def __init__(self, noise: tuple[float, ...] = (0.0,)) -> None:
+    def __init__(self, *noise: tuple[float, ...]) -> None:
         self.now, self.noise, self.calls = 0.0, noise, 0
 
     def perf_counter(self) -> float:
@@ -92,14 +95,20 @@ class FakeClock:
 
     def session(self, model: onnx.ModelProto) -> tuple[object, dict]:
         cost = 10.0 * len(model.graph.node) + 1e-3 * sum(math.prod(t.dims) for t in model.graph.initializer)
-        clock = self
+        clock, pattern, runs = self, (self.noise[len(self.sessions)] if self.noise else (0.0,)), [0]
 
         class Session:
             def run(self, *_: object) -> None:
-                clock.now += (cost + clock.noise[clock.calls % len(clock.noise)]) * 1e-6
-                clock.calls += 1
+                block = max(0, runs[0] - 3) // LatencyTable.block  # after three warm-up runs
+                clock.now += (cost + pattern[block % len(pattern)]) * 1e-6
+                clock.calls, runs[0] = clock.calls + 1, runs[0] + 1
 
-        return Session(), {}
+        self.sessions.append(Session())
+        return self.sessions[-1], {}
+
+    @property
+    def sessions(self) -> list:
+        return self.__dict__.setdefault("_sessions", [])
 
 
 def _fake_timing(monkeypatch, clock: FakeClock) -> None:
@@ -145,10 +154,27 @@ def test_in_context_timing_sees_the_ops_removed(monkeypatch) -> None:
 
 
 def test_noisy_timing_runs_to_its_time_limit_and_reports_the_spread(monkeypatch) -> None:
-    """A difference that never settles below ``rel_tol`` is timed until ``max_seconds``, and its spread is
-    returned, so the planner can refuse a saving inside it."""
-    clock = FakeClock(noise=(0.0,) * 10 + (40.0,) * 10 + (0.0,) * 10)  # every third block of ten runs is slow
+    """Block differences split evenly between two values leave the median undetermined: timed until
+    ``max_seconds``, and the wide spread is returned, so the planner refuses the saving."""
+    clock = FakeClock((0.0,), (0.0, 40.0))  # the merged graph's every other block is slow: diffs +20 or -20 us
     _fake_timing(monkeypatch, clock)
     table = LatencyTable("cpu", threads=1, max_seconds=0.05)
     before, after, spread = table.times(SegmentSpec([nn.Conv2d(8, 8, 1)] * 3, (1, 8, 4, 4)), nn.Conv2d(8, 8, 1))
-    assert clock.now > 0.05 and spread > table.rel_tol * before and before > after
+    assert clock.now > 0.05 and spread == pytest.approx(20.0) and before - after < spread
+
+
+def test_a_consistent_saving_is_trusted_however_noisy_single_blocks_are(monkeypatch) -> None:
+    """Block differences of 20 us, with one block in four 30 us off either way: single blocks spread over 30 us
+    (the old rule called the saving noise), but the median is 20 us for sure, and timing stops early."""
+    clock = FakeClock((0.0, 0.0, 0.0, 30.0), (0.0, 30.0, 0.0, 0.0))
+    _fake_timing(monkeypatch, clock)
+    table = LatencyTable("cpu", threads=1, max_seconds=10.0)
+    before, after, spread = table.times(SegmentSpec([nn.Conv2d(8, 8, 1)] * 3, (1, 8, 4, 4)), nn.Conv2d(8, 8, 1))
+    assert before - after == pytest.approx(20.144) and spread < 0.03 * before and clock.now < 0.1
+
+
+def test_median_confidence_interval_narrows_with_more_values() -> None:
+    assert median_ci_half_width([1.0, 2.0, 3.0]) == math.inf
+    assert median_ci_half_width([0.0, 1.0, 2.0, 10.0]) == 5.0  # four values: the whole range
+    many = [float(v % 7) for v in range(700)]
+    assert median_ci_half_width(many) == 0.0 < median_ci_half_width(many[:14])
