@@ -4,9 +4,10 @@ Random weights with trained-like (non-zero) norm affines and running statistics 
 architecture and pattern: the linearized model unfolded (`--fold none`,
 BatchNorm folded only), `--fold all` and `--fold auto`; ONNX export of each, max abs diff of the folded ONNX
 against the unfolded PyTorch model, conv/linear op counts and parameters, onnxruntime CPU p50 at batch 1 and 8,
-measured interleaved in one run. Writes benchmarks/fold_patterns.md.
+measured interleaved in one run. Writes runs/fold_patterns/table.md (`--table`; the committed
+benchmarks/fold_patterns.md adds the reading).
 
-    .venv/bin/python benchmarks/fold_patterns.py [--quick]
+    .venv/bin/python benchmarks/fold_patterns.py [--quick] [--match 'mobilenet_v2 32']
 """
 
 from __future__ import annotations
@@ -133,8 +134,11 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="two small cases (a smoke test)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--seconds", type=float, default=3.0, help="timing budget per model and batch")
-    parser.add_argument("--table", type=Path, default=ROOT / "benchmarks" / "fold_patterns.md")
+    parser.add_argument("--match", default="", help="only cases whose 'arch size pattern' contains this")
+    parser.add_argument("--table", type=Path, default=ROOT / "runs" / "fold_patterns" / "table.md",
+                        help="benchmarks/fold_patterns.md is this table with its reading around it")
     args = parser.parse_args()
+    args.table.parent.mkdir(parents=True, exist_ok=True)
     warnings.simplefilter("ignore")
     lines = [
         "# Folding: latency by removal pattern (onnxruntime CPU, random weights, non-zero norm biases)",
@@ -152,7 +156,7 @@ def main() -> None:
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for arch, size, name, chooser in CASES:
-        if args.quick and (arch, size, name) not in QUICK:
+        if (args.quick and (arch, size, name) not in QUICK) or args.match not in f"{arch} {size} {name}":
             continue
         with tempfile.TemporaryDirectory() as tmp:
             r = run_case(arch, size, chooser, Path(tmp), args.threads, args.seconds)
