@@ -93,7 +93,7 @@ def common_args(parser: argparse.ArgumentParser, runs: str, table: str, entropy_
 def parse(parser: argparse.ArgumentParser) -> argparse.Namespace:
     """Parse, and send the table under ``--out`` unless told otherwise, so a rerun never overwrites the curated
     file in benchmarks/ (it once did, prose and all)."""
-    args = parse(parser)
+    args = parser.parse_args()
     args.table = args.table or args.out / "table.md"
     args.table.parent.mkdir(parents=True, exist_ok=True)
     return args
