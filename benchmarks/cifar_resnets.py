@@ -1,8 +1,9 @@
 """EASIER on the ../shared CIFAR-10 ResNet-20/32 checkpoints (issue: the loop, benchmark table).
 
-Runs the full `compress` pipeline (loop → fold → ONNX → verify → bench) per depth and writes
-benchmarks/cifar_resnets.md with the machine named. Finetuning uses a fraction of an epoch per round
-(--finetune-epochs) so both models fit in a few hours of a 2-core CPU; the table says so.
+Runs the full `compress` pipeline (loop → fold → ONNX → verify → bench) per depth and writes its table (the
+machine named) to runs/bench_cifar/table.md; benchmarks/cifar_resnets.md is that table, read. Finetuning uses a
+fraction of an epoch per round (--finetune-epochs) so both models fit in a few hours of a 2-core CPU; the table
+says so.
 
     .venv/bin/python benchmarks/cifar_resnets.py --depths 20 32 --finetune-epochs 0.2
 """

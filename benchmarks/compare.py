@@ -301,7 +301,7 @@ def main() -> None:
         rows = finished()
         if rows:
             args.table.write_text(table(rows, all_methods, args))
-            plot(rows, all_methods, args.table.with_suffix(".png"))
+            plot(rows, all_methods, args.table.with_name("compare.png"))
 
     if not args.report_only:
         for name in args.models:

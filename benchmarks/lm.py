@@ -6,7 +6,7 @@ config (byte vocabulary 256, ~1.8 M parameters) on one CPU thread for ``--minute
 ``runs/lm/gpt2-stdlib`` (no tokenizer files: the tool reads text as UTF-8 bytes).
 
 Phase ``easier``: `compress` on that directory with EASIER order and with a random order (same budget,
-``--max-ppl-increase``), then ``benchmarks/lm.md``.
+``--max-ppl-increase``), then the table in ``runs/lm/table.md`` (``benchmarks/lm.md`` is that table, read).
 
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/lm.py train --minutes 35
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/lm.py easier
@@ -288,7 +288,7 @@ def main() -> None:
         r = ceiling(args)
         rows.append(ceiling_row(r, retime(RUNS / "ceiling" / "original.onnx", RUNS / "ceiling" / "model.onnx")))
     text = table(args, rows, rounds)
-    (ROOT / "benchmarks" / "lm.md").write_text(text)
+    (RUNS / "table.md").write_text(text)  # benchmarks/lm.md is this table with its findings
     print(text)
 
 

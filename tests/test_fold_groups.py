@@ -3,24 +3,12 @@
 from __future__ import annotations
 
 import torch
+from _fold_util import WeightCountTable
 from torch import nn
 
 from easier_export.fold.groups import FoldGroups, GroupSegment, find_groups
-from easier_export.fold.planner import SegmentSpec
 from easier_export.graph import find_call_sites, trace
 from easier_export.linearize import LoopConfig, pick_group, run_loop
-
-
-class WeightCountTable:
-    """Deterministic stand-in for measured latency: cost = weights + 1 per op (a dispatch), no noise."""
-
-    def times(self, spec: SegmentSpec, merged: nn.Module) -> tuple[float, float, float]:
-        ops = [*spec.ops, *([spec.skip] if spec.skip is not None else [])]
-        before = sum(m.weight.numel() + 1 for m in ops) + spec.add
-        return float(before), float(merged.weight.numel() + 1), 0.0
-
-    def save(self) -> None:
-        pass
 
 
 class Net(nn.Module):

@@ -25,7 +25,7 @@ from torch.fx import GraphModule, Node
 from ._common import ORIGIN_META_KEY, propagate_shapes
 from .batchnorm import fold_batchnorm, fold_layernorm_affine
 from .identity import fold_identity
-from .planner import Chain, ChainPlanner, LatencyTable, best_partition, find_chains
+from .planner import Chain, ChainPlanner, LatencyTable, best_partition, find_chains, trusted_saving
 
 _MAX_WALK = 32
 """Nodes walked back between two ops of a chain (BN, dropout, identities and activations sit there)."""
@@ -46,8 +46,7 @@ class GroupSegment:
 
     @property
     def saving(self) -> float:
-        gain = self.us_before - self.us_after
-        return gain if gain > self.us_spread else 0.0
+        return trusted_saving(self.us_before, self.us_after, self.us_spread)
 
 
 @dataclass

@@ -158,19 +158,21 @@ def _signature(module: nn.Module) -> str:
 
 
 TIMING_VERSION = "ci95"
-"""Part of every cache key: entries timed under an older rule (the spread of single blocks) are timed again."""
+"""Part of every cache key: entries timed under an older rule (the spread of single blocks) are timed again,
+and dropped from the cache file."""
 
 
 @dataclass
 class LatencyTable:
     """In-context timings of segments, before and after merging (us at batch 1), cached as JSON.
 
-    Each pair of graphs is timed in alternating blocks; the saving is the median of the block differences and
-    its spread the half-width of that median's 95 % confidence interval, which narrows as blocks accumulate.
-    Timing repeats until the spread is below ``rel_tol`` of the unmerged time (or ``max_seconds`` has passed); a
-    saving within its spread is not trusted (counts as 0), so noise cannot make the planner merge. (The spread
-    of single blocks, which does not narrow, once hid real 10 us savings on a noisy 2-core VM and made the demo's
-    choice of groups differ from run to run.)
+    Each pair of graphs is timed in alternating blocks. The saving is the median of the block differences,
+    with a 95 % confidence interval that narrows as blocks accumulate; timing repeats until the interval's
+    half-width is below ``rel_tol`` of the unmerged time (or ``max_seconds`` has passed). Stored: ``before``
+    (median unmerged block), ``after`` (``before`` minus the saving) and ``spread`` (the saving minus the
+    interval's lower end), so ``before - after > spread`` exactly when the whole interval lies above 0: noise
+    cannot make the planner merge. (The spread of single blocks, used before, does not narrow with more blocks:
+    it hid real 10 us savings on a noisy 2-core VM and made the demo's choice of groups differ from run to run.)
     """
 
     target: str = "cpu"
@@ -186,7 +188,8 @@ class LatencyTable:
         if self.cache is not None and self.cache.exists():
             try:
                 loaded = json.loads(self.cache.read_text())
-                self.table = {k: v for k, v in loaded.items() if isinstance(v, dict)}  # older files: op timings
+                self.table = {k: v for k, v in loaded.items()
+                              if isinstance(v, dict) and k.startswith(f"{TIMING_VERSION}|")}
             except (ValueError, TypeError, OSError, AttributeError) as e:  # a damaged cache only costs time
                 logger.warning("ignoring unreadable latency table %s (%s)", self.cache, e)
 
@@ -228,25 +231,38 @@ class LatencyTable:
                     samples.append((time.perf_counter() - t0) * 1e6)
                 out.append(statistics.median(samples))
             before = statistics.median(blocks[0])
-            spread = median_ci_half_width([x - y for x, y in zip(*blocks, strict=True)])
-            if spread <= self.rel_tol * before or time.perf_counter() - start > self.max_seconds:
-                return before, statistics.median(blocks[1]), spread
+            saving, low, high = median_ci([x - y for x, y in zip(*blocks, strict=True)])
+            if (high - low) / 2 <= self.rel_tol * before or time.perf_counter() - start > self.max_seconds:
+                return before, before - saving, saving - low
 
     def save(self) -> None:
         if self.cache is not None:
             save_json(dict(sorted(self.table.items())), self.cache)
 
 
-def median_ci_half_width(values: list[float]) -> float:
-    """Half-width of a distribution-free 95 % confidence interval of the median (order statistics, normal
-    approximation of the sign test); infinite below 4 values. Block timings are skewed and heavy-tailed, so no
-    normal model of the values themselves is assumed."""
-    n = len(values)
-    if n < 4:
-        return math.inf
-    k = max(0, math.floor((n - 1.96 * math.sqrt(n)) / 2))
+def trusted_saving(before: float, after: float, spread: float) -> float:
+    """A measured saving, 0 unless its confidence interval lies above 0 (``LatencyTable`` stores it so)."""
+    gain = before - after
+    return gain if gain > spread else 0.0
+
+
+def median_ci_rank(n: int) -> int | None:
+    """0-based rank k such that [k-th, (n-1-k)-th smallest] of n values covers their median with at least 95 %
+    probability (distribution-free: the sign test). The normal approximation's rank, one wider, so coverage holds
+    at every n (exactly checked in the tests); None below 6 values, where no such pair of values exists."""
+    if n < 6:
+        return None
+    return max(0, math.floor((n - 1.96 * math.sqrt(n)) / 2) - 1)
+
+
+def median_ci(values: list[float]) -> tuple[float, float, float]:
+    """(median, low, high) with a 95 % confidence interval that assumes no distribution: block timings are
+    skewed and heavy-tailed. Infinite bounds below 6 values."""
+    k = median_ci_rank(len(values))
+    if k is None:
+        return statistics.median(values), -math.inf, math.inf
     ordered = sorted(values)
-    return (ordered[n - 1 - k] - ordered[k]) / 2
+    return statistics.median(ordered), ordered[k], ordered[len(values) - 1 - k]
 
 
 # ---------------------------------------------------------------------------------------------- chains
@@ -337,9 +353,7 @@ class Segment:
 
     @property
     def saving(self) -> float:
-        """Measured saving, 0 when it is within the timing noise."""
-        gain = self.us_before - self.us_after
-        return gain if gain > self.us_spread else 0.0
+        return trusted_saving(self.us_before, self.us_after, self.us_spread)
 
 
 class ChainPlanner:
