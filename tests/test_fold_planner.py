@@ -200,3 +200,12 @@ def test_timings_of_an_older_rule_are_timed_again(tmp_path: pathlib.Path, monkey
     unversioned = key.split("|", 1)[1]
     cache.write_text(json.dumps({key: table.table[key], unversioned: {"before": 1.0, "after": 0.0, "spread": 0.0}}))
     assert list(LatencyTable("cpu", threads=1, cache=cache).table) == [key]
+
+
+def test_a_segment_slower_than_the_budget_still_gets_an_interval(monkeypatch) -> None:
+    """Big segments (tens of ms a run) once stopped after one block pair with an infinite spread: never merged."""
+    clock = FakeClock()
+    _fake_timing(monkeypatch, clock)
+    timed = LatencyTable("cpu", threads=1, max_seconds=1e-9).times(SegmentSpec([nn.Conv2d(8, 8, 1)] * 3, (1, 8, 4, 4)),
+                                                                   nn.Conv2d(8, 8, 1))
+    assert trusted_saving(*timed) == pytest.approx(20.144) and clock.calls == 2 * 3 + 2 * 6 * LatencyTable.block

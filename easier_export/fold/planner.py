@@ -168,7 +168,8 @@ class LatencyTable:
 
     Each pair of graphs is timed in alternating blocks. The saving is the median of the block differences,
     with a 95 % confidence interval that narrows as blocks accumulate; timing repeats until the interval's
-    half-width is below ``rel_tol`` of the unmerged time (or ``max_seconds`` has passed). Stored: ``before``
+    half-width is below ``rel_tol`` of the unmerged time (or ``max_seconds`` has passed and the six blocks an
+    interval needs are in: a segment slower than the budget was once never trusted). Stored: ``before``
     (median unmerged block), ``after`` (``before`` minus the saving) and ``spread`` (the saving minus the
     interval's lower end), so ``before - after > spread`` exactly when the whole interval lies above 0: noise
     cannot make the planner merge. (The spread of single blocks, used before, does not narrow with more blocks:
@@ -232,7 +233,8 @@ class LatencyTable:
                 out.append(statistics.median(samples))
             before = statistics.median(blocks[0])
             saving, low, high = median_ci([x - y for x, y in zip(*blocks, strict=True)])
-            if (high - low) / 2 <= self.rel_tol * before or time.perf_counter() - start > self.max_seconds:
+            settled = (high - low) / 2 <= self.rel_tol * before or time.perf_counter() - start > self.max_seconds
+            if settled and math.isfinite(low):  # six blocks at least, however slow: fewer give no interval
                 return before, before - saving, saving - low
 
     def save(self) -> None:
