@@ -90,27 +90,25 @@ class FakeClock:
     is tested without depending on the machine's load."""
 
     def __init__(self, *noise: tuple[float, ...]) -> None:
-        self.now, self.noise, self.calls = 0.0, noise, 0
+        self.now, self.noise, self.calls, self.sessions = 0.0, noise, 0, 0
 
     def perf_counter(self) -> float:
         return self.now
 
     def session(self, model: onnx.ModelProto) -> tuple[object, dict]:
         cost = 10.0 * len(model.graph.node) + 1e-3 * sum(math.prod(t.dims) for t in model.graph.initializer)
-        clock, pattern, runs = self, (self.noise[len(self.sessions)] if self.noise else (0.0,)), [0]
+        clock, pattern = self, (self.noise[self.sessions] if self.noise else (0.0,))
+        self.sessions += 1
 
         class Session:
+            runs = 0
+
             def run(self, *_: object) -> None:
-                block = max(0, runs[0] - 3) // LatencyTable.block  # after three warm-up runs
+                block = max(0, self.runs - 3) // LatencyTable.block  # after three warm-up runs
                 clock.now += (cost + pattern[block % len(pattern)]) * 1e-6
-                clock.calls, runs[0] = clock.calls + 1, runs[0] + 1
+                clock.calls, self.runs = clock.calls + 1, self.runs + 1
 
-        self.sessions.append(Session())
-        return self.sessions[-1], {}
-
-    @property
-    def sessions(self) -> list:
-        return self.__dict__.setdefault("_sessions", [])
+        return Session(), {}
 
 
 def _fake_timing(monkeypatch, clock: FakeClock) -> None:
