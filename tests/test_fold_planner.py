@@ -207,3 +207,10 @@ def test_a_segment_slower_than_the_budget_still_gets_an_interval(monkeypatch) ->
     timed = LatencyTable("cpu", threads=1, max_seconds=1e-9).times(SegmentSpec([nn.Conv2d(8, 8, 1)] * 3, (1, 8, 4, 4)),
                                                                    nn.Conv2d(8, 8, 1))
     assert trusted_saving(*timed) == pytest.approx(20.144) and clock.calls == 2 * 3 + 2 * 6 * LatencyTable.block
+
+
+@pytest.mark.parametrize("content", ["{not json", "[1, 2]", '{"ci95|k": 3}'])
+def test_a_damaged_latency_cache_only_costs_time(tmp_path: pathlib.Path, content: str) -> None:
+    cache = tmp_path / "latency.json"
+    cache.write_text(content)
+    assert LatencyTable("cpu", threads=1, cache=cache).table == {}
