@@ -17,6 +17,7 @@ from torch import nn
 
 from .errors import UserError, first_line
 from .export import eval_copy
+from .stats import Speedup, speedup
 
 logger = logging.getLogger(__name__)
 
@@ -237,6 +238,52 @@ def _interleaved(runners: list[Runner], warmup: int, min_iters: int, max_seconds
                 ms.append((time.perf_counter() - t0) * 1e3)
             chunks.append(ms)
     return times
+
+
+def race(onnx_models: dict[str, Path], baseline: str, input_shape: tuple[int, ...], device: str, batch: int,
+         threads: int | None = None, max_seconds: float = 10.0) -> dict[str, Speedup] | None:
+    """Each model's speed-up over ``baseline`` on ``device`` at ``batch``, with its confidence interval (see
+    ``race_runners``); None when the device cannot run here."""
+    if device == "cuda" and not cuda_usable():
+        return None
+    threads = threads or physical_cores()
+    tokens = takes_tokens(Path(onnx_models[baseline]))
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 2, (batch, *input_shape)) if tokens else \
+        rng.standard_normal((batch, *input_shape), dtype=np.float32)
+    runners = {label: _ort_runner(Path(path), x, device, _providers(device), threads)[0]
+               for label, path in onnx_models.items()}
+    return race_runners(runners, baseline, max_seconds=max_seconds)
+
+
+MIN_BLOCKS = 6  # the fewest blocks a distribution-free interval of the median exists for
+BLOCK_ITERS = 10
+
+
+def race_runners(runners: dict[str, Runner], baseline: str, max_seconds: float = 10.0, warmup: int = 5,
+                 clock: Callable[[], float] = time.perf_counter) -> dict[str, Speedup]:
+    """Time the runners in interleaved blocks (A, B, C, A, B, C, ...) of ``BLOCK_ITERS`` runs each until every
+    comparison with ``baseline`` is settled (its interval excludes 1 or is within ±2 %) or ``max_seconds`` have
+    passed, ``MIN_BLOCKS`` blocks at least. Per-block ratios cancel what drifts between blocks (a neighbour, a
+    clock boost); their median's interval is what "faster" is judged on."""
+    for run in runners.values():
+        for _ in range(warmup):
+            run()
+    blocks: dict[str, list[float]] = {label: [] for label in runners}
+    start = clock()
+    while True:
+        for label, run in runners.items():
+            ms = []
+            for _ in range(BLOCK_ITERS):
+                t0 = clock()
+                run()
+                ms.append((clock() - t0) * 1e3)
+            blocks[label].append(float(np.median(ms)))
+        if len(blocks[baseline]) < MIN_BLOCKS:
+            continue
+        verdicts = {label: speedup(blocks[baseline], b) for label, b in blocks.items() if label != baseline}
+        if all(v.settled for v in verdicts.values()) or clock() - start > max_seconds:
+            return verdicts
 
 
 NOISY_SPREAD = 0.10

@@ -67,6 +67,9 @@ BenchDevices = Annotated[str, typer.Option(help=f"benchmark devices, comma list 
 BenchBatches = Annotated[str, typer.Option(help="benchmark batch sizes, comma list")]
 BenchSeconds = Annotated[float, typer.Option(min=0.0, help="benchmark time budget per model and setting")]
 Threads = Annotated[int | None, typer.Option(min=1, help="onnxruntime intra-op threads (default: physical cores)")]
+LatencyTableFile = Annotated[Path | None, typer.Option(
+    help="the fold planner's timings: read from and added to this JSON file, so that runs with the same file make "
+         "the same latency decisions (default: OUT/latency_table.json, per run)")]
 Atol = Annotated[float, typer.Option(min=0.0, help="verification absolute tolerance")]
 Rtol = Annotated[float, typer.Option(min=0.0, help="verification tolerance relative to each element")]
 ScaleTol = Annotated[float, typer.Option(min=0.0, help="verification tolerance relative to the output's scale "
@@ -190,6 +193,7 @@ def _load(model: str, weights: Path | None, arch: str | None, num_classes: int |
     loaded = load_model(model, num_classes, weights, arch, trust_pickle, _size(input_size))
     for note in loaded.notes:
         console.print(f"[yellow]warning:[/] {escape(note)}", soft_wrap=True)
+    loaded.normalization_given = mean is not None or std is not None
     loaded.mean = _floats(mean, "mean") or loaded.mean
     loaded.std = _floats(std, "std") or loaded.std
     if loaded.text is None and (len(loaded.mean) != loaded.input_size[0] or len(loaded.std) != loaded.input_size[0]):
@@ -203,7 +207,7 @@ def _with_data(loaded, data: Path, batch_size: int, workers: int, skip_bad_image
     """Open DATA (every image checked), settle the input size, prove the model runs at it, then make loaders.
     A text model reads ``train.txt``/``val.txt`` in blocks of its sequence length (``--input-size``)."""
     from .data import open_image_folder
-    from .pipeline import dry_run
+    from .pipeline import check_normalization, dry_run
 
     if loaded.text is not None:
         from .text import text_loaders
@@ -224,8 +228,12 @@ def _with_data(loaded, data: Path, batch_size: int, workers: int, skip_bad_image
                       f"{'x'.join(map(str, folder.common_size))}, the size of every image in {data} "
                       "(--input-size overrides)", soft_wrap=True)
     dry_run(loaded.model, loaded.input_size)
-    return folder.loaders(loaded.input_size, loaded.mean, loaded.std, batch_size, workers, seed, loaded.crop_pct,
-                          loaded.interpolation)
+    if not loaded.normalization_given:
+        check_normalization(loaded, folder, batch_size, seed)
+    loaders = folder.loaders(loaded.input_size, loaded.mean, loaded.std, batch_size, workers, seed,
+                             loaded.crop_pct, loaded.interpolation)
+    console.print(f"preprocessing: {loaders.preprocessing.describe()}", soft_wrap=True)
+    return loaders
 
 
 def _ready(loaded):
@@ -298,15 +306,18 @@ def compress(model: ModelArg, data: Data, loop: LoopConfig, out: Out = Path("run
              device: Device = "auto", fold: Fold = "auto", target: Target = "cpu", bench_devices: BenchDevices = "cpu",
              bench_batches: BenchBatches = "1,8", bench_seconds: BenchSeconds = 2.0, threads: Threads = None,
              atol: Atol = 1e-4, rtol: Rtol = 1e-3, scale_tol: ScaleTol = 1e-4, min_top1: MinTop1 = 0.99,
-             no_simplify: NoSimplify = False, opset: Opset = MIN_OPSET) -> None:
+             no_simplify: NoSimplify = False, opset: Opset = MIN_OPSET,
+             latency_table: LatencyTableFile = None) -> None:
     """Run the whole pipeline: entropy → linearize/finetune rounds → fold → ONNX → verify → bench → report."""
-    from .pipeline import CompressConfig
+    from .pipeline import CompressConfig, ensure_writable_file
     from .pipeline import compress as run
 
     cfg = CompressConfig(loop, fold, _usable((target,), "target")[0], device, not no_simplify, atol=atol,
                          rtol=rtol, scale_tol=scale_tol, min_top1=min_top1, bench_devices=_devices(bench_devices),
                          bench_batches=_ints(bench_batches, "bench-batches"), threads=threads,
-                         bench_seconds=bench_seconds, opset=opset)
+                         bench_seconds=bench_seconds, opset=opset, latency_table=latency_table)
+    if latency_table is not None:
+        ensure_writable_file(latency_table, "--latency-table")
     with _distributed(device), _resumable(out):
         loaded = _load(model, weights, arch, num_classes, trust_pickle, input_size, mean, std)
         run(loaded, _with_data(loaded, data, batch_size, workers, skip_bad_images, loop.seed), out, cfg)

@@ -13,12 +13,40 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, TensorData
 from .errors import UserError, first_line
 
 
+@dataclass(frozen=True)
+class Preprocessing:
+    """What an evaluation image goes through before the model: the budget is measured under exactly this, so it
+    is printed and recorded (report.json, ONNX metadata). ``resize`` None: images used at their own size."""
+
+    resize: int | None
+    interpolation: str
+    crop: tuple[int, int]
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+
+    def to_dict(self) -> dict:
+        return {"resize": self.resize, "interpolation": self.interpolation if self.resize else None,
+                "center_crop": list(self.crop) if self.resize else None, "mean": list(self.mean),
+                "std": list(self.std)}
+
+    def describe(self) -> str:
+        shape = (f"resize shorter side to {self.resize} ({self.interpolation}), centre crop "
+                 f"{self.crop[0]}x{self.crop[1]}" if self.resize else
+                 f"images used as they are ({self.crop[0]}x{self.crop[1]})")
+        return f"{shape}, mean {_numbers(self.mean)}, std {_numbers(self.std)}"
+
+
+def _numbers(values: tuple[float, ...]) -> str:
+    return ",".join(f"{v:g}" for v in values)
+
+
 @dataclass
 class Loaders:
     train: DataLoader
     val: DataLoader
     classes: list[str]
     skipped: list[str] = field(default_factory=list)  # unreadable images left out (skip_bad)
+    preprocessing: Preprocessing | None = None  # what val images go through (images; None for text, digits)
 
 
 def _loader(ds: Dataset, batch_size: int, shuffle: bool, workers: int, seed: int) -> DataLoader:
@@ -74,22 +102,28 @@ class ImageFolderData:
                 batch_size: int = 128, workers: int = 2, seed: int = 0, crop_pct: float | None = None,
                 interpolation: str = "bilinear") -> Loaders:
         """Loaders with the model's preprocessing; ``crop_pct``/``interpolation`` as in timm's pretrained_cfg
-        (default: 0.875 and bilinear at ImageNet sizes, no crop at CIFAR sizes)."""
+        (default: 0.875 and bilinear at ImageNet sizes, no crop at CIFAR sizes). Images that already have the
+        input size are used as they are: a pretrained config's centre crop would zoom them, and the model would
+        be finetuned and judged on a view its users never feed it."""
         from torchvision import transforms
 
         channels, h, w = input_size
         small = max(h, w) <= 64  # CIFAR-style: resize to the input, pad-and-crop; else ImageNet-style resize + crop
         crop = crop_pct or (1.0 if small else 0.875)
         modes = {m.value: m for m in transforms.InterpolationMode}
-        resize = [transforms.Resize(int(round(min(h, w) / crop)), modes.get(interpolation, modes["bilinear"]))]
+        native = self.common_size == (h, w)
+        size = None if native else int(round(min(h, w) / crop))
+        resize = [] if size is None else [transforms.Resize(size, modes.get(interpolation, modes["bilinear"]))]
         gray = [transforms.Grayscale()] if channels == 1 else []
         norm = [transforms.ToTensor(), transforms.Normalize(mean, std)]
         self.train.transform = transforms.Compose([
             *gray, *resize, transforms.RandomCrop((h, w), padding=h // 8 if small else 0, pad_if_needed=True),
             transforms.RandomHorizontalFlip(), *norm])
         self.val.transform = transforms.Compose([*gray, *resize, transforms.CenterCrop((h, w)), *norm])
+        described = Preprocessing(size, interpolation, (h, w), tuple(mean), tuple(std))
         return Loaders(_loader(self.train, batch_size, True, workers, seed),
-                       _loader(self.val, batch_size, False, workers, seed), self.train.classes, self.skipped)
+                       _loader(self.val, batch_size, False, workers, seed), self.train.classes, self.skipped,
+                       described)
 
 
 def open_image_folder(root: str | Path, num_classes: int | None = None, skip_bad: bool = False) -> ImageFolderData:

@@ -24,10 +24,11 @@ from .affine import SUBSTITUTES, stand_ins
 from .criteria import STUDY_CRITERIA, entropy_regularised, study_scores
 from .entropy import SiteStats, measure
 from .errors import UserError, first_line
-from .fold.groups import FoldGroups, Group, find_groups
+from .fold.groups import FoldGroups, Group, comparable_savings, find_groups
 from .fold.planner import LatencyTable
 from .graph import ALL_RECTIFIERS, AffineFit, CallSite, blend_sites, fade, find_call_sites, remove_sites, settle
 from .io import save_torch
+from .stats import PairedChange, paired_accuracy_change, paired_ppl_change, resolvable_drop
 from .train import OPTIMIZERS, Teacher, evaluate_metrics, finetune, is_main_process, seed_everything, warn_near_chance
 from .ui import info, progress
 
@@ -48,6 +49,9 @@ class LoopConfig:
     max_drop: float = option(1.0, "accuracy budget: largest allowed top-1 drop, in points", min=0.0)
     max_ppl_increase: float = option(5.0, "language-model budget: largest allowed validation perplexity increase, "
                                           "in percent (causal LMs; classifiers use --max-drop)", min=0.0)
+    confidence: float = option(0.9, "keep a round only when the one-sided bound of its paired change against "
+                                    "the original on the val split, at this confidence, is within budget (0: "
+                                    "the observed change alone)", min=0.0, max=0.999)
     finetune_epochs: float = option(1.0, "finetuning epochs per round (fractions allowed)", min=0.0)
     lr: float = option(0.01, "finetuning learning rate (cosine schedule)")
     optimizer: str = option("sgd", "finetuning optimizer: sgd (momentum 0.9) or adamw (for transformers and "
@@ -149,8 +153,17 @@ class Task:
         """The worst value of the metric still within budget."""
         return base * (1 + cfg.max_ppl_increase / 100) if self.metric == "ppl" else base - cfg.max_drop
 
-    def within(self, cfg: LoopConfig, base: float, value: float) -> bool:
-        return value <= self.limit(cfg, base) if self.metric == "ppl" else value >= self.limit(cfg, base)
+    def change(self, cfg: LoopConfig, base: dict, metrics: dict) -> PairedChange:
+        """A candidate against the original on the same validation samples (``evaluate_metrics`` outputs)."""
+        if self.metric == "ppl":
+            return paired_ppl_change(base["nll"], metrics["nll"], cfg.confidence)
+        return paired_accuracy_change(base["correct"], metrics["correct"], cfg.confidence)
+
+    def within(self, cfg: LoopConfig, change: PairedChange) -> bool:
+        """Within budget at ``cfg.confidence``: the bound on the bad side of the paired change."""
+        if self.metric == "ppl":
+            return change.bound <= cfg.max_ppl_increase
+        return change.bound >= -cfg.max_drop
 
 
 @dataclass
@@ -166,6 +179,13 @@ class RoundRecord:
     speedup: float | None = None  # with a target speed-up: the shipped model measured end to end
     val_ppl: float | None = None  # language models: validation perplexity (the budget metric)
     stand_ins: dict[str, str] | None = None  # --substitute affine: per site "affine", or "identity: why"
+    change: dict | None = None  # the paired change against the original and its bound (stats.PairedChange)
+
+
+STATE_FORMAT = 2
+"""Version of state.pt: a file of another version is refused (the tool keeps no reader for older formats)."""
+SNAPSHOTS = "rounds"
+"""Folder of the weights after each kept round, so that shipping can step back to an earlier round."""
 
 
 @dataclass
@@ -174,6 +194,8 @@ class LoopState:
 
     fingerprint: dict
     base_top1: float
+    format: int = 0  # a file without it predates versioning
+    base_outcomes: dict | None = None  # the original's per-sample val outcomes (correct, nll), for paired changes
     removed: list[str] = field(default_factory=list)
     state_dict: dict | None = None
     baseline: dict | None = None  # weights of the finetuned original (with baseline_epochs)
@@ -276,6 +298,9 @@ def load_state(out_dir: Path, fingerprint: dict) -> LoopState | None:
         state = LoopState(**torch.load(path, map_location="cpu", weights_only=True))
     except Exception as e:  # empty, truncated or foreign: torch and the dataclass raise many types
         raise UserError(f"{path} is unreadable ({type(e).__name__}: {first_line(e)}); delete it to start over") from e
+    if state.format != STATE_FORMAT:
+        raise UserError(f"{path} was written by another version of easier-export (state format {state.format}, "
+                        f"this one reads {STATE_FORMAT}); use another --out or delete it to start over")
     changed = changed_settings(state.fingerprint, fingerprint)
     if changed:
         raise UserError(f"{path} was written with different settings ({', '.join(changed)}); "
@@ -292,9 +317,14 @@ def cpu_state(module: torch.nn.Module) -> dict:
     return {k: v.detach().cpu() for k, v in module.state_dict().items()}
 
 
+def risk(group: Group, scores: dict[str, float]) -> float:
+    """A group's accuracy risk: its summed site scores (entropy by default)."""
+    return sum(scores[s] for s in group.sites)
+
+
 def risk_per_us(group: Group, scores: dict[str, float]) -> float:
     """Latency selection's order: the group's summed site scores (entropy by default) per microsecond saved."""
-    return sum(scores[s] for s in group.sites) / group.us_saved
+    return risk(group, scores) / group.us_saved
 
 
 def pick_group(scores: dict[str, float], groups: FoldGroups, removed: list[str], rejected: list[list[str]],
@@ -302,15 +332,18 @@ def pick_group(scores: dict[str, float], groups: FoldGroups, removed: list[str],
     """The fold group with the least accuracy risk per microsecond saved, and that saving.
 
     risk = the sum of the group's site scores (entropy by default): a group of two near-linear sites can be
-    cheaper to remove than one switching site, and a large saving is worth more risk. Groups with no measured
-    gain, rejected before, larger than the removal budget, or touching a rejected site are never offered.
+    cheaper to remove than one switching site, and a large saving is worth more risk. Savings that differ by
+    less than their timing noise count as equal (``comparable_savings``), so the order is the same run to run.
+    Groups with no measured gain, rejected before, larger than the removal budget, or touching a rejected site
+    are never offered.
     """
     banned = {tuple(sorted(r)) for r in rejected}
     offered = [g for g in groups.candidates(set(removed), allowed=set(scores))
                if tuple(sorted(g.sites)) not in banned and len(g.sites) <= budget]
     if not offered:
         return None
-    best = min(offered, key=lambda g: (risk_per_us(g, scores), g.sites))
+    saving = comparable_savings(offered)
+    best = min(offered, key=lambda g: (risk(g, scores) / saving[g.sites], risk(g, scores), g.sites))
     return list(best.sites), best.us_saved
 
 
@@ -398,6 +431,31 @@ def measure_groups(gm: fx.GraphModule, cfg: LoopConfig, example: torch.Tensor, t
     return find_groups(model, sites, example.cpu(), table)
 
 
+def snapshot_path(out_dir: Path, rnd: int) -> Path:
+    """Where the weights after kept round ``rnd`` are kept."""
+    return Path(out_dir) / SNAPSHOTS / f"round-{rnd:03d}.pt"
+
+
+def _bound_text(task: Task, change: PairedChange) -> str:
+    unit = "% perplexity" if task.metric == "ppl" else " points"
+    side = "worst" if change.confidence > 0 else "observed"
+    return f"{side} {change.bound:+.2f}{unit} at {change.confidence:.0%}" if change.confidence > 0 else \
+        f"{side} {change.bound:+.2f}{unit}"
+
+
+def _warn_unresolvable(cfg: LoopConfig, task: Task, accuracy: float, n: int) -> None:
+    """Say before the first round when the val split is too small for the budget to be judged at the asked
+    confidence: every round would then be reverted, or (at confidence 0) kept on noise."""
+    if task.metric != "top1" or cfg.confidence == 0:
+        return
+    margin, needed = resolvable_drop(accuracy, n, cfg.confidence)
+    if margin >= cfg.max_drop:
+        info(f"[yellow]the val split ({n} samples) cannot resolve --max-drop {cfg.max_drop:g} at --confidence "
+             f"{cfg.confidence:g}: its paired bound adds about {margin:.2f} points to every observed drop, so few "
+             f"or no rounds can be kept; about {needed} val samples would bring that to 0.5 (or lower "
+             f"--confidence, at the risk of exceeding the budget on unseen data)[/]")
+
+
 def run_loop(gm: fx.GraphModule, source: str, train_loader, val_loader, cfg: LoopConfig, device: torch.device,
              out_dir: Path, table: LatencyTable | None = None,
              probe: Callable[[fx.GraphModule], float] | None = None, task: Task = Task()) -> LoopResult:
@@ -411,7 +469,7 @@ def run_loop(gm: fx.GraphModule, source: str, train_loader, val_loader, cfg: Loo
     state = load_state(out_dir, fingerprint)
     resumed = 0
     if state is None:
-        state = LoopState(fingerprint, 0.0)
+        state = LoopState(fingerprint, 0.0, format=STATE_FORMAT)
         if cfg.baseline_epochs > 0:
             seed_everything(cfg.seed * 100_003, train_loader)
             with progress("finetune original (baseline)", math.ceil(cfg.baseline_epochs * len(train_loader))) as adv:
@@ -420,6 +478,7 @@ def run_loop(gm: fx.GraphModule, source: str, train_loader, val_loader, cfg: Loo
             state.baseline = cpu_state(gm)
         metrics = evaluate_metrics(gm, val_loader, device)
         state.base_top1 = metrics["top1"]
+        state.base_outcomes = {"correct": metrics["correct"], "nll": metrics["nll"]}
         if task.metric == "ppl":
             state.base_ppl = metrics["ppl"]
             info(f"original perplexity {state.base_ppl:.3f}, next-token top-1 {state.base_top1:.2f}%  "
@@ -427,6 +486,7 @@ def run_loop(gm: fx.GraphModule, source: str, train_loader, val_loader, cfg: Loo
         else:
             info(f"original top-1 {state.base_top1:.2f}%  (budget: ≥ {task.limit(cfg, state.base_top1):.2f}%)")
         warn_near_chance(state.base_top1, gm)
+        _warn_unresolvable(cfg, task, state.base_top1, len(metrics["correct"]))
         save_state(out_dir, state)
     else:
         resumed = len(state.history)
@@ -477,19 +537,22 @@ def run_loop(gm: fx.GraphModule, source: str, train_loader, val_loader, cfg: Loo
             candidate = settle(candidate).to(device)
         metrics = evaluate_metrics(candidate, val_loader, device)
         acc, ppl = metrics["top1"], metrics["ppl"] if task.metric == "ppl" else None
-        within = task.within(cfg, state.base_ppl, ppl) if ppl is not None else task.within(cfg, state.base_top1, acc)
+        change = task.change(cfg, state.base_outcomes, metrics)
+        within = task.within(cfg, change)
         record = RoundRecord(rnd, chosen, min(scores[n] for n in chosen), acc, acc - state.base_top1, within,
-                             time.perf_counter() - t0, us_saved, val_ppl=ppl, stand_ins=stand_in)
+                             time.perf_counter() - t0, us_saved, val_ppl=ppl, stand_ins=stand_in,
+                             change=change.to_dict())
         saved = f", saves {us_saved:.1f}us" if us_saved is not None else ""
         misses = misses_in_a_row(state.history) + (not within)
         verdict = "kept" if within else f"over budget: reverted ({misses} miss(es) in a row)"
         shown = f"perplexity {ppl:.3f}, " if ppl is not None else ""
         info(f"round {rnd}: removed {', '.join(chosen)} (score {record.score:.3f}{saved}) → {shown}top-1 {acc:.2f}% "
-             f"(Δ {record.delta:+.2f}) {verdict}")
+             f"(Δ {record.delta:+.2f}, {_bound_text(task, change)}) {verdict}")
         if within:
             current = candidate
             state.removed = state.removed + chosen
             state.state_dict = cpu_state(current)
+            save_torch({"removed": state.removed, "state_dict": state.state_dict}, snapshot_path(out_dir, rnd))
             if probe is not None and cfg.target_speedup is not None:
                 record.speedup = probe(current)
                 info(f"shipped model now ×{record.speedup:.2f} (target ×{cfg.target_speedup:.2f})")

@@ -41,6 +41,7 @@ class LoadedModel:
     crop_pct: float | None = None  # timm pretrained_cfg: centre crop share at evaluation (None: data.py's default)
     interpolation: str = "bilinear"
     text: TextSpec | None = None  # a text model: input_size is (sequence length,), inputs are token ids
+    normalization_given: bool = False  # --mean/--std given: trusted as they are, never second-guessed
 
     @property
     def input_dtype(self) -> torch.dtype:

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import json
 import os
+import shutil
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -14,18 +16,19 @@ from torch import fx, nn
 
 from . import __version__
 from .bench import bench, speedups
-from .data import Loaders
+from .data import ImageFolderData, Loaders, Preprocessing
 from .errors import UserError, VerificationError, first_line
 from .export import MIN_OPSET, eval_copy, export_onnx, mark_unverified, print_verify, verify_onnx
-from .fold import FoldRecord, fold_model
+from .fold import fold_model
 from .fold.planner import LatencyTable
-from .graph import find_call_sites, trace
+from .graph import find_call_sites, remove_sites, trace
 from .io import save_torch
-from .linearize import LoopConfig, LoopResult, Task, cpu_state, run_loop
-from .models import LINEARIZED_FORMAT, LoadedModel
+from .linearize import LoopConfig, LoopResult, Task, cpu_state, run_loop, snapshot_path
+from .models import IMAGENET_MEAN, IMAGENET_STD, LINEARIZED_FORMAT, LoadedModel
 from .report import model_stats, rounds_table, summary_table, write_report
+from .shipping import Shipment, Step, choose
 from .text import two_lengths
-from .train import is_main_process, resolve_device
+from .train import evaluate_metrics, is_main_process, resolve_device
 from .ui import console, info
 
 
@@ -46,6 +49,7 @@ class CompressConfig:
     bench_batches: tuple[int, ...] = (1, 8)
     threads: int | None = None
     bench_seconds: float = 2.0
+    latency_table: Path | None = None
 
 
 def ensure_writable(out_dir: Path) -> Path:
@@ -79,6 +83,37 @@ def dry_run(model: nn.Module, input_size: tuple[int, ...], dtype: torch.dtype = 
     except Exception as e:  # shape errors surface as RuntimeError, ValueError, AssertionError...
         raise UserError(f"the model does not run on {'x'.join(map(str, input_size))} inputs ({first_line(e)}); "
                         "check --input-size") from e
+
+
+NORMALIZATION_MARGIN = 5.0
+"""Points by which another common normalization must beat the configured one on val before the run is stopped:
+well above the val noise of a few hundred images, far below what a wrong normalization costs (tens of points)."""
+NORMALIZATION_BATCHES = 8
+
+
+def check_normalization(loaded: LoadedModel, folder: ImageFolderData, batch_size: int, seed: int) -> None:
+    """Without --mean/--std, evaluate the original on a few val batches under the configured normalization and
+    the common others; stop (one line) when another scores clearly higher: finetuning would otherwise "recover"
+    the model to the wrong normalization and ship it adapted to inputs its users never feed it."""
+    channels = loaded.input_size[0]
+    configured = (tuple(loaded.mean), tuple(loaded.std))
+    others = {"ImageNet": (IMAGENET_MEAN, IMAGENET_STD), "0.5/0.5": ((0.5,) * channels, (0.5,) * channels),
+              "none (0 and 1)": ((0.0,) * channels, (1.0,) * channels)}
+    scores = {}
+    for name, (mean, std) in {"configured": configured, **others}.items():
+        if len(mean) != channels or (name != "configured" and (mean, std) == configured):
+            continue
+        loaders = folder.loaders(loaded.input_size, mean, std, batch_size, 0, seed, loaded.crop_pct,
+                                 loaded.interpolation)
+        batches = list(itertools.islice(iter(loaders.val), NORMALIZATION_BATCHES))
+        scores[name] = evaluate_metrics(loaded.model, batches, torch.device("cpu"))["top1"]
+    best = max(scores, key=lambda k: scores[k])
+    if scores[best] > scores["configured"] + NORMALIZATION_MARGIN:
+        mean, std = {"configured": configured, **others}[best]
+        raise UserError(f"{loaded.source} scores {scores['configured']:.1f}% on val with its configured mean/std "
+                        f"but {scores[best]:.1f}% with {best} normalization: pass the normalization it was trained "
+                        f"with, e.g. --mean {','.join(f'{v:g}' for v in mean)} --std "
+                        f"{','.join(f'{v:g}' for v in std)}")
 
 
 def check_continuation(loaded: LoadedModel, relocate_padding: bool) -> None:
@@ -133,28 +168,6 @@ def export_and_verify(model: nn.Module, reference: nn.Module, example: torch.Ten
     return info_
 
 
-MERGE_KINDS = ("conv_conv", "linear_linear", "residual")
-AUTO_FLOOR = 0.97  # an auto plan measured slower than this (folded vs unfolded, end to end) is not shipped
-AUTO_GAIN = 1.03  # ... nor one that stores more numbers unless at least this much (and its spread) faster
-
-
-def fold_and_ship(linearized: fx.GraphModule, example: torch.Tensor, inputs: list[torch.Tensor], mode: str,
-                  out_dir: Path, meta: dict[str, str], cfg: CompressConfig) -> tuple[fx.GraphModule, list, dict]:
-    """Fold, then export model.onnx and verify it against the *linearized* model (proves folds and export)."""
-    info(f"folding (mode {mode}, target {cfg.target})")
-    folded, folds = fold_model(linearized, example, mode=mode, target=cfg.target,
-                               cache=out_dir / "latency_table.json", threads=cfg.threads)
-    return folded, folds, ship(folded, folds, linearized, example, out_dir / "model.onnx", inputs, meta, cfg)
-
-
-def ship(folded: fx.GraphModule, folds: list, linearized: fx.GraphModule, example: torch.Tensor, path: Path,
-         inputs: list[torch.Tensor], meta: dict[str, str], cfg: CompressConfig) -> dict:
-    """Export a folded model with the number of folds it carries in its metadata, verified against the
-    linearized model."""
-    meta = {**meta, "folds_applied": str(sum(f.applied for f in folds))}
-    return export_and_verify(folded, linearized, example, path, inputs, meta, cfg)
-
-
 def _bench(exports: dict, example: torch.Tensor, cfg: CompressConfig, original: nn.Module,
            folded: nn.Module) -> list[dict]:
     info("benchmarking (onnxruntime)")
@@ -181,90 +194,55 @@ def speedup_probe(original: nn.Module, example: torch.Tensor, work_dir: Path,
     return probe
 
 
-def _every_merge_if_faster(linearized: fx.GraphModule, example: torch.Tensor, inputs: list[torch.Tensor],
-                           folds: list, out_dir: Path, meta: dict[str, str], cfg: CompressConfig
-                           ) -> tuple[FoldRecord | None, tuple[fx.GraphModule, list, dict] | None]:
-    """Ship every exact merge instead of the shipped plan when the whole model measures faster that way.
-
-    The planner keeps a merge only if its own in-context saving clears the timing noise, so a model of many
-    small merges, each below the noise, is left unmerged although together they pay (MobileNetV2 at 32x32:
-    plan ×1.71, every merge ×1.98, benchmarks/fold_patterns.md). When ``all`` applies more merges than the
-    shipped plan, that model is exported and verified beside it, both are timed side by side on the target at the
-    smallest benchmark batch, and ``all`` replaces model.onnx only if verified and faster by more than both rows'
-    spread (and 3 %). Returns the comparison as a fold row of kind ``end_to_end`` (None: nothing to compare) and,
-    when ``all`` ships, its (folded, folds, export).
-    """
-    every, every_folds = fold_model(linearized, example, mode="all")
-    shipped = sum(f.applied and f.kind in MERGE_KINDS for f in folds)
-    more = sum(f.applied and f.kind in MERGE_KINDS for f in every_folds)
-    if more <= shipped:
-        return None, None
-    info(f"timing every exact merge ({more}) against the shipped plan ({shipped}) end to end")
-    export = ship(every, every_folds, linearized, example, out_dir / "onnx" / "every_merge.onnx", inputs, meta, cfg)
-    path = Path(export["path"])
-    try:
-        if not export["verify"]["passed"]:
-            return FoldRecord("end_to_end", [], f"every exact merge ({more})", False,
-                              "every merge did not pass verification"), None
-        batch = min(cfg.bench_batches)
-        rows = bench({"plan": out_dir / "model.onnx", "every": path}, tuple(example.shape[1:]), (cfg.target,),
-                     (batch,), cfg.threads, max_seconds=cfg.bench_seconds, repeats=5)
-        p50 = {r["label"]: r["p50_ms"] for r in rows}
-        if len(p50) < 2:  # the target could not run (no GPU): nothing measured, nothing changed
-            return None, None
-        margin = max(0.03, *(r["spread"] for r in rows))
-        faster = p50["every"] < p50["plan"] * (1 - margin)
-        record = FoldRecord("end_to_end", [], f"shipped plan ({shipped} merges) {p50['plan']:.3f} ms vs every exact "
-                            f"merge ({more}) {p50['every']:.3f} ms, batch {batch} on {cfg.target}", faster,
-                            "" if faster else f"every merge not faster by more than {margin:.0%} (timing spread)",
-                            p50["plan"] * 1e3, p50["every"] * 1e3)
-        if not faster:
-            return record, None
-        info(f"every exact merge runs ×{p50['plan'] / p50['every']:.2f} faster than the plan: shipping it")
-        os.replace(path, out_dir / "model.onnx")
-        return record, (every, every_folds, {**export, "path": str(out_dir / "model.onnx")})
-    finally:
-        path.unlink(missing_ok=True)
+def kept_steps(original: fx.GraphModule, result: LoopResult, out_dir: Path, relocates: bool) -> list[Step]:
+    """The loop's kept rounds, latest first, each rebuilt from its saved weights, then the original (round 0):
+    what shipping may step back through."""
+    steps = []
+    kept = [r for r in result.history if r.within_budget]
+    for rec in reversed(kept):
+        snapshot = torch.load(snapshot_path(out_dir, rec.round), map_location="cpu", weights_only=True)
+        model = remove_sites(original, snapshot["removed"], relocates)
+        model.load_state_dict(snapshot["state_dict"])
+        steps.append(Step(rec.round, list(snapshot["removed"]), rec.val_top1, model.eval(), rec.val_ppl))
+    return [*steps, Step(0, [], result.base_top1, original, result.base_ppl)]
 
 
-def plan_refusal(rows: list[dict], folded: nn.Module, fallback: nn.Module) -> str:
-    """Why the auto fold plan must not ship ('' when it may), judged on the whole model: the planner times ops in
-    isolation, so never ship a plan that ran slower end to end than the linearized model (``rows``: compress's
-    benchmark), nor one that stores more numbers than ``fallback`` (what ships instead: BatchNorm folding only) —
-    a merge through a bottleneck, or a bias map — unless it ran faster by more than the timing spread (and 3 %).
-    Nothing measured (no onnxruntime row), nothing refused.
-    """
-    measured = _end_to_end(rows)
-    if measured is None:
-        return ""
-    ratio, spread = measured
-    if ratio < AUTO_FLOOR:
-        return f"the plan ran ×{ratio:.2f} end to end"
-    need = 1 + max(AUTO_GAIN - 1, spread)
-    if stored_numbers(folded) > stored_numbers(fallback) and ratio < need:
-        return (f"the plan adds weights and ran ×{ratio:.2f} end to end (needs ×{need:.2f}: {AUTO_GAIN - 1:.0%} or "
-                "the timing spread)")
-    return ""
+def _step_meta(meta: dict[str, str], step: Step) -> dict[str, str]:
+    return {**meta, "removed_activations": ",".join(step.removed), "round": str(step.round)}
 
 
-def stored_numbers(model: nn.Module) -> int:
-    """Parameters and buffers (weights, biases, bias maps): what the exported file carries."""
-    return sum(t.numel() for t in (*model.parameters(), *model.buffers()))
+def ship(steps: list[Step], original_onnx: Path, example: torch.Tensor, inputs: list[torch.Tensor], out_dir: Path,
+         meta: dict[str, str], cfg: CompressConfig) -> Shipment:
+    """Choose what ships (``shipping.choose``) and put it at ``out_dir/model.onnx``; the other candidates'
+    files are removed."""
+    work = out_dir / "onnx" / "candidates"
+
+    def exporter(folded: fx.GraphModule, folds: list, step: Step, path: Path) -> dict:
+        applied = {"folds_applied": str(sum(f.applied for f in folds))}
+        return export_and_verify(folded, step.model, example, path, inputs, {**_step_meta(meta, step), **applied},
+                                 cfg)
+
+    fold_kwargs = {"target": cfg.target, "cache": latency_table_path(out_dir, cfg), "threads": cfg.threads}
+    shipment = choose(steps, original_onnx, exporter, example, cfg.fold, cfg.loop.relocates, cfg.target,
+                      min(cfg.bench_batches), cfg.threads, work, fold_kwargs)
+    export = shipment.chosen.export
+    final = out_dir / ("model.unverified.onnx" if not export["verify"]["passed"] else "model.onnx")
+    os.replace(export["path"], final)
+    shipment.chosen.export = {**export, "path": str(final)}
+    shutil.rmtree(work, ignore_errors=True)
+    return shipment
 
 
-def _end_to_end(rows: list[dict]) -> tuple[float, float] | None:
-    """ORT speed-up of folded over linearized at the smallest benchmarked batch (the slowest device's) and the
-    larger of the two rows' spreads; None when nothing was measured."""
-    ort_rows = [r for r in rows if r["backend"] == "onnxruntime"]
-    if not ort_rows:
-        return None
-    batch = min(r["batch"] for r in ort_rows)
-    at_batch = [r for r in ort_rows if r["batch"] == batch]
-    ratios = [v["folded"] for v in speedups(at_batch, "linearized").values() if "folded" in v]
-    if not ratios:
-        return None
-    spread = max(r["spread"] for r in at_batch if r["label"] in ("linearized", "folded"))
-    return min(ratios), spread
+def latency_table_path(out_dir: Path, cfg: CompressConfig) -> Path:
+    """The planner's timings: ``--latency-table FILE`` pins them across runs and machines, else per run."""
+    return cfg.latency_table or out_dir / "latency_table.json"
+
+
+def preprocessing_metadata(loaders: Loaders) -> dict[str, str]:
+    """The preprocessing the budget was measured under, as ONNX metadata (JSON), for images."""
+    if loaders.preprocessing is None:
+        return {}
+    return {"preprocessing": json.dumps(loaders.preprocessing.to_dict())}
 
 
 def compress(loaded: LoadedModel, loaders: Loaders, out_dir: Path, cfg: CompressConfig) -> dict:
@@ -281,44 +259,32 @@ def compress(loaded: LoadedModel, loaders: Loaders, out_dir: Path, cfg: Compress
 
     inputs = val_batches(loaders, cfg.verify_batches, loaded.text is not None)
     example = inputs[0][:1]
-    table = LatencyTable(cfg.target, cfg.threads, out_dir / "latency_table.json")
+    table = LatencyTable(cfg.target, cfg.threads, latency_table_path(out_dir, cfg))
     probe = speedup_probe(gm, example, out_dir / "probe", cfg) if cfg.loop.target_speedup is not None else None
     result = run_loop(gm, loaded.source, loaders.train, loaders.val, cfg.loop, device, out_dir, table, probe,
                       task_of(loaded))
     if not is_main_process():
         return {}
     original = gm.cpu().eval()  # the traced original, finetuned first if --baseline-epochs asked for it
-    linearized = result.model.cpu().eval()
-    save_linearized(out_dir / "linearized.pt", loaded, result, cfg.loop.relocates)
-
-    meta = {**onnx_metadata(loaded), "removed_activations": ",".join(result.removed)}
-    info("exporting ONNX")
-    exports = {name: export_onnx(model, example, out_dir / "onnx" / f"{name}.onnx", meta, cfg.simplify, cfg.opset)
-               for name, model in (("original", original), ("linearized", linearized))}
-    folded, folds, exports["folded"] = fold_and_ship(linearized, example, inputs, cfg.fold, out_dir, meta, cfg)
+    meta = {**onnx_metadata(loaded), **preprocessing_metadata(loaders)}
+    exports = {"original": export_onnx(original, example, out_dir / "onnx" / "original.onnx", meta, cfg.simplify,
+                                       cfg.opset)}
+    shipment = ship(kept_steps(original, result, out_dir, cfg.loop.relocates), Path(exports["original"]["path"]),
+                    example, inputs, out_dir, meta, cfg)
+    chosen = shipment.chosen
+    info(f"shipping {chosen.label}: {shipment.reason}")
+    shipped = dataclasses.replace(result, model=chosen.step.model, removed=chosen.step.removed,
+                                  final_top1=chosen.step.top1, final_ppl=chosen.step.ppl)
+    save_linearized(out_dir / "linearized.pt", loaded, shipped, cfg.loop.relocates)
+    exports["linearized"] = export_onnx(shipped.model, example, out_dir / "onnx" / "linearized.onnx",
+                                        _step_meta(meta, chosen.step), cfg.simplify, cfg.opset)
+    exports["folded"] = chosen.export
+    folded, folds = chosen.folded, chosen.folds
     bench_rows = _bench(exports, example, cfg, original, folded)
-    merges = [f for f in folds if f.applied and f.kind in MERGE_KINDS]
-    if cfg.fold == "auto" and merges and exports["folded"]["verify"]["passed"]:
-        fallback, fallback_folds = fold_model(linearized, example, mode="none")
-        why = plan_refusal(bench_rows, folded, fallback)
-    else:
-        why = ""
-    if why:
-        info(f"[yellow]{why}: keeping BatchNorm folding only[/]")
-        folded, folds = fallback, fallback_folds
-        exports["folded"] = ship(folded, folds, linearized, example, out_dir / "model.onnx", inputs, meta, cfg)
-        folds += [dataclasses.replace(f, applied=False, reason=f"end-to-end check: {why}") for f in merges]
-        bench_rows = _bench(exports, example, cfg, original, folded)
-    if cfg.fold == "auto" and exports["folded"]["verify"]["passed"]:
-        record, switched = _every_merge_if_faster(linearized, example, inputs, folds, out_dir, meta, cfg)
-        if switched is not None:
-            folded, folds, exports["folded"] = switched
-            bench_rows = _bench(exports, example, cfg, original, folded)
-        folds = folds + ([record] if record is not None else [])
     verify = exports["folded"]["verify"]
 
-    report = build_report(loaded, cfg, result, original, folded, example, folds, exports, bench_rows,
-                          loaders.skipped)
+    report = build_report(loaded, cfg, shipped, original, folded, example, folds, exports, bench_rows,
+                          loaders.skipped, shipment.to_dict(), loaders.preprocessing)
     write_report(report, out_dir)
     if report["rounds"]:
         console.print(rounds_table(report))
@@ -336,7 +302,8 @@ def _ppl(value: float | None) -> dict:
 
 def build_report(loaded: LoadedModel, cfg: CompressConfig, result: LoopResult, original: nn.Module,
                  folded: fx.GraphModule, example: torch.Tensor, folds: list, exports: dict,
-                 bench_rows: list[dict], skipped: list[str] | None = None) -> dict:
+                 bench_rows: list[dict], skipped: list[str] | None = None, shipment: dict | None = None,
+                 preprocessing: Preprocessing | None = None) -> dict:
     removed_round = {name: r.round for r in result.history if r.within_budget for name in r.removed}
     entropy0 = {e["name"]: e["entropy"] for e in result.entropy0}
     return {
@@ -363,7 +330,9 @@ def build_report(loaded: LoadedModel, cfg: CompressConfig, result: LoopResult, o
         "export": {k: v for k, v in exports["folded"].items() if k != "verify"},
         "verify": exports["folded"]["verify"],
         "bench": bench_rows,
-        "data": {"skipped_images": len(skipped or []), "skipped": skipped or []},
+        "data": {"skipped_images": len(skipped or []), "skipped": skipped or [],
+                 **({} if preprocessing is None else {"preprocessing": preprocessing.to_dict()})},
+        **({} if shipment is None else {"shipped": shipment}),
         **({} if loaded.text is None else {"text": {
             "task": loaded.text.task, "metric": loaded.text.metric, "sequence_length": int(example.shape[1]),
             "verified_lengths": list(two_lengths(int(example.shape[1]))),

@@ -73,24 +73,42 @@ class Teacher:
 
 
 @torch.no_grad()
-def evaluate_metrics(model: nn.Module, loader: DataLoader, device: torch.device) -> dict[str, float]:
+def evaluate_metrics(model: nn.Module, loader: DataLoader, device: torch.device) -> dict:
     """Top-1 accuracy in percent and perplexity (exp of the mean cross-entropy), over every labelled position
-    (summed over ranks under DDP): a classifier's top-1, or a language model's next-token accuracy."""
+    (summed over ranks under DDP): a classifier's top-1, or a language model's next-token accuracy. Also per
+    sample (one image, or one text row), in loader order and gathered over ranks: ``correct`` (share of its
+    labelled positions predicted right) and ``nll`` (their mean cross-entropy), for paired comparisons."""
     was_training = model.training
     model.eval()
     sums = torch.zeros(3, dtype=torch.float64, device=device)  # correct, positions, summed cross-entropy
+    correct, nll = [], []
     for x, y in loader:
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         logits = model(x)
-        labelled = y.flatten() != -100
-        sums[0] += (logits.flatten(0, -2).argmax(-1) == y.flatten())[labelled].sum()
-        sums[1] += labelled.sum()
-        sums[2] += prediction_loss(logits, y, "sum")
+        rows = y.reshape(y.shape[0], -1)
+        labelled = rows != -100
+        hits = (logits.reshape(*rows.shape, -1).argmax(-1) == rows) & labelled
+        losses = F.cross_entropy(logits.flatten(0, -2).float(), y.flatten(), reduction="none").reshape(rows.shape)
+        count = labelled.sum(1).clamp_min(1)
+        correct.append((hits.sum(1) / count).double().cpu())
+        nll.append((losses.sum(1) / count).double().cpu())
+        sums += torch.stack([hits.sum(), labelled.sum(), losses.sum()]).to(sums)
     if is_distributed():
         dist.all_reduce(sums)
     model.train(was_training)
     positions = sums[1].clamp_min(1)
-    return {"top1": float(100.0 * sums[0] / positions), "ppl": math.exp(min(float(sums[2] / positions), 700.0))}
+    return {"top1": float(100.0 * sums[0] / positions), "ppl": math.exp(min(float(sums[2] / positions), 700.0)),
+            "correct": _gathered(correct), "nll": _gathered(nll)}
+
+
+def _gathered(parts: list[torch.Tensor]) -> torch.Tensor:
+    """This rank's per-sample values, concatenated with every other rank's in rank order under DDP."""
+    local = torch.cat(parts) if parts else torch.zeros(0, dtype=torch.float64)
+    if not is_distributed():
+        return local
+    every: list = [None] * dist.get_world_size()
+    dist.all_gather_object(every, local)
+    return torch.cat(every)
 
 
 def evaluate(model: nn.Module, loader: DataLoader, device: torch.device) -> float:

@@ -22,11 +22,10 @@ from easier_export.fold.planner import (
     SegmentSpec,
     best_partition,
     find_chains,
-    median_ci,
-    median_ci_rank,
     segment_graph,
     trusted_saving,
 )
+from easier_export.stats import median_ci, median_ci_rank
 
 
 class Block(nn.Module):

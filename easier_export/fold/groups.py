@@ -56,6 +56,7 @@ class Group:
     sites: tuple[str, ...]
     us_saved: float
     detail: str
+    us_spread: float = 0.0  # half-width (us) of the saving's interval, from the merge the group is named after
 
 
 @dataclass
@@ -85,7 +86,7 @@ class FoldGroups:
                 continue
             gain = self.saving(removed | set(need)) - base
             if gain > 0:
-                seen[need] = Group(need, gain, seg.detail)
+                seen[need] = Group(need, gain, seg.detail, seg.us_spread)
         return sorted(seen.values(), key=lambda g: (-g.us_saved, g.sites))
 
     def to_dict(self) -> dict:
@@ -95,6 +96,23 @@ class FoldGroups:
     def from_dict(cls, data: dict) -> FoldGroups:
         segs = [GroupSegment(**{**s, "sites": tuple(s["sites"])}) for s in data["segments"]]
         return cls(segs, list(data["chain_lengths"]))
+
+
+def comparable_savings(groups: list[Group]) -> dict[tuple[str, ...], float]:
+    """The saving each group is ranked by: groups whose saving intervals overlap (chained, largest first) are
+    one class and all count the class's smallest saving, so that which of two near-equal merges timed faster in
+    this run -- a difference inside the noise -- never decides the order; risk then does."""
+    ranked: dict[tuple[str, ...], float] = {}
+    members: list[Group] = []
+    floor = float("inf")
+    for g in sorted(groups, key=lambda g: (-g.us_saved, g.sites)):
+        if members and g.us_saved + g.us_spread < floor:
+            ranked.update({m.sites: min(x.us_saved for x in members) for m in members})
+            members, floor = [], float("inf")
+        members.append(g)
+        floor = min(floor, g.us_saved - g.us_spread)
+    ranked.update({m.sites: min(x.us_saved for x in members) for m in members})
+    return ranked
 
 
 def find_groups(gm: GraphModule, sites: list[str], example: Tensor, table: LatencyTable) -> FoldGroups:

@@ -33,6 +33,7 @@ from torch.fx import GraphModule, Node
 
 from ..bench import physical_cores, session_options
 from ..io import save_json
+from ..stats import median_ci
 from ._common import (
     BiasMapConv2d,
     FoldRecord,
@@ -246,25 +247,6 @@ def trusted_saving(before: float, after: float, spread: float) -> float:
     """A measured saving, 0 unless its confidence interval lies above 0 (``LatencyTable`` stores it so)."""
     gain = before - after
     return gain if gain > spread else 0.0
-
-
-def median_ci_rank(n: int) -> int | None:
-    """0-based rank k such that [k-th, (n-1-k)-th smallest] of n values covers their median with at least 95 %
-    probability (distribution-free: the sign test). The normal approximation's rank, one wider, so coverage holds
-    at every n (exactly checked in the tests); None below 6 values, where no such pair of values exists."""
-    if n < 6:
-        return None
-    return max(0, math.floor((n - 1.96 * math.sqrt(n)) / 2) - 1)
-
-
-def median_ci(values: list[float]) -> tuple[float, float, float]:
-    """(median, low, high) with a 95 % confidence interval that assumes no distribution: block timings are
-    skewed and heavy-tailed. Infinite bounds below 6 values."""
-    k = median_ci_rank(len(values))
-    if k is None:
-        return statistics.median(values), -math.inf, math.inf
-    ordered = sorted(values)
-    return statistics.median(ordered), ordered[k], ordered[len(values) - 1 - k]
 
 
 # ---------------------------------------------------------------------------------------------- chains

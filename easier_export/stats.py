@@ -1,0 +1,129 @@
+"""The project's statistical decisions in one place: "is it faster" and "is it within budget", each with the
+confidence it is made at.
+
+Both compare two things measured side by side on the same material (interleaved timing blocks; the same
+validation images), so both are *paired*: the noise that hits both sides alike cancels.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from dataclasses import dataclass
+from statistics import NormalDist
+
+import torch
+
+
+def median_ci_rank(n: int) -> int | None:
+    """0-based rank k such that [k-th, (n-1-k)-th smallest] of n values covers their median with at least 95 %
+    probability (distribution-free: the sign test). The normal approximation's rank, one wider, so coverage holds
+    at every n (exactly checked in the tests); None below 6 values, where no such pair of values exists."""
+    if n < 6:
+        return None
+    return max(0, math.floor((n - 1.96 * math.sqrt(n)) / 2) - 1)
+
+
+def median_ci(values: list[float]) -> tuple[float, float, float]:
+    """(median, low, high) with a 95 % confidence interval that assumes no distribution: block timings are
+    skewed and heavy-tailed. Infinite bounds below 6 values."""
+    k = median_ci_rank(len(values))
+    if k is None:
+        return statistics.median(values), -math.inf, math.inf
+    ordered = sorted(values)
+    return statistics.median(ordered), ordered[k], ordered[len(values) - 1 - k]
+
+
+@dataclass(frozen=True)
+class Speedup:
+    """How many times faster a candidate ran than a baseline: the median of per-block ratios (baseline block
+    median / candidate block median, the blocks interleaved) with its 95 % interval."""
+
+    ratio: float
+    low: float
+    high: float
+    blocks: int
+
+    @property
+    def faster(self) -> bool:
+        """Faster beyond the noise: the whole interval lies above 1."""
+        return self.low > 1.0
+
+    @property
+    def settled(self) -> bool:
+        """The interval no longer straddles 1, or is narrower than ±2 %: more blocks would not change the verdict
+        materially."""
+        return self.low > 1.0 or self.high < 1.0 or (self.high - self.low) / 2 <= 0.02 * self.ratio
+
+    def to_dict(self) -> dict:
+        return {"ratio": self.ratio, "low": self.low, "high": self.high, "blocks": self.blocks,
+                "faster": self.faster}
+
+
+def speedup(base_blocks: list[float], cand_blocks: list[float]) -> Speedup:
+    """Compare two equally long lists of interleaved block medians (ms)."""
+    ratio, low, high = median_ci([b / c for b, c in zip(base_blocks, cand_blocks, strict=True)])
+    return Speedup(ratio, low, high, len(base_blocks))
+
+
+@dataclass(frozen=True)
+class PairedChange:
+    """A candidate's change against the original on the same validation samples: ``change`` (candidate minus
+    original, in the metric's unit), its one-sided bound on the bad side at ``confidence``, the samples and how
+    many of them changed outcome (discordant)."""
+
+    change: float
+    bound: float
+    confidence: float
+    n: int
+    discordant: int
+
+    def to_dict(self) -> dict:
+        return {"change": self.change, "bound": self.bound, "confidence": self.confidence, "n": self.n,
+                "discordant": self.discordant}
+
+
+def z_one_sided(confidence: float) -> float:
+    """The normal quantile of a one-sided bound; 0 at confidence 0 (the point estimate, no margin)."""
+    return NormalDist().inv_cdf(confidence) if confidence > 0 else 0.0
+
+
+def paired_accuracy_change(base: torch.Tensor, cand: torch.Tensor, confidence: float) -> PairedChange:
+    """Change of top-1 (points) from per-sample correctness (1/0, or a row's share of correct positions).
+
+    The variance is that of the per-sample differences, with half a sample added to each of the gained and lost
+    cells (Agresti–Min), so that a run with few or no changed outcomes still gets an interval that is not zero
+    wide. ``bound`` is the lower bound of the change (the worst plausible drop, negative for a loss)."""
+    diff = cand.double() - base.double()
+    n = diff.numel()
+    gained = float(diff.clamp_min(0).sum()) + 0.5
+    lost = float((-diff).clamp_min(0).sum()) + 0.5
+    m = n + 1
+    mean = (gained - lost) / m
+    var = max((gained + lost) / m - mean ** 2, 0.0)
+    half = z_one_sided(confidence) * math.sqrt(var / m)
+    change = 100.0 * float(diff.mean())
+    return PairedChange(change, change - 100.0 * half, confidence, n, int((diff != 0).sum()))
+
+
+def paired_ppl_change(base_nll: torch.Tensor, cand_nll: torch.Tensor, confidence: float) -> PairedChange:
+    """Change of perplexity (percent) from per-sequence mean negative log-likelihoods: the mean NLL difference
+    with a normal bound over sequences; ``bound`` is the upper bound of the increase (percent)."""
+    diff = cand_nll.double() - base_nll.double()
+    n = diff.numel()
+    mean = float(diff.mean())
+    sd = float(diff.std()) if n > 1 else math.inf
+    half = z_one_sided(confidence) * sd / math.sqrt(n) if confidence > 0 else 0.0
+    return PairedChange(100.0 * math.expm1(mean), 100.0 * math.expm1(mean + half), confidence, n,
+                        int((diff != 0).sum()))
+
+
+def resolvable_drop(accuracy: float, n: int, confidence: float) -> tuple[float, int]:
+    """Before any round: the margin (points) a paired bound on ``n`` validation images adds to the observed drop,
+    assuming a candidate changes the outcome of as many images as half the original's errors (a typical share
+    after one finetune), and how many images would make that margin 0.5 points."""
+    discordant = max((100.0 - accuracy) / 200.0, 1.0 / max(n, 1))
+    z = z_one_sided(confidence)
+    margin = 100.0 * z * math.sqrt(discordant / max(n, 1))
+    needed = math.ceil(discordant * (100.0 * z / 0.5) ** 2)
+    return margin, needed

@@ -1,0 +1,240 @@
+"""The promise: what ships is faster than the original beyond the noise, or it is the original; a budget judged
+on a paired interval; the same choice twice. No wall clock: timings are scripted."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from easier_export import shipping
+from easier_export.bench import BLOCK_ITERS, race_runners
+from easier_export.fold.groups import Group, comparable_savings
+from easier_export.graph import find_call_sites, remove_sites, trace
+from easier_export.linearize import LoopConfig, Task, pick_group
+from easier_export.stats import (
+    Speedup,
+    paired_accuracy_change,
+    paired_ppl_change,
+    resolvable_drop,
+    speedup,
+)
+
+
+# ---------------------------------------------------------------------------------------------- statistics
+def _outcomes(n: int, lost: int, gained: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-image correctness of an original and a candidate that loses ``lost`` and gains ``gained`` images."""
+    base = torch.zeros(n)
+    base[: n // 2] = 1
+    cand = base.clone()
+    cand[:lost] = 0
+    cand[n // 2: n // 2 + gained] = 1
+    return base, cand
+
+
+def test_paired_change_and_its_bound_on_constructed_outcomes():
+    base, cand = _outcomes(1000, lost=30, gained=10)
+    observed = paired_accuracy_change(base, cand, confidence=0.0)
+    assert observed.change == pytest.approx(-2.0) and observed.bound == observed.change
+    assert (observed.n, observed.discordant) == (1000, 40)
+    bounded = paired_accuracy_change(base, cand, confidence=0.9)
+    # Agresti–Min: (10.5 - 30.5) / 1001 = -0.01998; var = 41 / 1001 - 0.01998² ; z = 1.2816
+    var = 41 / 1001 - (20 / 1001) ** 2
+    assert bounded.bound == pytest.approx(-2.0 - 100 * 1.2815516 * math.sqrt(var / 1001), rel=1e-5)
+    assert paired_accuracy_change(base, cand, 0.95).bound < bounded.bound < bounded.change
+    # no changed outcome: still an interval, not a zero-wide one
+    same = paired_accuracy_change(base, base, 0.9)
+    assert same.change == 0.0 and -0.2 < same.bound < 0.0
+
+
+def test_budget_judged_on_the_bound_not_on_the_observed_drop():
+    """−0.9 observed on 1,000 images is within a 1-point budget at confidence 0 (the old rule) and not at 0.9."""
+    base, cand = _outcomes(1000, lost=45, gained=36)
+    task = Task()
+    metrics = ({"correct": base, "nll": base}, {"correct": cand, "nll": cand})
+    assert task.within(LoopConfig(confidence=0.0), task.change(LoopConfig(confidence=0.0), *metrics))
+    assert not task.within(LoopConfig(confidence=0.9), task.change(LoopConfig(confidence=0.9), *metrics))
+    assert task.within(LoopConfig(confidence=0.9, max_drop=3.0), task.change(LoopConfig(confidence=0.9), *metrics))
+
+
+def test_paired_perplexity_change():
+    base = torch.full((400,), 2.0)
+    cand = base + 0.01 + 0.02 * torch.linspace(-1, 1, 400)
+    change = paired_ppl_change(base, cand, 0.9)
+    assert change.change == pytest.approx(100 * math.expm1(0.01), rel=1e-6)
+    assert change.bound > change.change
+    assert paired_ppl_change(base, cand, 0.0).bound == pytest.approx(change.change)
+
+
+def test_unresolvable_budget_is_estimated_before_the_first_round():
+    margin, needed = resolvable_drop(67.0, 1000, 0.9)  # the issue's user: 100 val images per class
+    assert margin > 1.0 and needed > 1000
+    margin, _ = resolvable_drop(67.0, needed, 0.9)
+    assert margin == pytest.approx(0.5, abs=0.01)
+    assert resolvable_drop(99.4, 360, 0.9)[0] < 0.5  # the demo's digits
+
+
+def test_speedup_interval_from_interleaved_blocks():
+    base = [10.0, 10.2, 9.9, 10.1, 10.0, 10.3, 9.8, 10.1]
+    assert speedup(base, [b / 1.25 for b in base]).faster
+    slower = speedup(base, [b * 1.1 for b in base])
+    assert not slower.faster and slower.high < 1.0 and slower.settled
+    noisy = speedup(base, [5.0, 20.0, 5.0, 20.0, 5.0, 20.0, 5.0, 20.0])
+    assert not noisy.faster and not noisy.settled
+    assert speedup(base[:5], base[:5]).low == -math.inf  # fewer than six blocks: no interval
+
+
+class ScriptedClock:
+    """A clock that each runner advances by its scripted cost (ms), plus an alternating drift per call."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+        self.calls = 0
+
+    def __call__(self) -> float:
+        return self.now
+
+    def runner(self, ms: float, jitter: float = 0.0):
+        def run() -> None:
+            self.calls += 1
+            self.now += (ms + (jitter if self.calls % 2 else -jitter)) / 1e3
+        return run
+
+
+def test_race_stops_once_every_comparison_is_settled():
+    clock = ScriptedClock()
+    verdicts = race_runners({"original": clock.runner(1.0, 0.05), "merged": clock.runner(0.5, 0.05),
+                             "same": clock.runner(1.0, 0.05)}, "original", max_seconds=60.0, clock=clock)
+    assert verdicts["merged"].faster and verdicts["merged"].ratio == pytest.approx(2.0, rel=0.1)
+    assert not verdicts["same"].faster and verdicts["same"].settled
+    assert verdicts["merged"].blocks == 6  # settled at the first interval: no more timing than needed
+
+
+def test_race_gives_up_at_its_time_budget_and_calls_nothing_faster():
+    clock = ScriptedClock()
+    calls = iter(range(10**6))
+
+    def noisy() -> None:  # whole blocks alternately twice as fast and 1.5 times as slow as the original
+        clock.now += (0.5 if next(calls) // BLOCK_ITERS % 2 else 1.5) / 1e3
+
+    verdicts = race_runners({"original": clock.runner(1.0), "noisy": noisy}, "original", max_seconds=1.0,
+                            warmup=0, clock=clock)
+    assert not verdicts["noisy"].faster and clock.now >= 1.0
+
+
+# ---------------------------------------------------------------------------------------------- same order
+def test_groups_whose_savings_overlap_are_ordered_by_risk_alone():
+    """12.6 ± 2 and 12.1 ± 2 us are the same saving: the lower-risk group goes first whichever timed faster."""
+    a, b = Group(("s1a", "s1b"), 12.6, "stage 1", 2.0), Group(("s2a", "s2b"), 12.1, "stage 2", 2.0)
+    far = Group(("s3",), 40.0, "stage 3", 1.0)
+    ranked = comparable_savings([a, b, far])
+    assert ranked[a.sites] == ranked[b.sites] == 12.1 and ranked[far.sites] == 40.0
+    swapped = comparable_savings([Group(a.sites, 12.1, "", 2.0), Group(b.sites, 12.6, "", 2.0), far])
+    assert swapped[a.sites] == swapped[b.sites]
+
+    class Groups:
+        def __init__(self, groups: list[Group]) -> None:
+            self.groups = groups
+
+        def candidates(self, removed: set[str], allowed: set[str] | None = None) -> list[Group]:
+            return self.groups
+
+    scores = {"s1a": 0.2, "s1b": 0.2, "s2a": 0.1, "s2b": 0.1, "s3": 5.0}
+    for first, second in ((12.6, 12.1), (12.1, 12.6)):  # which one timed faster does not matter
+        groups = Groups([Group(a.sites, first, "", 2.0), Group(b.sites, second, "", 2.0)])
+        assert pick_group(scores, groups, [], [], 10)[0] == list(b.sites)
+
+
+# ---------------------------------------------------------------------------------------------- what ships
+class Net(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b, self.c = nn.Conv2d(3, 8, 1), nn.Conv2d(8, 8, 3, padding=1), nn.Conv2d(8, 3, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.c(torch.relu(self.b(torch.relu(self.a(x)))))
+
+
+def _steps() -> list[shipping.Step]:
+    torch.manual_seed(0)
+    original = trace(Net().eval())
+    sites = [s.name for s in find_call_sites(original)]
+    return [shipping.Step(2, sites, 90.0, remove_sites(original, sites, relocate=True).eval()),
+            shipping.Step(1, sites[:1], 91.0, remove_sites(original, sites[:1], relocate=True).eval()),
+            shipping.Step(0, [], 92.0, original)]
+
+
+def _exporter(folded, folds, step, path: Path) -> dict:
+    """Stands in for export + verify: a file per distinct graph (the folded weights' bytes)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(b"".join(t.detach().numpy().tobytes() for t in folded.state_dict().values()))
+    return {"path": str(path), "verify": {"passed": True}}
+
+
+@pytest.fixture
+def no_timed_plan(monkeypatch):
+    """The "auto" plan made without the clock: a plan of no merge."""
+    real_fold = shipping.fold_model
+    monkeypatch.setattr(shipping, "fold_model", lambda gm, example, mode, **kw: real_fold(
+        gm, example, mode="none" if mode == "auto" else mode))
+
+
+def _scripted_race(ratios: dict[str, float]):
+    """race() replaced by verdicts per candidate label (any label not named: ×0.90, slower)."""
+    calls = []
+
+    def race(models, baseline, *args, **kwargs):
+        calls.append(sorted(k for k in models if k != baseline))
+        r = {k: ratios.get(k, 0.90) for k in models if k != baseline}
+        return {k: Speedup(v, v * 0.97, v * 1.03, 6) for k, v in r.items()}
+    return race, calls
+
+
+def test_a_plan_slower_than_the_original_steps_back_to_a_faster_round(tmp_path, monkeypatch, no_timed_plan):
+    race, calls = _scripted_race({"round 1, fold all": 1.2})
+    monkeypatch.setattr(shipping, "race", race)
+    shipment = shipping.choose(_steps(), tmp_path / "original.onnx", _exporter, torch.randn(1, 3, 8, 8), "auto",
+                               True, "cpu", 1, 1, tmp_path / "work", {})
+    assert shipment.chosen.step.round == 1 and shipment.chosen.mode == "all"
+    assert "×1.20 faster" in shipment.reason
+    # relocated padding never ships unmerged: no BatchNorm-only candidate for rounds 2 and 1
+    assert all("fold none" not in label for c in calls[:2] for label in c)
+
+
+def test_nothing_faster_ships_the_original_and_says_so(tmp_path, monkeypatch, no_timed_plan):
+    race, calls = _scripted_race({})
+    monkeypatch.setattr(shipping, "race", race)
+    shipment = shipping.choose(_steps(), tmp_path / "original.onnx", _exporter, torch.randn(1, 3, 8, 8), "auto",
+                               True, "cpu", 1, 1, tmp_path / "work", {})
+    assert shipment.chosen.step.round == 0 and shipment.chosen.mode == "none"
+    assert shipment.reason == shipping.NO_SPEEDUP and shipment.to_dict()["removed"] == []
+    assert len(calls) == 3 and all(t["speedup"]["faster"] is False for t in shipment.tried)
+
+
+def test_an_unmeasurable_speedup_with_more_weights_does_not_ship(tmp_path, monkeypatch):
+    """Two candidates faster than the original and alike within the noise: the one storing fewer numbers ships."""
+    race, _ = _scripted_race({"round 2, fold auto": 1.30, "round 2, fold all": 1.31})
+    monkeypatch.setattr(shipping, "race", race)
+    monkeypatch.setattr(shipping, "stored_numbers", lambda m: 10 if m is shipping_models["auto"] else 20)
+    shipping_models: dict[str, nn.Module] = {}
+    real_fold = shipping.fold_model
+
+    def fold(gm, example, mode, **kw):
+        folded, folds = real_fold(gm, example, mode="none" if mode == "auto" else mode)
+        shipping_models[mode] = folded
+        return folded, folds
+
+    monkeypatch.setattr(shipping, "fold_model", fold)
+    shipment = shipping.choose(_steps(), tmp_path / "original.onnx", _exporter, torch.randn(1, 3, 8, 8), "auto",
+                               True, "cpu", 1, 1, tmp_path / "work", {})
+    assert shipment.chosen.step.round == 2 and shipment.chosen.mode == "auto"
+
+
+def test_modes_tried_per_step():
+    assert shipping.modes_for("auto", relocated=True) == ["auto", "all"]
+    assert shipping.modes_for("auto", relocated=False) == ["auto", "all", "none"]
+    assert shipping.modes_for("none", relocated=True) == ["none"]
+    assert shipping.modes_for("all", relocated=False) == ["all", "none"]
