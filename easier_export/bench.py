@@ -22,6 +22,7 @@ from .stats import Speedup, speedup
 logger = logging.getLogger(__name__)
 
 Runner = Callable[[], None]
+Providers = list[str | tuple[str, dict]]  # onnxruntime's form: a name, or a (name, provider options) pair
 DEVICES = ("cpu", "cuda")
 CPUINFO = Path("/proc/cpuinfo")
 
@@ -81,10 +82,10 @@ def _bench_device(onnx_models: dict[str, Path], torch_models: dict[str, nn.Modul
             rng.standard_normal((batch, *input_shape), dtype=np.float32)
         runners: dict[tuple[str, str, str], Runner] = {}
         for label, path in onnx_models.items():
-            runner, provider = _ort_runner(Path(path), x, device, providers, threads)
+            runner, provider = ort_runner(Path(path), x, device, providers, threads)
             runners[label, "onnxruntime", provider] = runner
         for label, model in torch_models.items():
-            runners[label, "torch", "eager"] = _torch_runner(model, x, device)
+            runners[label, "torch", "eager"] = torch_runner(model, x, device)
         times = _interleaved(list(runners.values()), *budget)
         for (label, backend, provider), ms in zip(runners, times, strict=True):
             row = {"label": label, "backend": backend, "provider": provider, "device": device, "batch": batch,
@@ -174,12 +175,14 @@ def session_options(threads: int) -> ort.SessionOptions:
     return options
 
 
-def _session(path: Path, providers: list[str], threads: int) -> ort.InferenceSession:
+def _session(path: Path, providers: Providers, threads: int) -> ort.InferenceSession:
     return ort.InferenceSession(str(path), session_options(threads), providers=providers)
 
 
-def _ort_runner(path: Path, x: np.ndarray, device: str, providers: list[str],
-                threads: int) -> tuple[Runner, str]:
+def ort_runner(path: Path, x: np.ndarray, device: str, providers: Providers,
+               threads: int) -> tuple[Runner, str]:
+    """One inference of ``path`` on ``x`` as a callable, and the provider that runs it (the first of
+    ``providers`` that loaded: a name, or a (name, options) pair); on ``cuda`` input and output stay on the GPU."""
     try:
         session = _session(path, providers, threads)
     except Exception as e:  # a TensorRT EP whose libraries are missing fails here; so does a damaged file
@@ -206,7 +209,8 @@ def _ort_runner(path: Path, x: np.ndarray, device: str, providers: list[str],
     return run, provider
 
 
-def _torch_runner(model: nn.Module, x: np.ndarray, device: str) -> Runner:
+def torch_runner(model: nn.Module, x: np.ndarray, device: str) -> Runner:
+    """One eager inference of an eval copy of ``model`` on ``device``, synchronised, as a callable."""
     model = eval_copy(model, device)
     inp = torch.from_numpy(x).to(device)
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
@@ -217,6 +221,14 @@ def _torch_runner(model: nn.Module, x: np.ndarray, device: str) -> Runner:
         sync()
 
     return run
+
+
+def time_runners(runners: list[Runner], warmup: int = 10, min_iters: int = 30, max_seconds: float = 2.0,
+                 repeats: int = 3) -> list[dict]:
+    """Interleaved timing of any callables (another backend than ``bench``'s): one statistics row each, with the
+    medians of its repeats (``repeat_p50_ms``), so that a ratio of two rows can also be read repeat by repeat."""
+    chunks = _interleaved(runners, warmup, min_iters, max_seconds, repeats)
+    return [{**_stats(c), "repeat_p50_ms": [float(np.median(chunk)) for chunk in c]} for c in chunks]
 
 
 def _interleaved(runners: list[Runner], warmup: int, min_iters: int, max_seconds: float,

@@ -139,6 +139,29 @@ def test_plan_and_fold_measures_caches_and_stays_exact(tmp_path: pathlib.Path, m
     assert [r.to_dict() for r in records_again] == [r.to_dict() for r in records]
 
 
+def test_a_recorded_plan_is_replayed_without_timing(monkeypatch) -> None:
+    """Rebuilding a shipped model elsewhere: exactly the recorded merges come back, and nothing is timed."""
+    torch.manual_seed(0)
+    gm = traced(nn.Sequential(Block(8, 48), Block(8, 48, residual=False)), torch.float32)
+    x = torch.randn(2, 8, 16, 16)
+    _fake_timing(monkeypatch, FakeClock())
+    planned, records = plan_and_fold(gm, x[:1], threads=1)
+    recorded = [r.nodes for r in records if r.applied]
+    assert recorded
+
+    def no_timing(*_: object) -> tuple:
+        raise AssertionError("a replay timed a merge")
+
+    monkeypatch.setattr(LatencyTable, "_time_pair", no_timing)
+    replayed, again = plan_and_fold(gm, x[:1], replay=recorded)
+    assert [r.nodes for r in again if r.applied] == recorded
+    assert all(r.us_before is None for r in again if r.applied)
+    assert str(replayed.graph) == str(planned.graph)
+    assert_same(planned, replayed, x, 1e-6)
+    nothing, none_applied = plan_and_fold(gm, x[:1], replay=[])
+    assert not any(r.applied for r in none_applied) and count_modules(nothing, nn.Conv2d) == 6
+
+
 def test_in_context_timing_sees_the_ops_removed(monkeypatch) -> None:
     """Three 1x1 convs against their merge, timed as graphs: the merge saves two dispatches (two nodes), which
     single-op timings minus their call overhead net out; the loop stops as soon as the difference is stable."""

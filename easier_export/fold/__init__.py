@@ -8,6 +8,7 @@ latency, which merges are worth applying.
 from __future__ import annotations
 
 import pathlib
+from collections.abc import Collection, Sequence
 
 import torch
 from torch.fx import GraphModule
@@ -44,11 +45,12 @@ def fold_model(
     target: str = "cpu",
     cache: pathlib.Path | None = None,
     threads: int | None = None,
+    replay: Collection[Sequence[str]] | None = None,
 ) -> tuple[GraphModule, list[FoldRecord]]:
     """Run all passes on an eval-mode GraphModule at the static input shape of `example` (batch dim may
     vary at run time; spatial size is static). 'none' still removes identities and folds BN (always a win,
     exact); 'all' applies every exact merge; 'auto' applies a merge only when the planner measured it faster
-    on `target`.
+    on `target`, or, given `replay` (the node names of the merges a recorded 'auto' plan applied), exactly those.
     """
     if mode not in MODES:
         raise ValueError(f"fold mode {mode!r} is not one of {MODES}")
@@ -58,7 +60,7 @@ def fold_model(
     records += bn_records + ln_records
     if mode == "auto":
         records += _refusals(gm)
-        gm, planned = plan_and_fold(gm, example, target=target, cache=cache, threads=threads)
+        gm, planned = plan_and_fold(gm, example, target=target, cache=cache, threads=threads, replay=replay)
         records += planned
     elif mode == "all":
         gm, merged = _merge_all(gm, example)

@@ -16,12 +16,14 @@ Timings are cached in a JSON latency table keyed by the segment's signature, so 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
 import pathlib
 import statistics
 import time
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -435,35 +437,59 @@ def _kind(chain: Chain, seg: Segment) -> str:
     return "conv_conv" if isinstance(chain.modules[0], nn.Conv2d) else "linear_linear"
 
 
+class _Untimed(LatencyTable):
+    """Stands in for ``LatencyTable`` when a recorded plan is replayed: nothing is timed, nothing cached."""
+
+    def times(self, spec: SegmentSpec, merged: nn.Module) -> tuple[float, float, float]:
+        return 0.0, 0.0, 0.0
+
+    def save(self) -> None:
+        pass
+
+
+def _verdict(seg: Segment, target: str) -> str:
+    """Why a timed exact merge was not chosen."""
+    if seg.saving <= 0:
+        verdict = "slower" if seg.us_after >= seg.us_before else "saving within timing noise"
+    else:
+        verdict = "less saving than the chosen plan"
+    return (f"{verdict} on {target}: {seg.us_before:.1f}us -> {seg.us_after:.1f}us "
+            f"(±{seg.us_spread:.1f}us, in context)")
+
+
 def plan_and_fold(
     gm: GraphModule,
     example: Tensor,
     target: str = "cpu",
     cache: pathlib.Path | None = None,
     threads: int | None = None,
+    replay: Collection[Sequence[str]] | None = None,
 ) -> tuple[GraphModule, list[FoldRecord]]:
-    """Apply the set of exact merges with the largest measured saving on ``target``."""
+    """Apply the set of exact merges with the largest measured saving on ``target``.
+
+    ``replay``: the node names of the merges a plan applied (its records' ``nodes``); exactly those are applied
+    again and nothing is timed, so a shipped model can be rebuilt on another machine than the one that planned it.
+    """
     gm = fresh_copy(gm)
     propagate_shapes(gm, example)
-    table = LatencyTable(target, threads, cache)
+    table = LatencyTable(target, threads, cache) if replay is None else _Untimed()
+    wanted = None if replay is None else {tuple(names) for names in replay}
     records: list[FoldRecord] = []
     for chain in find_chains(gm):
         planner = ChainPlanner(chain, table)
-        chosen, others = planner.plan()
+        usable = None
+        if wanted is not None:  # the recorded merges get a saving, every other one none
+            usable = [dataclasses.replace(s, us_before=1.0) if tuple(n.name for n in planner.segment_nodes(s))
+                      in wanted else s for s in planner.segments()]
+        chosen, others = planner.plan(usable)
+        timed = (lambda seg: (seg.us_before, seg.us_after)) if wanted is None else (lambda seg: (None, None))
         for seg in chosen:
             names = [n.name for n in planner.segment_nodes(seg)]
-            records.append(FoldRecord(_kind(chain, seg), names, planner.describe(seg), True, "",
-                                      seg.us_before, seg.us_after))
+            records.append(FoldRecord(_kind(chain, seg), names, planner.describe(seg), True, "", *timed(seg)))
         for seg in others:
             names = [n.name for n in planner.segment_nodes(seg)]
-            if seg.saving <= 0:
-                verdict = "slower" if seg.us_after >= seg.us_before else "saving within timing noise"
-            else:
-                verdict = "less saving than the chosen plan"
-            reason = (f"{verdict} on {target}: {seg.us_before:.1f}us -> {seg.us_after:.1f}us "
-                      f"(±{seg.us_spread:.1f}us, in context)")
-            records.append(FoldRecord(_kind(chain, seg), names, planner.describe(seg), False, reason,
-                                      seg.us_before, seg.us_after))
+            reason = "not in the replayed plan" if wanted is not None else _verdict(seg, target)
+            records.append(FoldRecord(_kind(chain, seg), names, planner.describe(seg), False, reason, *timed(seg)))
         for (i, j), merge in planner.merges.items():
             if not merge.ok and (j == i + 1 or planner.merges[(i, j - 1)].ok):
                 seg = Segment(i, j, merge, 0.0, 0.0)
