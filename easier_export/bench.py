@@ -263,7 +263,7 @@ def race(onnx_models: dict[str, Path], baseline: str, input_shape: tuple[int, ..
     rng = np.random.default_rng(0)
     x = rng.integers(0, 2, (batch, *input_shape)) if tokens else \
         rng.standard_normal((batch, *input_shape), dtype=np.float32)
-    runners = {label: _ort_runner(Path(path), x, device, _providers(device), threads)[0]
+    runners = {label: ort_runner(Path(path), x, device, _providers(device), threads)[0]
                for label, path in onnx_models.items()}
     return race_runners(runners, baseline, max_seconds=max_seconds)
 
