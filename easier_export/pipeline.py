@@ -25,7 +25,7 @@ from .graph import find_call_sites, remove_sites, trace
 from .io import save_torch
 from .linearize import LoopConfig, LoopResult, Task, cpu_state, run_loop, snapshot_path
 from .models import IMAGENET_MEAN, IMAGENET_STD, LINEARIZED_FORMAT, LoadedModel
-from .report import model_stats, rounds_table, summary_table, write_report
+from .report import SCHEMA_VERSION, model_stats, rounds_table, summary_table, write_report
 from .shipping import Shipment, Step, choose
 from .text import two_lengths
 from .train import evaluate_metrics, is_main_process, resolve_device
@@ -307,7 +307,7 @@ def build_report(loaded: LoadedModel, cfg: CompressConfig, result: LoopResult, o
     removed_round = {name: r.round for r in result.history if r.within_budget for name in r.removed}
     entropy0 = {e["name"]: e["entropy"] for e in result.entropy0}
     return {
-        "schema_version": 1,
+        "schema_version": SCHEMA_VERSION,
         "tool": {"name": "easier-export", "version": __version__},
         "model": {"source": loaded.source, "input_size": list(example.shape[1:]),
                   "num_classes": loaded.num_classes},

@@ -25,7 +25,7 @@ from .bench import config_key, noisy_pair, speedups
 from .export import VerifyResult, eval_copy, verify_lines
 from .io import atomic_write, save_json
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 BASELINE_LABEL = "original"
 COMPRESSED_LABELS = ("folded", "linearized")  # the first one benchmarked stands for "compressed"
 
@@ -222,6 +222,10 @@ def summary_rows(report: dict) -> list[tuple[str, str, str, str]]:
         before, after = orig[key], comp[key]
         rows.append((name, _si(before, unit), _si(after, unit), _change(before, after, absolute)))
 
+    shipped = report.get("shipped")
+    if shipped is not None:
+        what = "the original" if shipped["round"] == 0 else f"round {shipped['round']}"
+        rows.append(("shipped", "", f"{what}, fold {shipped['fold']}", shipped["reason"]))
     bench = report.get("bench") or []
     label = _compressed_label(bench)
     if label:

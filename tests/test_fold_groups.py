@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 from _fold_util import WeightCountTable
+from conftest import scripted_evaluate
 from torch import nn
 
 from easier_export.fold.groups import FoldGroups, GroupSegment, find_groups
@@ -79,8 +80,8 @@ def test_latency_selection_removes_only_paying_groups_and_reverts_misses(tmp_pat
     from easier_export.data import digits
 
     loaders = digits(batch_size=128)
-    accuracies = iter([50.0, 10.0, 60.0, 10.0, 10.0])  # baseline, then rounds: miss, keep, miss, miss
-    monkeypatch.setattr(loop_mod, "evaluate_metrics", lambda *a, **k: {"top1": next(accuracies), "ppl": 1.0})
+    # baseline, then rounds: miss, keep, miss, miss
+    monkeypatch.setattr(loop_mod, "evaluate_metrics", scripted_evaluate([50.0, 10.0, 60.0, 10.0, 10.0]))
     monkeypatch.setattr(loop_mod, "find_groups", lambda gm, sites, x, table: find_groups(gm, sites, x,
                                                                                          WeightCountTable()))
     cfg = LoopConfig(max_drop=1.0, finetune_epochs=0.05, entropy_batches=1, select="latency", patience=1)

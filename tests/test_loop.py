@@ -1,5 +1,6 @@
 import pytest
 import torch
+from conftest import scripted_evaluate
 
 from easier_export import linearize as loop_mod
 from easier_export.arch import DemoNet
@@ -32,8 +33,8 @@ def test_pick_lowest_or_all_zeros_and_one_shot():
 
 
 def test_loop_stops_at_budget_and_keeps_last_good_model(loaders, tmp_path, monkeypatch):
-    accuracies = iter([90.0, 80.0])  # the original, then a first round 10 points down: over a 1-point budget
-    monkeypatch.setattr(loop_mod, "evaluate_metrics", lambda *a, **k: {"top1": next(accuracies), "ppl": 1.0})
+    # the original, then a first round 10 points down: over a 1-point budget
+    monkeypatch.setattr(loop_mod, "evaluate_metrics", scripted_evaluate([90.0, 80.0]))
     result = _run(loaders, tmp_path, max_drop=1.0, patience=0)
     assert result.removed == [] and "--patience 0" in result.stopped
     assert [r.within_budget for r in result.history] == [False]
@@ -161,3 +162,13 @@ def test_unreadable_state_file_says_delete_it(tmp_path, content):
     (tmp_path / loop_mod.STATE_FILE).write_bytes(content)
     with pytest.raises(UserError, match="delete it to start over"):
         loop_mod.load_state(tmp_path, {})
+
+
+def test_the_same_command_twice_gives_the_same_run(loaders, tmp_path):
+    """Same data, seeds and settings: the same removed set, history and weights (no state shared between)."""
+    first, second = _run(loaders, tmp_path / "a"), _run(loaders, tmp_path / "b")
+    assert first.removed == second.removed and first.removed
+    assert [(r.removed, r.val_top1, r.change) for r in first.history] == \
+        [(r.removed, r.val_top1, r.change) for r in second.history]
+    for (name, a), b in zip(first.model.state_dict().items(), second.model.state_dict().values(), strict=True):
+        assert torch.equal(a, b), name

@@ -70,7 +70,7 @@ def report() -> dict:
                           atol=1e-4, rtol=1e-3, min_top1=0.99, violations=0)
     stats = {"activations": 17, "params": 1000, "flops": 20000, "conv_linear_depth": 18, "onnx_bytes": 4096}
     return {
-        "schema_version": 1,
+        "schema_version": 2,
         "tool": {"name": "easier-export", "version": "0.1.0"},
         "model": {"source": "timm:resnet18", "input_size": [3, 32, 32], "num_classes": 10},
         "settings": {"max_drop": 1.0},
@@ -128,7 +128,7 @@ def test_each_missing_key_is_named(report: dict, path: str) -> None:
     (lambda r: r["original"].update(params="1k"), "original.params: expected int, got str"),
     (lambda r: r["compressed"].update(top1=None), None),
     (lambda r: r["entropy"][0].update(removed_round="1"), "entropy[0].removed_round: expected int or null"),
-    (lambda r: r.update(schema_version=2), "schema_version: expected 1, got 2"),
+    (lambda r: r.update(schema_version=1), "schema_version: expected 2, got 1"),
     (lambda r: r["original"].update(top1=0.915 * 100 * 100), "original.top1: expected a percentage"),
     (lambda r: r.update(folds={}), "folds: expected a list, got dict"),
 ])
