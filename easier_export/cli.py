@@ -12,9 +12,11 @@ import contextlib
 import dataclasses
 import functools
 import inspect
+import math
+import os
 import sys
 import typing
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -25,7 +27,7 @@ from .bench import DEVICES
 from .errors import EXIT_INTERRUPTED, EXIT_USAGE, Interrupted, UserError, VerificationError
 from .export import MAX_OPSET, MIN_OPSET
 from .fold import MODES
-from .linearize import STATE_FILE, LoopConfig
+from .linearize import STATE_FILE, LoopConfig, _field_checks
 from .ui import console
 
 app = typer.Typer(add_completion=False, no_args_is_help=False, pretty_exceptions_enable=False,
@@ -36,6 +38,22 @@ def _aliases(**old_to_new: str) -> dict[str, Any]:
     """context_settings that parse old option names as the new ones without listing them in --help (the parser
     normalises every option name it sees, without its dashes, through this map)."""
     return {"token_normalize_func": lambda name: old_to_new.get(name, name)}
+
+
+def _finite(value: float | None) -> float | None:
+    """A float option's callback: ``inf`` or ``nan`` parse as floats but mean nothing here (``inf`` seconds never
+    end, a ``nan`` tolerance passes or fails everything)."""
+    if value is not None and not math.isfinite(value):
+        raise typer.BadParameter(f"{value} is not a finite number")
+    return value
+
+
+def _real(help: str, **bounds: float) -> Any:
+    """A float option: finite, within ``bounds`` (``min``/``max``)."""
+    return typer.Option(help=help, callback=_finite, **bounds)
+
+
+MAX_THREADS = (os.cpu_count() or 1) * 4  # more only oversubscribes the cores (thousands of threads thrash them)
 
 
 def _choice(values: tuple[str, ...]) -> Any:
@@ -65,13 +83,13 @@ Fold = Annotated[_choice(MODES), typer.Option(help="auto (only merges measured f
 Target = Annotated[_choice(DEVICES), typer.Option(help="device the fold planner measures on")]
 BenchDevices = Annotated[str, typer.Option(help=f"benchmark devices, comma list of {','.join(DEVICES)}")]
 BenchBatches = Annotated[str, typer.Option(help="benchmark batch sizes, comma list")]
-BenchSeconds = Annotated[float, typer.Option(min=0.0, help="benchmark time budget per model and setting")]
-Threads = Annotated[int | None, typer.Option(min=1, help="onnxruntime intra-op threads (default: physical cores)")]
-Atol = Annotated[float, typer.Option(min=0.0, help="verification absolute tolerance")]
-Rtol = Annotated[float, typer.Option(min=0.0, help="verification tolerance relative to each element")]
-ScaleTol = Annotated[float, typer.Option(min=0.0, help="verification tolerance relative to the output's scale "
-                                                       "(max |reference|)")]
-MinTop1 = Annotated[float, typer.Option(min=0.0, max=1.0, help="minimum top-1 agreement (a fraction)")]
+BenchSeconds = Annotated[float, _real("benchmark time budget per model and setting", min=0.0)]
+Threads = Annotated[int | None, typer.Option(min=1, max=MAX_THREADS, help="onnxruntime intra-op threads (default: "
+                                                                         "physical cores)")]
+Atol = Annotated[float, _real("verification absolute tolerance", min=0.0)]
+Rtol = Annotated[float, _real("verification tolerance relative to each element", min=0.0)]
+ScaleTol = Annotated[float, _real("verification tolerance relative to the output's scale (max |reference|)", min=0.0)]
+MinTop1 = Annotated[float, _real("minimum top-1 agreement (a fraction)", min=0.0, max=1.0)]
 NoSimplify = Annotated[bool, typer.Option("--no-simplify", help="skip onnxsim")]
 Opset = Annotated[int, typer.Option(min=MIN_OPSET, max=MAX_OPSET, help="ONNX opset of the file: 20 and newer write "
                                     "GELU as one Gelu op, 23 attention as one Attention op (faster in onnxruntime; "
@@ -116,9 +134,23 @@ def _loop_option(f: dataclasses.Field, hint: Any, default: Any) -> inspect.Param
         help_ += f", comma list of {','.join(choices)}" if choices else ", comma list"
     elif choices:
         annotation = _choice(tuple(choices))
-    option = typer.Option(help=help_, min=meta.get("min"), max=meta.get("max"))
+    if meta.get("positive"):
+        help_ += " (positive)"
+    option = typer.Option(help=help_, min=meta.get("min"), max=meta.get("max"), callback=_field_callback(meta))
     return inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=default,
                              annotation=Annotated[annotation, option])
+
+
+def _field_callback(meta: Mapping[str, Any]) -> Callable[[Any], Any]:
+    """The field's own checks (``linearize._field_checks``) as the parser's, so a bad value is a usage error that
+    points at --help."""
+    def check(value: Any) -> Any:
+        failed = [why for ok, why in _field_checks(meta, value) if not ok]
+        if failed:
+            raise typer.BadParameter(failed[0])
+        return value
+
+    return check
 
 
 def _loop_value(f: dataclasses.Field, hint: Any, value: Any) -> Any:

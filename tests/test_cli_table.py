@@ -177,3 +177,52 @@ def test_parser_errors_are_usage_errors(capsys, argv) -> None:
     lines = out.strip().splitlines()
     assert code == 2 and len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in out
     assert "--help" in lines[0]
+
+
+BOUNDS = [  # every numeric option has a finite range: inf never ends a loop, nan compares false everywhere
+    (["compress", "m", "--data", "d", "--finetune-epochs", "inf"], "--finetune-epochs': must be a finite number"),
+    (["compress", "m", "--data", "d", "--baseline-epochs", "inf"], "--baseline-epochs': must be a finite number"),
+    (["linearize", "m", "--data", "d", "--threshold", "nan"], "--threshold': must be a finite number"),
+    (["compress", "m", "--data", "d", "--lr", "inf"], "--lr': must be a finite number"),
+    (["compress", "m", "--data", "d", "--target-speedup", "0"], "--target-speedup': must be positive"),
+    (["compress", "m", "--data", "d", "--entropy-tau", "0"], "--entropy-tau': must be positive"),
+    (["bench", "a.onnx", "--bench-seconds", "inf"], "--bench-seconds': inf is not a finite number"),
+    (["bench", "a.onnx", "--threads", "100000"], "Invalid value for '--threads'"),
+    (["export", "m", "--atol", "inf"], "--atol': inf is not a finite number"),
+    (["fold", "m", "--scale-tol", "inf"], "--scale-tol': inf is not a finite number"),
+]
+
+
+@pytest.mark.parametrize(("argv", "says"), BOUNDS, ids=[" ".join(a[:1] + a[-2:]) for a, _ in BOUNDS])
+def test_numeric_options_are_finite_and_bounded(capsys, tmp_path, monkeypatch, argv, says) -> None:
+    monkeypatch.chdir(tmp_path)
+    code, out = run(capsys, *argv)
+    lines = out.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and says in lines[0] and "--help" in lines[0], out
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_threads_are_bounded_by_the_cores(capsys, inputs) -> None:
+    code, out = run(capsys, "bench", str(inputs["onnx"]), "--threads", str((os.cpu_count() or 1) * 4 + 1))
+    assert code == 2 and "Invalid value for '--threads'" in out and len(out.strip().splitlines()) == 1
+
+
+def test_help_shows_the_range_it_enforces() -> None:
+    """--target-speedup refuses 0: its help must not show [x>=0.0]."""
+    import typer
+
+    from easier_export.cli import app
+
+    params = {p.name: p for p in typer.main.get_command(app).commands["compress"].params}
+    speedup = params["target_speedup"]
+    assert speedup.min is None and speedup.help.endswith("(positive)")
+
+
+@pytest.mark.parametrize("field", ["threshold", "finetune_epochs", "baseline_epochs", "max_drop", "lr"])
+def test_loop_config_refuses_non_finite_values(field) -> None:
+    from easier_export.errors import UserError
+    from easier_export.linearize import LoopConfig
+
+    for value in (float("inf"), float("nan")):
+        with pytest.raises(UserError, match="must be a finite number"):
+            LoopConfig(**{field: value})
