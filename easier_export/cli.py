@@ -128,15 +128,16 @@ def loop_options(*only: str, exclude: tuple[str, ...] = (), **defaults: Any) -> 
 
 def _loop_option(f: dataclasses.Field, hint: Any, default: Any) -> inspect.Parameter:
     meta = f.metadata
-    help_, choices, annotation = meta["help"], meta.get("choices"), hint
-    if hint == tuple[str, ...]:
+    help_, choices, annotation, callback = meta["help"], meta.get("choices"), hint, _field_callback(meta)
+    if hint == tuple[str, ...]:  # checked item by item in _loop_value
+        callback = None
         annotation, default = str, ",".join(default)
         help_ += f", comma list of {','.join(choices)}" if choices else ", comma list"
     elif choices:
         annotation = _choice(tuple(choices))
     if meta.get("positive"):
         help_ += " (positive)"
-    option = typer.Option(help=help_, min=meta.get("min"), max=meta.get("max"), callback=_field_callback(meta))
+    option = typer.Option(help=help_, min=meta.get("min"), max=meta.get("max"), callback=callback)
     return inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=default,
                              annotation=Annotated[annotation, option])
 
@@ -231,9 +232,20 @@ def _load(model: str, weights: Path | None, arch: str | None, num_classes: int |
     return loaded
 
 
-def _with_data(loaded, data: Path, batch_size: int, workers: int, skip_bad_images: bool, seed: int = 0):
-    """Open DATA (every image checked), settle the input size, prove the model runs at it, then make loaders.
-    A text model reads ``train.txt``/``val.txt`` in blocks of its sequence length (``--input-size``)."""
+def _with_data(loaded, data: Path, batch_size: int, workers: int, skip_bad_images: bool, seed: int = 0,
+               trains: bool = True):
+    """Open DATA (every image checked), settle the input size, prove the model runs at it (and, when it
+    ``trains`` on batches of one, that it can), then make loaders. A text model reads ``train.txt``/``val.txt`` in
+    blocks of its sequence length (``--input-size``)."""
+    loaders = _open_data(loaded, data, batch_size, workers, skip_bad_images, seed)
+    if trains and min(batch_size, len(loaders.train.dataset)) == 1:
+        from .train import check_batch_of_one
+
+        check_batch_of_one(loaded.model, loaders.train.dataset[0][0][None])
+    return loaders
+
+
+def _open_data(loaded, data: Path, batch_size: int, workers: int, skip_bad_images: bool, seed: int):
     from .data import open_image_folder
     from .pipeline import dry_run
 
@@ -372,7 +384,7 @@ def entropy(model: ModelArg, data: Data, loop: LoopConfig,
         ensure_writable_file(plot, "--plot")
     target = _usable((target,), "target")[0]
     loaded = _load(model, weights, arch, num_classes, trust_pickle, input_size, mean, std)
-    loaders = _with_data(loaded, data, batch_size, workers, skip_bad_images)
+    loaders = _with_data(loaded, data, batch_size, workers, skip_bad_images, trains=loop.entropy_mode == "train")
     dev = resolve_device(device)
     gm = trace(loaded.model).to(dev)
     sites = find_call_sites(gm, loop.rectifiers)
@@ -476,7 +488,7 @@ def export(model: ModelArg, out: Annotated[Path, typer.Option(help="ONNX file")]
                          opset=opset)
     loaded = _load(model, weights, arch, num_classes, trust_pickle, input_size, mean, std)
     if data is not None:
-        inputs = val_batches(_with_data(loaded, data, 16, 0, skip_bad_images), cfg.verify_batches,
+        inputs = val_batches(_with_data(loaded, data, 16, 0, skip_bad_images, trains=False), cfg.verify_batches,
                              loaded.text is not None)
     else:
         inputs = _random_batches(_ready(loaded))

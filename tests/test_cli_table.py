@@ -61,6 +61,9 @@ def inputs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     files["state_dir"] = root / "state"
     files["state_dir"].mkdir()
     (files["state_dir"] / "state.pt").write_bytes(b"")
+    files["bn1d"] = root / "bn1d.pt"  # BatchNorm over features alone: cannot train on batches of one
+    torch.save(torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 16 * 16, 8), torch.nn.BatchNorm1d(8),
+                                   torch.nn.ReLU(), torch.nn.Linear(8, 3)), files["bn1d"])
     files["demo_dir"] = root / "demo"
     files["demo_dir"].mkdir()
     _cut(files["sd"], files["demo_dir"] / "demo_invres.pt")
@@ -118,6 +121,10 @@ def _cases() -> list:
             cases.append((command, f"data-{kind}", [*GOOD_MODEL, "--data", data, *out], says))
         cases.append((command, "garbage-option", [*GOOD_MODEL, "--data", "{data}", "--batch-size", "abc", *out],
                       "Invalid value for '--batch-size'"))
+        cases.append((command, "batchnorm1d-batch-of-one", ["{bn1d}", "--trust-pickle", "--input-size", "16",
+                                                            "--data", "{data}",
+                                                            "--batch-size", "1", "--workers", "0", *out],
+                      "use --batch-size 2 or more"))
     cases.append(("compress", "zero-std", [*GOOD_MODEL, "--data", "{data}", "--std", "0,0,0"],
                   "--std values must be positive"))
     for command in ("compress", "linearize"):
