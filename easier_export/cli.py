@@ -1,6 +1,7 @@
 """The `easier-export` command line: thin wrappers over the Python API, one-line errors, exit codes.
 
-Exit codes: 0 ok, 2 usage or bad input, 3 ONNX verification failed, 130 interrupted (state kept).
+Exit codes: 0 ok, 2 usage or bad input, 3 ONNX verification failed, 130 interrupted (Ctrl-C), 143 terminated
+(SIGTERM); both keep the state and remove temp files.
 
 One name per concept in every command (``--fold``, ``--bench-devices``, ``--bench-batches``, ``--bench-seconds``;
 ``--device`` is always the training device). Older spellings still parse as hidden aliases (``_aliases``).
@@ -24,9 +25,10 @@ import typer
 from rich.markup import escape
 
 from .bench import DEVICES
-from .errors import EXIT_INTERRUPTED, EXIT_USAGE, Interrupted, UserError, VerificationError
+from .errors import EXIT_INTERRUPTED, EXIT_USAGE, Interrupted, Terminated, UserError, VerificationError
 from .export import MAX_OPSET, MIN_OPSET
 from .fold import MODES
+from .launch import sigterm_as_interrupt
 from .linearize import STATE_FILE, LoopConfig, _field_checks
 from .ui import console
 
@@ -282,25 +284,36 @@ def _ready(loaded):
 
 @contextlib.contextmanager
 def _resumable(out: Path) -> Iterator[None]:
-    """Ctrl-C in a resumable command: exit 130 saying how many rounds ``out``'s state file keeps. A state file
-    that cannot be read is refused before any work."""
+    """Ctrl-C or SIGTERM in a resumable command: exit 130 or 143 saying how many rounds ``out``'s state file
+    keeps. A state file that cannot be read is refused before any work."""
     if _rounds_kept(out / STATE_FILE) is None:
         raise UserError(f"{out / STATE_FILE} is unreadable; delete it to start over")
     try:
         yield
-    except KeyboardInterrupt:
-        raise Interrupted(_rounds_kept(out / STATE_FILE)) from None
+    except KeyboardInterrupt as e:
+        raise Interrupted(_rounds_kept(out / STATE_FILE), isinstance(e, Terminated)) from None
 
 
-def _rounds_kept(path: Path) -> int | None:
+def _rounds_kept(path: Path) -> tuple[int, int] | None:
+    """(rounds done, rounds kept within budget) in a state file."""
     import torch
 
     if not path.exists():
-        return 0
+        return 0, 0
     try:
-        return len(torch.load(path, map_location="cpu", weights_only=True)["history"])
+        history = torch.load(path, map_location="cpu", weights_only=True)["history"]
+        return len(history), sum(bool(r["within_budget"]) for r in history)
     except Exception:  # absent, or interrupted while written: nothing can be said about it
         return None
+
+
+def _tidy(out: Path) -> None:
+    """A successful run leaves no temp files behind, also none of an earlier run killed without cleanup."""
+    from .io import remove_stale_temps
+    from .train import is_main_process
+
+    if is_main_process():
+        remove_stale_temps(out)
 
 
 class _distributed:
@@ -354,6 +367,7 @@ def compress(model: ModelArg, data: Data, loop: LoopConfig, out: Out = Path("run
     with _distributed(device), _resumable(out):
         loaded = _load(model, weights, arch, num_classes, trust_pickle, input_size, mean, std)
         run(loaded, _with_data(loaded, data, batch_size, workers, skip_bad_images, loop.seed), out, cfg)
+    _tidy(out)
     console.print(f"outputs in [bold]{out}[/]")
 
 
@@ -428,6 +442,7 @@ def linearize(model: ModelArg, data: Data, loop: LoopConfig, out: Out = Path("ru
                           resolve_device(device), out, table, task=task_of(loaded))
         if is_main_process():
             save_linearized(out / "linearized.pt", loaded, result, loop.relocates)
+            _tidy(out)
             console.print(f"removed {len(result.removed)} activations, top-1 {result.base_top1:.2f}% → "
                           f"{result.final_top1:.2f}%; wrote {out / 'linearized.pt'}")
 
@@ -466,6 +481,7 @@ def fold(model: ModelArg, out: Out = Path("runs/fold"),
     exported = export_and_verify(folded, gm, example, out / "model.onnx", inputs,
                                  {**onnx_metadata(loaded), "source": source}, cfg)
     applied = sum(r.applied for r in records)
+    _tidy(out)
     console.print(f"{applied} of {len(records)} folds applied; wrote {out}/folded.pt2, {out}/fold_plan.json")
     if not exported["verify"]["passed"]:
         raise VerificationError(f"folded ONNX does not reproduce the model: {exported['verify']['reason']}")
@@ -603,6 +619,7 @@ def demo(loop: LoopConfig, out: Out = Path("runs/demo"),
 
     with _resumable(out):
         run_demo(out, epochs, loop.finetune_epochs, loop.max_drop, fold, loop.seed, loop.select)
+    _tidy(out)
 
 
 # ---------------------------------------------------------------------------------------------- entry point
@@ -616,20 +633,22 @@ def _usage_line(e: typer.TyperException) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Console entry point: maps errors to exit codes with one line, never a traceback."""
+    """Maps errors to exit codes with one line, never a traceback; SIGTERM is handled as Ctrl-C is."""
     command = typer.main.get_command(app)
-    try:
-        code = command.main(args=argv, prog_name="easier-export", standalone_mode=False)
-    except typer.TyperException as e:  # the parser's errors (typer's own click): bad option, value, argument
-        _exit(f"[red]error:[/] {escape(_usage_line(e))}", EXIT_USAGE)
-    except typer.Abort:  # end of input at a prompt
-        code = EXIT_INTERRUPTED
-    except (UserError, VerificationError) as e:
-        _exit(f"[red]error:[/] {escape(str(e))}", e.exit_code)
-    except Interrupted as e:
-        _exit(f"[yellow]{escape(str(e))}[/]", e.exit_code)
-    if code == EXIT_INTERRUPTED:  # Ctrl-C outside a resumable loop (click turns it into this code)
-        _exit(f"[yellow]{escape(str(Interrupted(None)))}[/]", EXIT_INTERRUPTED)
+    with sigterm_as_interrupt() as received:
+        try:
+            code = command.main(args=argv, prog_name="easier-export", standalone_mode=False)
+        except typer.TyperException as e:  # the parser's errors (typer's own click): bad option, value, argument
+            _exit(f"[red]error:[/] {escape(_usage_line(e))}", EXIT_USAGE)
+        except typer.Abort:  # end of input at a prompt
+            code = EXIT_INTERRUPTED
+        except (UserError, VerificationError) as e:
+            _exit(f"[red]error:[/] {escape(str(e))}", e.exit_code)
+        except Interrupted as e:
+            _exit(f"[yellow]{escape(str(e))}[/]", e.exit_code)
+    if code == EXIT_INTERRUPTED:  # Ctrl-C or SIGTERM outside a resumable loop (click turns both into this code)
+        stopped = Interrupted(None, terminated=bool(received))
+        _exit(f"[yellow]{escape(str(stopped))}[/]", stopped.exit_code)
     if isinstance(code, int) and code:
         sys.exit(code)
 

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import multiprocessing
 import os
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import TracebackType
 
 import torch
 import torch.distributed as dist
@@ -29,7 +32,20 @@ def _loader(ds: Dataset, batch_size: int, shuffle: bool, workers: int, seed: int
     # Training drops a last partial batch: a batch of one breaks BatchNorm in train mode. Workers are not
     # persistent so that each round's seeding reaches them (resume replays the same data order).
     return DataLoader(ds, batch_size=batch_size, shuffle=shuffle and sampler is None, sampler=sampler,
-                      num_workers=workers, generator=gen, drop_last=shuffle and len(ds) > batch_size)
+                      num_workers=workers, generator=gen, drop_last=shuffle and len(ds) > batch_size,
+                      worker_init_fn=quiet_worker if workers else None)
+
+
+def quiet_worker(_worker_id: int) -> None:
+    """In a loader worker: when the main process is interrupted, its connections close while the worker's
+    multiprocessing resource sharer is handing it a batch, and that thread reports it through ``sys.excepthook``
+    as a traceback fragment after the "interrupted" line. A worker's own errors reach the main process anyway."""
+    sys.excepthook = _closed_connections_quiet
+
+
+def _closed_connections_quiet(kind: type[BaseException], value: BaseException, tb: TracebackType | None) -> None:
+    if not issubclass(kind, (EOFError, OSError, multiprocessing.AuthenticationError)):
+        sys.__excepthook__(kind, value, tb)
 
 
 _END_MARKERS = {"JPEG": b"\xff\xd9", "PNG": b"IEND\xaeB`\x82"}

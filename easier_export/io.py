@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -29,6 +30,21 @@ def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
         if os.path.exists(tmp):
             os.unlink(tmp)
     return path
+
+
+def remove_stale_temps(folder: str | Path) -> list[Path]:
+    """Remove the temp files that killed runs (SIGKILL: no cleanup) left in ``folder`` and its subfolders' first
+    level; called after a successful run, when no write of this run is in flight."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    stale = [p for pattern in (".*.tmp", "*/.*.tmp") for p in folder.glob(pattern) if _STALE.fullmatch(p.name)]
+    for path in stale:
+        path.unlink(missing_ok=True)
+    return stale
+
+
+_STALE = re.compile(r"\..+\.[a-z0-9_]{8}\.tmp")  # atomic_write's mkstemp names: .NAME.XXXXXXXX.tmp
 
 
 def save_json(obj: Any, path: str | Path) -> Path:
