@@ -233,3 +233,14 @@ def test_loop_config_refuses_non_finite_values(field) -> None:
     for value in (float("inf"), float("nan")):
         with pytest.raises(UserError, match="must be a finite number"):
             LoopConfig(**{field: value})
+
+
+def test_an_output_that_cannot_be_replaced_is_one_line(capsys, tmp_path) -> None:
+    """The file system refuses the rename (here: a folder where the file goes; also an immutable file)."""
+    out = tmp_path / "fold"
+    (out / "fold_plan.json").mkdir(parents=True)
+    code, text = run(capsys, "fold", "demo_cnn", "--out", str(out), "--fold", "none", "--no-simplify")
+    lines = text.strip().splitlines()
+    assert code == 2 and "Traceback" not in text, text
+    assert lines[-1].startswith(f"error: cannot write {out / 'fold_plan.json'} (") and len(lines) <= 2, text
+    assert not list(out.glob(".*.tmp"))
