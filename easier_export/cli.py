@@ -477,7 +477,7 @@ def fold(model: ModelArg, out: Out = Path("runs/fold"),
     save_json([r.to_dict() for r in records], out / "fold_plan.json")
     program = torch.export.export(folded, (example.expand(2, *example.shape[1:]),),
                                   dynamic_shapes=(dynamic_dims(example),))
-    atomic_write(out / "folded.pt2", lambda p: torch.export.save(program, p))
+    atomic_write(out / "folded.pt2", lambda p: _save_program(program, p))
     exported = export_and_verify(folded, gm, example, out / "model.onnx", inputs,
                                  {**onnx_metadata(loaded), "source": source}, cfg)
     applied = sum(r.applied for r in records)
@@ -485,6 +485,14 @@ def fold(model: ModelArg, out: Out = Path("runs/fold"),
     console.print(f"{applied} of {len(records)} folds applied; wrote {out}/folded.pt2, {out}/fold_plan.json")
     if not exported["verify"]["passed"]:
         raise VerificationError(f"folded ONNX does not reproduce the model: {exported['verify']['reason']}")
+
+
+def _save_program(program, path: Path) -> None:
+    """``torch.export.save`` through an open file: given a path, torch warns about the temp name's suffix."""
+    import torch
+
+    with open(path, "wb") as f:
+        torch.export.save(program, f)
 
 
 @app.command()

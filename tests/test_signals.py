@@ -116,3 +116,13 @@ def test_loader_workers_stay_quiet_about_closed_connections(capsys, monkeypatch)
     sys.excepthook(EOFError, EOFError(), None)
     sys.excepthook(ConnectionResetError, ConnectionResetError(), None)
     assert capsys.readouterr().err == ""
+
+
+def test_fold_writes_its_archive_without_torch_warnings(capsys, caplog, tmp_path) -> None:
+    """torch warns when an archive's file name does not end in .pt2, as the atomic write's temp name does not."""
+    import logging
+
+    with caplog.at_level(logging.WARNING):
+        code, text = run(capsys, "fold", "demo_cnn", "--out", str(tmp_path), "--fold", "none", "--no-simplify")
+    assert code == 0, text
+    assert not [r for r in caplog.records if r.name.startswith("torch")], caplog.text
