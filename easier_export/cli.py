@@ -67,7 +67,7 @@ ModelArg = Annotated[str, typer.Argument(help="timm:NAME, torchvision:NAME, buil
                                               "linearized.pt, or pickled module (with --trust-pickle)")]
 Weights = Annotated[Path | None, typer.Option(help="state dict for a named architecture")]
 Arch = Annotated[str | None, typer.Option(help="architecture of a state-dict MODEL file, e.g. timm:resnet18")]
-NumClasses = Annotated[int | None, typer.Option(min=1, help="classes to predict: a checkpoint with another head "
+NumClasses = Annotated[int | None, typer.Option(min=2, help="classes to predict: a checkpoint with another head "
                                                             "size keeps its body and gets a fresh head")]
 TrustPickle = Annotated[bool, typer.Option(help="allow loading a pickled nn.Module (runs code from the file)")]
 Data = Annotated[Path, typer.Option(help="ImageFolder root with train/ and val/")]

@@ -124,6 +124,9 @@ def open_image_folder(root: str | Path, num_classes: int | None = None, skip_bad
         val = datasets.ImageFolder(str(root / "val"))
     except (FileNotFoundError, OSError) as e:
         raise UserError(f"bad image folder under {root}: {first_line(e)}") from e
+    if len(train.classes) < 2:
+        raise UserError(f"{root}/train has {len(train.classes)} class folder(s): classifying needs 2 or more "
+                        "(top-1 on one class is 100 % by construction)")
     if train.classes != val.classes:
         raise UserError(f"train/ and val/ have different classes: {train.classes} vs {val.classes}")
     if num_classes is not None and len(train.classes) != num_classes:

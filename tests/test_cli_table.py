@@ -58,12 +58,16 @@ def inputs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     files["data_truncated"] = _folder_with(root / "data_truncated", "cut.jpg", None)
     files["data_hostile"] = _folder_with(root / "data_hostile", "evil.jpg", os.urandom(2048))
     files["data_wrong_shape"] = make_image_folder(root / "data_2classes", classes=2)
+    files["data_one_class"] = make_image_folder(root / "data_1class", classes=1)
     files["state_dir"] = root / "state"
     files["state_dir"].mkdir()
     (files["state_dir"] / "state.pt").write_bytes(b"")
     files["bn1d"] = root / "bn1d.pt"  # BatchNorm over features alone: cannot train on batches of one
     torch.save(torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 16 * 16, 8), torch.nn.BatchNorm1d(8),
                                    torch.nn.ReLU(), torch.nn.Linear(8, 3)), files["bn1d"])
+    files["one_out"] = root / "one_out.pt"  # a single-class "classifier"
+    torch.save(torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(1),
+                                   torch.nn.Flatten(), torch.nn.Linear(4, 1)), files["one_out"])
     files["demo_dir"] = root / "demo"
     files["demo_dir"].mkdir()
     _cut(files["sd"], files["demo_dir"] / "demo_invres.pt")
@@ -121,6 +125,10 @@ def _cases() -> list:
             cases.append((command, f"data-{kind}", [*GOOD_MODEL, "--data", data, *out], says))
         cases.append((command, "garbage-option", [*GOOD_MODEL, "--data", "{data}", "--batch-size", "abc", *out],
                       "Invalid value for '--batch-size'"))
+        cases.append((command, "one-class", [*GOOD_MODEL[:-1], "1", "--data", "{data_one_class}", *out],
+                      "Invalid value for '--num-classes'"))
+        cases.append((command, "one-class-data", ["{one_out}", "--trust-pickle", "--input-size", "16", "--data",
+                                                  "{data_one_class}", *out], "classifying needs 2 or more"))
         cases.append((command, "batchnorm1d-batch-of-one", ["{bn1d}", "--trust-pickle", "--input-size", "16",
                                                             "--data", "{data}",
                                                             "--batch-size", "1", "--workers", "0", *out],
