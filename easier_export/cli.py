@@ -538,12 +538,24 @@ def bench(models: Annotated[list[Path], typer.Argument(help="ONNX files to compa
     if json_out is not None:
         ensure_writable_file(json_out, "--json")
     devices, batches = _devices(bench_devices), _ints(bench_batches, "bench-batches")
-    shapes = {path: _onnx_input_shape(path) for path in models}
+    unique: dict[Path, Path] = {}
+    for path in models:
+        unique.setdefault(path.resolve(), path)
+    if len(unique) < len(models):
+        twice = [str(p) for key, p in unique.items() if sum(q.resolve() == key for q in models) > 1]
+        console.print(f"[yellow]note:[/] {', '.join(twice)}: the same file given more than once, timed once",
+                      soft_wrap=True)
+        models = list(unique.values())
+    io = {path: _onnx_shapes(path) for path in models}
+    shapes = {path: shape for path, (shape, _) in io.items()}
     first = models[0]
-    for path, shape in shapes.items():
+    for path, (shape, outputs) in io.items():
         if shape != shapes[first]:
-            raise UserError(f"{path} takes {'x'.join(map(str, shape))} inputs but {first} takes "
-                            f"{'x'.join(map(str, shapes[first]))}: only models of one input shape compare")
+            raise UserError(f"{path} takes {_dims(shape)} inputs but {first} takes {_dims(shapes[first])}: only "
+                            "models of one input shape compare")
+        if outputs != io[first][1]:
+            raise UserError(f"{path} outputs {_dims(outputs)} per input but {first} outputs {_dims(io[first][1])}: "
+                            "only models computing the same thing compare")
     labels = {path.stem if path.stem not in {p.stem for p in models if p != path} else str(path): path
               for path in models}
     rows = run_bench(labels, shapes[first], devices, batches, threads, max_seconds=bench_seconds)
@@ -592,9 +604,14 @@ BENCH_SEQUENCE = 128  # the sequence length a language model with a dynamic sequ
 # positions, when fewer)
 
 
-def _onnx_input_shape(path: Path) -> tuple[int, ...]:
+def _dims(shape: tuple) -> str:
+    return "x".join(map(str, shape)) or "scalar"
+
+
+def _onnx_shapes(path: Path) -> tuple[tuple[int, ...], tuple[int | str, ...]]:
     """The static (C, H, W) of a valid ONNX model's input (``BENCH_SEQUENCE`` for token ids with a dynamic
-    sequence axis), with one-line errors for anything else."""
+    sequence axis) and its first output's non-batch dimensions ("?" where dynamic), with one-line errors for
+    anything else."""
     import onnx
 
     if not path.is_file():
@@ -608,14 +625,16 @@ def _onnx_input_shape(path: Path) -> tuple[int, ...]:
         raise UserError(f"{path} has no input")
     tensor = proto.graph.input[0].type.tensor_type
     dims = tensor.shape.dim[1:]
+    outputs = tuple(d.dim_value if d.dim_value > 0 else "?"
+                    for d in (proto.graph.output[0].type.tensor_type.shape.dim[1:] if proto.graph.output else ()))
     if tensor.elem_type == onnx.TensorProto.INT64 and len(dims) == 1 and not dims[0].dim_value > 0:
         from .pipeline import MAX_POSITIONS_KEY
 
         positions = {p.key: p.value for p in proto.metadata_props}.get(MAX_POSITIONS_KEY)
-        return (min(BENCH_SEQUENCE, int(positions or BENCH_SEQUENCE)),)  # token ids, dynamic sequence axis
+        return (min(BENCH_SEQUENCE, int(positions or BENCH_SEQUENCE)),), outputs  # token ids, dynamic sequence
     if not dims or not all(d.dim_value > 0 for d in dims):
         raise UserError(f"{path}: the ONNX input needs static non-batch dimensions to be benchmarked")
-    return tuple(d.dim_value for d in dims)
+    return tuple(d.dim_value for d in dims), outputs
 
 
 @app.command()

@@ -3,6 +3,7 @@ traceback, and nothing written."""
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -77,6 +78,9 @@ def inputs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     export_onnx(net, torch.randn(1, 1, 16, 16), files["onnx"], simplify=False)
     export_onnx(net, torch.randn(1, 1, 12, 12), root / "b12.onnx", simplify=False)
     files["onnx_wrong_shape"] = root / "b12.onnx"
+    files["onnx_other_outputs"] = root / "five.onnx"
+    export_onnx(build_arch("demo_cnn", num_classes=5).eval(), torch.randn(1, 1, 16, 16), files["onnx_other_outputs"],
+                simplify=False)
     files["onnx_truncated"] = _cut(files["onnx"], root / "cut.onnx")
     files["onnx_garbage"] = root / "garbage.onnx"
     files["onnx_garbage"].write_bytes(os.urandom(4096))
@@ -110,6 +114,7 @@ ONNX = {
     "garbage": (["{onnx}", "{onnx_garbage}"], "is not a valid ONNX model"),
     "truncated": (["{onnx}", "{onnx_truncated}"], "is not a valid ONNX model"),
     "wrong_shape": (["{onnx}", "{onnx_wrong_shape}"], "only models of one input shape compare"),
+    "other_outputs": (["{onnx}", "{onnx_other_outputs}"], "outputs 5 per input but"),
     "hostile": (["{onnx_hostile}"], "is not a valid ONNX model"),
 }
 OUT = "{tmp}/out"
@@ -252,3 +257,12 @@ def test_an_output_that_cannot_be_replaced_is_one_line(capsys, tmp_path) -> None
     assert code == 2 and "Traceback" not in text, text
     assert lines[-1].startswith(f"error: cannot write {out / 'fold_plan.json'} (") and len(lines) <= 2, text
     assert not list(out.glob(".*.tmp"))
+
+
+def test_bench_of_the_same_file_twice_says_so(capsys, inputs, tmp_path) -> None:
+    rows = tmp_path / "rows.json"
+    code, out = run(capsys, "bench", str(inputs["onnx"]), str(inputs["onnx"]), "--bench-seconds", "0",
+                    "--bench-batches", "1", "--json", str(rows))
+    assert code == 0, out
+    assert "the same file given more than once, timed once" in " ".join(out.split())
+    assert len(json.loads(rows.read_text())) == 1
