@@ -223,6 +223,11 @@ def _load(model: str, weights: Path | None, arch: str | None, num_classes: int |
     from .models import load_model
 
     loaded = load_model(model, num_classes, weights, arch, trust_pickle, _size(input_size))
+    if loaded.text is not None:
+        _text_options(loaded.source, num_classes=num_classes, weights=weights, arch=arch, mean=mean, std=std)
+        if input_size is not None and "x" in input_size.lower():
+            raise UserError(f"--input-size {input_size}: a text model's input size is one number, its sequence "
+                            "length")
     for note in loaded.notes:
         console.print(f"[yellow]warning:[/] {escape(note)}", soft_wrap=True)
     loaded.mean = _floats(mean, "mean") or loaded.mean
@@ -232,6 +237,15 @@ def _load(model: str, weights: Path | None, arch: str | None, num_classes: int |
     if min(loaded.std) <= 0:
         raise UserError(f"--std values must be positive, got {','.join(map(str, loaded.std))}")
     return loaded
+
+
+def _text_options(source: str, **given: object) -> None:
+    """A Hugging Face directory brings its own head, weights and token input: options for image models would be
+    silently ignored, so they are refused."""
+    named = [f"--{name.replace('_', '-')}" for name, value in given.items() if value is not None]
+    if named:
+        raise UserError(f"{', '.join(named)}: not for a Hugging Face directory ({source} brings its own head, "
+                        "weights and token-id input)")
 
 
 def _with_data(loaded, data: Path, batch_size: int, workers: int, skip_bad_images: bool, seed: int = 0,
