@@ -98,6 +98,20 @@ Opset = Annotated[int, typer.Option(min=MIN_OPSET, max=MAX_OPSET, help="ONNX ops
                                     "the runtime must support the opset)")]
 
 
+def _version(value: bool) -> None:
+    if value:
+        from . import __version__
+
+        console.print(f"easier-export {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(version: Annotated[bool, typer.Option("--version", is_eager=True, callback=_version,
+                                                help="print the version and exit")] = False) -> None:
+    """Make trained vision networks shallower (EASIER) and ship them as verified, fast ONNX."""
+
+
 # ---------------------------------------------------------------------------------------------- the loop's options
 
 
@@ -297,6 +311,19 @@ def _ready(loaded):
 
 
 @contextlib.contextmanager
+def _no_empty_out(out: Path) -> Iterator[None]:
+    """Bad input found once ``out`` was made (an unknown --device, no activation of --rectifiers, an untraceable
+    model) leaves no empty ``out`` behind."""
+    existed = out.exists()
+    try:
+        yield
+    except UserError:
+        if not existed and out.is_dir() and not any(out.iterdir()):
+            out.rmdir()
+        raise
+
+
+@contextlib.contextmanager
 def _resumable(out: Path) -> Iterator[None]:
     """Ctrl-C or SIGTERM in a resumable command: exit 130 or 143 saying how many rounds ``out``'s state file
     keeps. A state file that cannot be read is refused before any work."""
@@ -378,7 +405,7 @@ def compress(model: ModelArg, data: Data, loop: LoopConfig, out: Out = Path("run
                          rtol=rtol, scale_tol=scale_tol, min_top1=min_top1, bench_devices=_devices(bench_devices),
                          bench_batches=_ints(bench_batches, "bench-batches"), threads=threads,
                          bench_seconds=bench_seconds, opset=opset)
-    with _distributed(device), _resumable(out):
+    with _distributed(device), _no_empty_out(out), _resumable(out):
         loaded = _load(model, weights, arch, num_classes, trust_pickle, input_size, mean, std)
         run(loaded, _with_data(loaded, data, batch_size, workers, skip_bad_images, loop.seed), out, cfg)
     _tidy(out)
@@ -447,7 +474,7 @@ def linearize(model: ModelArg, data: Data, loop: LoopConfig, out: Out = Path("ru
     from .train import is_main_process, resolve_device
 
     target = _usable((target,), "target")[0]
-    with _distributed(device), _resumable(out):
+    with _distributed(device), _no_empty_out(out), _resumable(out):
         loaded = _load(model, weights, arch, num_classes, trust_pickle, input_size, mean, std)
         check_continuation(loaded, loop.relocates)
         loaders = _with_data(loaded, data, batch_size, workers, skip_bad_images, loop.seed)
@@ -482,10 +509,10 @@ def fold(model: ModelArg, out: Out = Path("runs/fold"),
     cfg = CompressConfig(fold=fold, target=_usable((target,), "target")[0], simplify=not no_simplify, atol=atol,
                          rtol=rtol, scale_tol=scale_tol, min_top1=min_top1, threads=threads, opset=opset)
     loaded = _ready(_load(source, weights, arch, num_classes, trust_pickle, input_size))
+    gm = trace(loaded.model)
     ensure_writable(out)
     inputs = _random_batches(loaded)
     example = inputs[0][:1]
-    gm = trace(loaded.model)
     folded, records = fold_model(gm, example, mode=cfg.fold, target=cfg.target, cache=out / "latency_table.json",
                                  threads=threads)
     save_json([r.to_dict() for r in records], out / "fold_plan.json")
@@ -658,7 +685,7 @@ def demo(loop: LoopConfig, out: Out = Path("runs/demo"),
     """Train a small inverted-residual CNN on scikit-learn's digits, then run the whole `compress` pipeline."""
     from .demo import run_demo
 
-    with _resumable(out):
+    with _no_empty_out(out), _resumable(out):
         run_demo(out, epochs, loop.finetune_epochs, loop.max_drop, fold, loop.seed, loop.select)
     _tidy(out)
 

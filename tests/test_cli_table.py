@@ -138,6 +138,9 @@ def _cases() -> list:
                                                             "--data", "{data}",
                                                             "--batch-size", "1", "--workers", "0", *out],
                       "use --batch-size 2 or more"))
+    for command in ("compress", "linearize"):
+        cases.append((command, "unknown-device", [*GOOD_MODEL, "--data", "{data}", "--workers", "0", "--device", "gpu",
+                                                  "--out", OUT], "unknown --device 'gpu'"))
     cases.append(("compress", "zero-std", [*GOOD_MODEL, "--data", "{data}", "--std", "0,0,0"],
                   "--std values must be positive"))
     for command in ("compress", "linearize"):
@@ -174,6 +177,7 @@ def test_bad_input_gives_one_line_and_writes_nothing(capsys, inputs, tmp_path, m
     assert "Traceback" not in out
     assert not (tmp_path / MARKER).exists(), "the hostile pickle ran"
     assert [p for p in tmp_path.rglob("*") if p.is_file()] == [], "partial outputs"
+    assert not (tmp_path / "out").exists(), "an empty --out left behind"
     after = {p: p.stat().st_mtime_ns for p in inputs["state_dir"].parent.rglob("*") if p.is_file()}
     assert after == before, "an input was changed or an output written beside the inputs"
 
@@ -266,3 +270,10 @@ def test_bench_of_the_same_file_twice_says_so(capsys, inputs, tmp_path) -> None:
     assert code == 0, out
     assert "the same file given more than once, timed once" in " ".join(out.split())
     assert len(json.loads(rows.read_text())) == 1
+
+
+def test_version(capsys) -> None:
+    from easier_export import __version__
+
+    code, out = run(capsys, "--version")
+    assert code == 0 and out.strip() == f"easier-export {__version__}"
