@@ -1,6 +1,7 @@
 """The `easier-export` command line: thin wrappers over the Python API, one-line errors, exit codes.
 
-Exit codes: 0 ok, 2 usage or bad input, 3 ONNX verification failed, 130 interrupted (state kept).
+Exit codes: 0 ok, 2 usage or bad input, 3 ONNX verification failed, 130 interrupted (Ctrl-C), 143 terminated
+(SIGTERM); both keep the state and remove temp files.
 
 One name per concept in every command (``--fold``, ``--bench-devices``, ``--bench-batches``, ``--bench-seconds``;
 ``--device`` is always the training device). Older spellings still parse as hidden aliases (``_aliases``).
@@ -12,9 +13,11 @@ import contextlib
 import dataclasses
 import functools
 import inspect
+import math
+import os
 import sys
 import typing
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -22,10 +25,11 @@ import typer
 from rich.markup import escape
 
 from .bench import DEVICES
-from .errors import EXIT_INTERRUPTED, EXIT_USAGE, Interrupted, UserError, VerificationError
+from .errors import EXIT_INTERRUPTED, EXIT_USAGE, Interrupted, Terminated, UserError, VerificationError
 from .export import MAX_OPSET, MIN_OPSET
 from .fold import MODES
-from .linearize import STATE_FILE, LoopConfig
+from .launch import sigterm_as_interrupt
+from .linearize import STATE_FILE, LoopConfig, _field_checks
 from .ui import console
 
 app = typer.Typer(add_completion=False, no_args_is_help=False, pretty_exceptions_enable=False,
@@ -38,6 +42,22 @@ def _aliases(**old_to_new: str) -> dict[str, Any]:
     return {"token_normalize_func": lambda name: old_to_new.get(name, name)}
 
 
+def _finite(value: float | None) -> float | None:
+    """A float option's callback: ``inf`` or ``nan`` parse as floats but mean nothing here (``inf`` seconds never
+    end, a ``nan`` tolerance passes or fails everything)."""
+    if value is not None and not math.isfinite(value):
+        raise typer.BadParameter(f"{value} is not a finite number")
+    return value
+
+
+def _real(help: str, **bounds: float) -> Any:
+    """A float option: finite, within ``bounds`` (``min``/``max``)."""
+    return typer.Option(help=help, callback=_finite, **bounds)
+
+
+MAX_THREADS = (os.cpu_count() or 1) * 4  # more only oversubscribes the cores (thousands of threads thrash them)
+
+
 def _choice(values: tuple[str, ...]) -> Any:
     """A choice type from the one tuple that lists the values (the parser refuses others with exit 2)."""
     return Literal[values]  # type: ignore[valid-type]
@@ -47,7 +67,7 @@ ModelArg = Annotated[str, typer.Argument(help="timm:NAME, torchvision:NAME, buil
                                               "linearized.pt, or pickled module (with --trust-pickle)")]
 Weights = Annotated[Path | None, typer.Option(help="state dict for a named architecture")]
 Arch = Annotated[str | None, typer.Option(help="architecture of a state-dict MODEL file, e.g. timm:resnet18")]
-NumClasses = Annotated[int | None, typer.Option(min=1, help="classes to predict: a checkpoint with another head "
+NumClasses = Annotated[int | None, typer.Option(min=2, help="classes to predict: a checkpoint with another head "
                                                             "size keeps its body and gets a fresh head")]
 TrustPickle = Annotated[bool, typer.Option(help="allow loading a pickled nn.Module (runs code from the file)")]
 Data = Annotated[Path, typer.Option(help="ImageFolder root with train/ and val/")]
@@ -65,20 +85,34 @@ Fold = Annotated[_choice(MODES), typer.Option(help="auto (only merges measured f
 Target = Annotated[_choice(DEVICES), typer.Option(help="device the fold planner measures on")]
 BenchDevices = Annotated[str, typer.Option(help=f"benchmark devices, comma list of {','.join(DEVICES)}")]
 BenchBatches = Annotated[str, typer.Option(help="benchmark batch sizes, comma list")]
-BenchSeconds = Annotated[float, typer.Option(min=0.0, help="benchmark time budget per model and setting")]
-Threads = Annotated[int | None, typer.Option(min=1, help="onnxruntime intra-op threads (default: physical cores)")]
+BenchSeconds = Annotated[float, _real("benchmark time budget per model and setting", min=0.0)]
+Threads = Annotated[int | None, typer.Option(min=1, max=MAX_THREADS, help="onnxruntime intra-op threads (default: "
+                                                                         "physical cores)")]
 LatencyTableFile = Annotated[Path | None, typer.Option(
     help="the fold planner's timings: read from and added to this JSON file, so that runs with the same file make "
          "the same latency decisions (default: OUT/latency_table.json, per run)")]
-Atol = Annotated[float, typer.Option(min=0.0, help="verification absolute tolerance")]
-Rtol = Annotated[float, typer.Option(min=0.0, help="verification tolerance relative to each element")]
-ScaleTol = Annotated[float, typer.Option(min=0.0, help="verification tolerance relative to the output's scale "
-                                                       "(max |reference|)")]
-MinTop1 = Annotated[float, typer.Option(min=0.0, max=1.0, help="minimum top-1 agreement (a fraction)")]
+Atol = Annotated[float, _real("verification absolute tolerance", min=0.0)]
+Rtol = Annotated[float, _real("verification tolerance relative to each element", min=0.0)]
+ScaleTol = Annotated[float, _real("verification tolerance relative to the output's scale (max |reference|)", min=0.0)]
+MinTop1 = Annotated[float, _real("minimum top-1 agreement (a fraction)", min=0.0, max=1.0)]
 NoSimplify = Annotated[bool, typer.Option("--no-simplify", help="skip onnxsim")]
 Opset = Annotated[int, typer.Option(min=MIN_OPSET, max=MAX_OPSET, help="ONNX opset of the file: 20 and newer write "
                                     "GELU as one Gelu op, 23 attention as one Attention op (faster in onnxruntime; "
                                     "the runtime must support the opset)")]
+
+
+def _version(value: bool) -> None:
+    if value:
+        from . import __version__
+
+        console.print(f"easier-export {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(version: Annotated[bool, typer.Option("--version", is_eager=True, callback=_version,
+                                                help="print the version and exit")] = False) -> None:
+    """Make trained vision networks shallower (EASIER) and ship them as verified, fast ONNX."""
 
 
 # ---------------------------------------------------------------------------------------------- the loop's options
@@ -113,15 +147,30 @@ def loop_options(*only: str, exclude: tuple[str, ...] = (), **defaults: Any) -> 
 
 def _loop_option(f: dataclasses.Field, hint: Any, default: Any) -> inspect.Parameter:
     meta = f.metadata
-    help_, choices, annotation = meta["help"], meta.get("choices"), hint
-    if hint == tuple[str, ...]:
+    help_, choices, annotation, callback = meta["help"], meta.get("choices"), hint, _field_callback(meta)
+    if hint == tuple[str, ...]:  # checked item by item in _loop_value
+        callback = None
         annotation, default = str, ",".join(default)
         help_ += f", comma list of {','.join(choices)}" if choices else ", comma list"
     elif choices:
         annotation = _choice(tuple(choices))
-    option = typer.Option(help=help_, min=meta.get("min"), max=meta.get("max"))
+    if meta.get("positive"):
+        help_ += " (positive)"
+    option = typer.Option(help=help_, min=meta.get("min"), max=meta.get("max"), callback=callback)
     return inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=default,
                              annotation=Annotated[annotation, option])
+
+
+def _field_callback(meta: Mapping[str, Any]) -> Callable[[Any], Any]:
+    """The field's own checks (``linearize._field_checks``) as the parser's, so a bad value is a usage error that
+    points at --help."""
+    def check(value: Any) -> Any:
+        failed = [why for ok, why in _field_checks(meta, value) if not ok]
+        if failed:
+            raise typer.BadParameter(failed[0])
+        return value
+
+    return check
 
 
 def _loop_value(f: dataclasses.Field, hint: Any, value: Any) -> Any:
@@ -191,6 +240,11 @@ def _load(model: str, weights: Path | None, arch: str | None, num_classes: int |
     from .models import load_model
 
     loaded = load_model(model, num_classes, weights, arch, trust_pickle, _size(input_size))
+    if loaded.text is not None:
+        _text_options(loaded.source, num_classes=num_classes, weights=weights, arch=arch, mean=mean, std=std)
+        if input_size is not None and "x" in input_size.lower():
+            raise UserError(f"--input-size {input_size}: a text model's input size is one number, its sequence "
+                            "length")
     for note in loaded.notes:
         console.print(f"[yellow]warning:[/] {escape(note)}", soft_wrap=True)
     loaded.normalization_given = mean is not None or std is not None
@@ -203,9 +257,29 @@ def _load(model: str, weights: Path | None, arch: str | None, num_classes: int |
     return loaded
 
 
-def _with_data(loaded, data: Path, batch_size: int, workers: int, skip_bad_images: bool, seed: int = 0):
-    """Open DATA (every image checked), settle the input size, prove the model runs at it, then make loaders.
-    A text model reads ``train.txt``/``val.txt`` in blocks of its sequence length (``--input-size``)."""
+def _text_options(source: str, **given: object) -> None:
+    """A Hugging Face directory brings its own head, weights and token input: options for image models would be
+    silently ignored, so they are refused."""
+    named = [f"--{name.replace('_', '-')}" for name, value in given.items() if value is not None]
+    if named:
+        raise UserError(f"{', '.join(named)}: not for a Hugging Face directory ({source} brings its own head, "
+                        "weights and token-id input)")
+
+
+def _with_data(loaded, data: Path, batch_size: int, workers: int, skip_bad_images: bool, seed: int = 0,
+               trains: bool = True):
+    """Open DATA (every image checked), settle the input size, prove the model runs at it (and, when it
+    ``trains`` on batches of one, that it can), then make loaders. A text model reads ``train.txt``/``val.txt`` in
+    blocks of its sequence length (``--input-size``)."""
+    loaders = _open_data(loaded, data, batch_size, workers, skip_bad_images, seed)
+    if trains and min(batch_size, len(loaders.train.dataset)) == 1:
+        from .train import check_batch_of_one
+
+        check_batch_of_one(loaded.model, loaders.train.dataset[0][0][None])
+    return loaders
+
+
+def _open_data(loaded, data: Path, batch_size: int, workers: int, skip_bad_images: bool, seed: int):
     from .data import open_image_folder
     from .pipeline import check_normalization, dry_run
 
@@ -245,26 +319,50 @@ def _ready(loaded):
 
 
 @contextlib.contextmanager
+def _no_empty_out(out: Path) -> Iterator[None]:
+    """Bad input found once ``out`` was made (an unknown --device, no activation of --rectifiers, an untraceable
+    model) leaves no empty ``out`` behind."""
+    existed = out.exists()
+    try:
+        yield
+    except UserError:
+        if not existed and out.is_dir() and not any(out.iterdir()):
+            out.rmdir()
+        raise
+
+
+@contextlib.contextmanager
 def _resumable(out: Path) -> Iterator[None]:
-    """Ctrl-C in a resumable command: exit 130 saying how many rounds ``out``'s state file keeps. A state file
-    that cannot be read is refused before any work."""
+    """Ctrl-C or SIGTERM in a resumable command: exit 130 or 143 saying how many rounds ``out``'s state file
+    keeps. A state file that cannot be read is refused before any work."""
     if _rounds_kept(out / STATE_FILE) is None:
         raise UserError(f"{out / STATE_FILE} is unreadable; delete it to start over")
     try:
         yield
-    except KeyboardInterrupt:
-        raise Interrupted(_rounds_kept(out / STATE_FILE)) from None
+    except KeyboardInterrupt as e:
+        raise Interrupted(_rounds_kept(out / STATE_FILE), isinstance(e, Terminated)) from None
 
 
-def _rounds_kept(path: Path) -> int | None:
+def _rounds_kept(path: Path) -> tuple[int, int] | None:
+    """(rounds done, rounds kept within budget) in a state file."""
     import torch
 
     if not path.exists():
-        return 0
+        return 0, 0
     try:
-        return len(torch.load(path, map_location="cpu", weights_only=True)["history"])
+        history = torch.load(path, map_location="cpu", weights_only=True)["history"]
+        return len(history), sum(bool(r["within_budget"]) for r in history)
     except Exception:  # absent, or interrupted while written: nothing can be said about it
         return None
+
+
+def _tidy(out: Path) -> None:
+    """A successful run leaves no temp files behind, also none of an earlier run killed without cleanup."""
+    from .io import remove_stale_temps
+    from .train import is_main_process
+
+    if is_main_process():
+        remove_stale_temps(out)
 
 
 class _distributed:
@@ -318,9 +416,10 @@ def compress(model: ModelArg, data: Data, loop: LoopConfig, out: Out = Path("run
                          bench_seconds=bench_seconds, opset=opset, latency_table=latency_table)
     if latency_table is not None:
         ensure_writable_file(latency_table, "--latency-table")
-    with _distributed(device), _resumable(out):
+    with _distributed(device), _no_empty_out(out), _resumable(out):
         loaded = _load(model, weights, arch, num_classes, trust_pickle, input_size, mean, std)
         run(loaded, _with_data(loaded, data, batch_size, workers, skip_bad_images, loop.seed), out, cfg)
+    _tidy(out)
     console.print(f"outputs in [bold]{out}[/]")
 
 
@@ -351,7 +450,7 @@ def entropy(model: ModelArg, data: Data, loop: LoopConfig,
         ensure_writable_file(plot, "--plot")
     target = _usable((target,), "target")[0]
     loaded = _load(model, weights, arch, num_classes, trust_pickle, input_size, mean, std)
-    loaders = _with_data(loaded, data, batch_size, workers, skip_bad_images)
+    loaders = _with_data(loaded, data, batch_size, workers, skip_bad_images, trains=loop.entropy_mode == "train")
     dev = resolve_device(device)
     gm = trace(loaded.model).to(dev)
     sites = find_call_sites(gm, loop.rectifiers)
@@ -386,7 +485,7 @@ def linearize(model: ModelArg, data: Data, loop: LoopConfig, out: Out = Path("ru
     from .train import is_main_process, resolve_device
 
     target = _usable((target,), "target")[0]
-    with _distributed(device), _resumable(out):
+    with _distributed(device), _no_empty_out(out), _resumable(out):
         loaded = _load(model, weights, arch, num_classes, trust_pickle, input_size, mean, std)
         check_continuation(loaded, loop.relocates)
         loaders = _with_data(loaded, data, batch_size, workers, skip_bad_images, loop.seed)
@@ -395,6 +494,7 @@ def linearize(model: ModelArg, data: Data, loop: LoopConfig, out: Out = Path("ru
                           resolve_device(device), out, table, task=task_of(loaded))
         if is_main_process():
             save_linearized(out / "linearized.pt", loaded, result, loop.relocates)
+            _tidy(out)
             console.print(f"removed {len(result.removed)} activations, top-1 {result.base_top1:.2f}% → "
                           f"{result.final_top1:.2f}%; wrote {out / 'linearized.pt'}")
 
@@ -420,22 +520,31 @@ def fold(model: ModelArg, out: Out = Path("runs/fold"),
     cfg = CompressConfig(fold=fold, target=_usable((target,), "target")[0], simplify=not no_simplify, atol=atol,
                          rtol=rtol, scale_tol=scale_tol, min_top1=min_top1, threads=threads, opset=opset)
     loaded = _ready(_load(source, weights, arch, num_classes, trust_pickle, input_size))
+    gm = trace(loaded.model)
     ensure_writable(out)
     inputs = _random_batches(loaded)
     example = inputs[0][:1]
-    gm = trace(loaded.model)
     folded, records = fold_model(gm, example, mode=cfg.fold, target=cfg.target, cache=out / "latency_table.json",
                                  threads=threads)
     save_json([r.to_dict() for r in records], out / "fold_plan.json")
     program = torch.export.export(folded, (example.expand(2, *example.shape[1:]),),
                                   dynamic_shapes=(dynamic_dims(example),))
-    atomic_write(out / "folded.pt2", lambda p: torch.export.save(program, p))
+    atomic_write(out / "folded.pt2", lambda p: _save_program(program, p))
     exported = export_and_verify(folded, gm, example, out / "model.onnx", inputs,
                                  {**onnx_metadata(loaded), "source": source}, cfg)
     applied = sum(r.applied for r in records)
+    _tidy(out)
     console.print(f"{applied} of {len(records)} folds applied; wrote {out}/folded.pt2, {out}/fold_plan.json")
     if not exported["verify"]["passed"]:
         raise VerificationError(f"folded ONNX does not reproduce the model: {exported['verify']['reason']}")
+
+
+def _save_program(program, path: Path) -> None:
+    """``torch.export.save`` through an open file: given a path, torch warns about the temp name's suffix."""
+    import torch
+
+    with open(path, "wb") as f:
+        torch.export.save(program, f)
 
 
 @app.command()
@@ -455,7 +564,7 @@ def export(model: ModelArg, out: Annotated[Path, typer.Option(help="ONNX file")]
                          opset=opset)
     loaded = _load(model, weights, arch, num_classes, trust_pickle, input_size, mean, std)
     if data is not None:
-        inputs = val_batches(_with_data(loaded, data, 16, 0, skip_bad_images), cfg.verify_batches,
+        inputs = val_batches(_with_data(loaded, data, 16, 0, skip_bad_images, trains=False), cfg.verify_batches,
                              loaded.text is not None)
     else:
         inputs = _random_batches(_ready(loaded))
@@ -481,12 +590,24 @@ def bench(models: Annotated[list[Path], typer.Argument(help="ONNX files to compa
     if json_out is not None:
         ensure_writable_file(json_out, "--json")
     devices, batches = _devices(bench_devices), _ints(bench_batches, "bench-batches")
-    shapes = {path: _onnx_input_shape(path) for path in models}
+    unique: dict[Path, Path] = {}
+    for path in models:
+        unique.setdefault(path.resolve(), path)
+    if len(unique) < len(models):
+        twice = [str(p) for key, p in unique.items() if sum(q.resolve() == key for q in models) > 1]
+        console.print(f"[yellow]note:[/] {', '.join(twice)}: the same file given more than once, timed once",
+                      soft_wrap=True)
+        models = list(unique.values())
+    io = {path: _onnx_shapes(path) for path in models}
+    shapes = {path: shape for path, (shape, _) in io.items()}
     first = models[0]
-    for path, shape in shapes.items():
+    for path, (shape, outputs) in io.items():
         if shape != shapes[first]:
-            raise UserError(f"{path} takes {'x'.join(map(str, shape))} inputs but {first} takes "
-                            f"{'x'.join(map(str, shapes[first]))}: only models of one input shape compare")
+            raise UserError(f"{path} takes {_dims(shape)} inputs but {first} takes {_dims(shapes[first])}: only "
+                            "models of one input shape compare")
+        if outputs != io[first][1]:
+            raise UserError(f"{path} outputs {_dims(outputs)} per input but {first} outputs {_dims(io[first][1])}: "
+                            "only models computing the same thing compare")
     labels = {path.stem if path.stem not in {p.stem for p in models if p != path} else str(path): path
               for path in models}
     rows = run_bench(labels, shapes[first], devices, batches, threads, max_seconds=bench_seconds)
@@ -535,9 +656,14 @@ BENCH_SEQUENCE = 128  # the sequence length a language model with a dynamic sequ
 # positions, when fewer)
 
 
-def _onnx_input_shape(path: Path) -> tuple[int, ...]:
+def _dims(shape: tuple) -> str:
+    return "x".join(map(str, shape)) or "scalar"
+
+
+def _onnx_shapes(path: Path) -> tuple[tuple[int, ...], tuple[int | str, ...]]:
     """The static (C, H, W) of a valid ONNX model's input (``BENCH_SEQUENCE`` for token ids with a dynamic
-    sequence axis), with one-line errors for anything else."""
+    sequence axis) and its first output's non-batch dimensions ("?" where dynamic), with one-line errors for
+    anything else."""
     import onnx
 
     if not path.is_file():
@@ -551,14 +677,16 @@ def _onnx_input_shape(path: Path) -> tuple[int, ...]:
         raise UserError(f"{path} has no input")
     tensor = proto.graph.input[0].type.tensor_type
     dims = tensor.shape.dim[1:]
+    outputs = tuple(d.dim_value if d.dim_value > 0 else "?"
+                    for d in (proto.graph.output[0].type.tensor_type.shape.dim[1:] if proto.graph.output else ()))
     if tensor.elem_type == onnx.TensorProto.INT64 and len(dims) == 1 and not dims[0].dim_value > 0:
         from .pipeline import MAX_POSITIONS_KEY
 
         positions = {p.key: p.value for p in proto.metadata_props}.get(MAX_POSITIONS_KEY)
-        return (min(BENCH_SEQUENCE, int(positions or BENCH_SEQUENCE)),)  # token ids, dynamic sequence axis
+        return (min(BENCH_SEQUENCE, int(positions or BENCH_SEQUENCE)),), outputs  # token ids, dynamic sequence
     if not dims or not all(d.dim_value > 0 for d in dims):
         raise UserError(f"{path}: the ONNX input needs static non-batch dimensions to be benchmarked")
-    return tuple(d.dim_value for d in dims)
+    return tuple(d.dim_value for d in dims), outputs
 
 
 @app.command()
@@ -568,8 +696,9 @@ def demo(loop: LoopConfig, out: Out = Path("runs/demo"),
     """Train a small inverted-residual CNN on scikit-learn's digits, then run the whole `compress` pipeline."""
     from .demo import run_demo
 
-    with _resumable(out):
+    with _no_empty_out(out), _resumable(out):
         run_demo(out, epochs, loop.finetune_epochs, loop.max_drop, fold, loop.seed, loop.select)
+    _tidy(out)
 
 
 # ---------------------------------------------------------------------------------------------- entry point
@@ -583,20 +712,22 @@ def _usage_line(e: typer.TyperException) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Console entry point: maps errors to exit codes with one line, never a traceback."""
+    """Maps errors to exit codes with one line, never a traceback; SIGTERM is handled as Ctrl-C is."""
     command = typer.main.get_command(app)
-    try:
-        code = command.main(args=argv, prog_name="easier-export", standalone_mode=False)
-    except typer.TyperException as e:  # the parser's errors (typer's own click): bad option, value, argument
-        _exit(f"[red]error:[/] {escape(_usage_line(e))}", EXIT_USAGE)
-    except typer.Abort:  # end of input at a prompt
-        code = EXIT_INTERRUPTED
-    except (UserError, VerificationError) as e:
-        _exit(f"[red]error:[/] {escape(str(e))}", e.exit_code)
-    except Interrupted as e:
-        _exit(f"[yellow]{escape(str(e))}[/]", e.exit_code)
-    if code == EXIT_INTERRUPTED:  # Ctrl-C outside a resumable loop (click turns it into this code)
-        _exit(f"[yellow]{escape(str(Interrupted(None)))}[/]", EXIT_INTERRUPTED)
+    with sigterm_as_interrupt() as received:
+        try:
+            code = command.main(args=argv, prog_name="easier-export", standalone_mode=False)
+        except typer.TyperException as e:  # the parser's errors (typer's own click): bad option, value, argument
+            _exit(f"[red]error:[/] {escape(_usage_line(e))}", EXIT_USAGE)
+        except typer.Abort:  # end of input at a prompt
+            code = EXIT_INTERRUPTED
+        except (UserError, VerificationError) as e:
+            _exit(f"[red]error:[/] {escape(str(e))}", e.exit_code)
+        except Interrupted as e:
+            _exit(f"[yellow]{escape(str(e))}[/]", e.exit_code)
+    if code == EXIT_INTERRUPTED:  # Ctrl-C or SIGTERM outside a resumable loop (click turns both into this code)
+        stopped = Interrupted(None, terminated=bool(received))
+        _exit(f"[yellow]{escape(str(stopped))}[/]", stopped.exit_code)
     if isinstance(code, int) and code:
         sys.exit(code)
 

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import multiprocessing
 import os
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import TracebackType
 
 import torch
 import torch.distributed as dist
@@ -57,7 +60,20 @@ def _loader(ds: Dataset, batch_size: int, shuffle: bool, workers: int, seed: int
     # Training drops a last partial batch: a batch of one breaks BatchNorm in train mode. Workers are not
     # persistent so that each round's seeding reaches them (resume replays the same data order).
     return DataLoader(ds, batch_size=batch_size, shuffle=shuffle and sampler is None, sampler=sampler,
-                      num_workers=workers, generator=gen, drop_last=shuffle and len(ds) > batch_size)
+                      num_workers=workers, generator=gen, drop_last=shuffle and len(ds) > batch_size,
+                      worker_init_fn=quiet_worker if workers else None)
+
+
+def quiet_worker(_worker_id: int) -> None:
+    """In a loader worker: when the main process is interrupted, its connections close while the worker's
+    multiprocessing resource sharer is handing it a batch, and that thread reports it through ``sys.excepthook``
+    as a traceback fragment after the "interrupted" line. A worker's own errors reach the main process anyway."""
+    sys.excepthook = _closed_connections_quiet
+
+
+def _closed_connections_quiet(kind: type[BaseException], value: BaseException, tb: TracebackType | None) -> None:
+    if not issubclass(kind, (EOFError, OSError, multiprocessing.AuthenticationError)):
+        sys.__excepthook__(kind, value, tb)
 
 
 _END_MARKERS = {"JPEG": b"\xff\xd9", "PNG": b"IEND\xaeB`\x82"}
@@ -142,6 +158,9 @@ def open_image_folder(root: str | Path, num_classes: int | None = None, skip_bad
         val = datasets.ImageFolder(str(root / "val"))
     except (FileNotFoundError, OSError) as e:
         raise UserError(f"bad image folder under {root}: {first_line(e)}") from e
+    if len(train.classes) < 2:
+        raise UserError(f"{root}/train has {len(train.classes)} class folder(s): classifying needs 2 or more "
+                        "(top-1 on one class is 100 % by construction)")
     if train.classes != val.classes:
         raise UserError(f"train/ and val/ have different classes: {train.classes} vs {val.classes}")
     if num_classes is not None and len(train.classes) != num_classes:

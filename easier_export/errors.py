@@ -5,6 +5,7 @@ from __future__ import annotations
 EXIT_USAGE = 2
 EXIT_VERIFY = 3
 EXIT_INTERRUPTED = 130
+EXIT_TERMINATED = 143  # 128 + SIGTERM: what a shell reports for a process that SIGTERM ended
 
 
 def first_line(e: BaseException, limit: int = 200) -> str:
@@ -24,14 +25,23 @@ class VerificationError(Exception):
     exit_code = EXIT_VERIFY
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (a scheduler's notice before SIGKILL), raised where Ctrl-C would be so that the same cleanup runs:
+    temp files of atomic writes removed, finished rounds kept."""
+
+
 class Interrupted(Exception):
-    """Ctrl-C: exit code 130. ``rounds``: EASIER rounds the output folder keeps (None: not a resumable run)."""
+    """Ctrl-C (exit code 130) or SIGTERM (143). ``rounds``: EASIER rounds the output folder keeps, as (done, kept
+    within budget); None: not a resumable run."""
 
-    exit_code = EXIT_INTERRUPTED
-
-    def __init__(self, rounds: int | None) -> None:
+    def __init__(self, rounds: tuple[int, int] | None, terminated: bool = False) -> None:
+        self.exit_code = EXIT_TERMINATED if terminated else EXIT_INTERRUPTED
+        what = "terminated (SIGTERM)" if terminated else "interrupted"
         if rounds is None:
-            text = "interrupted: no output is half-written (files are replaced whole); rerun the command"
+            text = f"{what}: no output is half-written (files are replaced whole); rerun the command"
         else:
-            text = f"interrupted: {rounds} round(s) kept; rerun the same command to resume"
+            done, kept = rounds
+            saved = f"{done} round(s) kept" if done == kept else \
+                f"{done} round(s) saved ({kept} kept, {done - kept} reverted)"
+            text = f"{what}: {saved}; rerun the same command to resume"
         super().__init__(text)

@@ -15,6 +15,7 @@ Supported: ``GPT2LMHeadModel``, ``GPT2ForSequenceClassification`` (pre-norm, cau
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
@@ -196,8 +197,15 @@ def load_hf(path: Path, trust_pickle: bool = False) -> tuple[TextModel, TextSpec
     transformers.utils.logging.set_verbosity_error()  # its progress bars and advice are not this tool's output
     transformers.utils.logging.disable_progress_bar()
     try:
+        raw = json.loads((path / "config.json").read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise UserError(f"{path}/config.json is not readable JSON ({type(e).__name__}: {first_line(e)})") from e
+    if isinstance(raw, dict) and raw.get("auto_map"):
+        raise UserError(f"{path}/config.json names custom code (auto_map), which is never run here "
+                        "(trust_remote_code=False); only the built-in architectures load")
+    try:
         config = transformers.AutoConfig.from_pretrained(path, local_files_only=True, trust_remote_code=False)
-    except Exception as e:  # custom code (auto_map), unknown model_type, malformed JSON...
+    except Exception as e:  # unknown model_type, fields of the wrong type...
         raise UserError(f"{path}/config.json cannot be read by transformers without remote code "
                         f"({type(e).__name__}: {first_line(e)})") from e
     arch = _architecture(config)

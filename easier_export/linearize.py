@@ -39,8 +39,9 @@ SELECTIONS = ("entropy", "latency")
 
 
 def option(default: object, help: str, **cli: object) -> Any:
-    """A LoopConfig field and its command-line option in one place: ``help``, and for the CLI ``choices`` or
-    ``min``/``max`` bounds; `compress` and `linearize` generate their loop options from these fields."""
+    """A LoopConfig field and its command-line option in one place: ``help``, and for the CLI ``choices``,
+    ``min``/``max`` bounds or ``positive``; `compress` and `linearize` generate their loop options from these
+    fields. A float field is always finite (``inf`` never ends a loop, ``nan`` compares false everywhere)."""
     return field(default=default, metadata={"help": help, **cli})
 
 
@@ -53,7 +54,7 @@ class LoopConfig:
                                     "the original on the val split, at this confidence, is within budget (0: "
                                     "the observed change alone)", min=0.0, max=0.999)
     finetune_epochs: float = option(1.0, "finetuning epochs per round (fractions allowed)", min=0.0)
-    lr: float = option(0.01, "finetuning learning rate (cosine schedule)")
+    lr: float = option(0.01, "finetuning learning rate (cosine schedule)", positive=True)
     optimizer: str = option("sgd", "finetuning optimizer: sgd (momentum 0.9) or adamw (for transformers and "
                                    "language models)", choices=OPTIMIZERS)
     max_removed: int | None = option(None, "stop after removing this many activations", min=0)
@@ -65,7 +66,8 @@ class LoopConfig:
                             choices=("entropy", "sparsity", "random", *STUDY_CRITERIA))
     entropy_reg: float = option(0.0, "with --one-shot: first finetune with λ·Σ soft binary entropy of every "
                                      "call site added to the loss, then remove the K lowest", min=0.0)
-    entropy_tau: float = option(0.1, "temperature τ of --entropy-reg's soft ON probability sigmoid(x/τ)", min=0.0)
+    entropy_tau: float = option(0.1, "temperature τ of --entropy-reg's soft ON probability sigmoid(x/τ)",
+                                positive=True)
     rectifiers: tuple[str, ...] = option(tuple(sorted(ALL_RECTIFIERS)), "which activations count",
                                          choices=tuple(sorted(ALL_RECTIFIERS)))
     entropy_batches: int | None = option(20, "batches per entropy pass", min=1)
@@ -91,11 +93,11 @@ class LoopConfig:
     distill: float = option(0.0, "knowledge distillation weight w in the rounds' finetuning: loss = (1-w)·CE + "
                                  "w·T²·KL(original ‖ candidate), the original (frozen) as the teacher; 0 = off",
                             min=0.0, max=1.0)
-    distill_temperature: float = option(4.0, "temperature T of --distill")
+    distill_temperature: float = option(4.0, "temperature T of --distill", positive=True)
     patience: int = option(2, "over-budget candidates in a row (each reverted, then the next one tried) before "
                               "the run ends; 0 stops at the first", min=0)
     target_speedup: float | None = option(None, "stop once the shipped model measures at least this ORT speed-up "
-                                                "over the original on --target", min=0.0)
+                                                "over the original on --target", positive=True)
 
     def budget(self, already: int) -> int:
         """How many more activations may go (``--max-removed``), ``already`` being gone."""
@@ -114,10 +116,6 @@ class LoopConfig:
         checks += [
             (self.entropy_reg == 0 or self.one_shot is not None, "--entropy-reg trains once, then removes "
                                                                  "--one-shot K sites: give --one-shot"),
-            (self.entropy_tau > 0, "--entropy-tau must be positive"),
-            (self.distill_temperature > 0, "--distill-temperature must be positive"),
-            (self.lr > 0, "--lr must be positive"),
-            (self.target_speedup is None or self.target_speedup > 0, "--target-speedup must be positive"),
             (self.select != "latency" or self.one_shot is None, "--one-shot removes sites, not fold groups: "
                                                                 "use it with --select entropy"),
         ]
@@ -127,8 +125,13 @@ class LoopConfig:
 
 
 def _field_checks(meta: Mapping[str, Any], value: Any) -> list[tuple[bool, str]]:
-    """A setting against its option's ``min``/``max`` bounds and ``choices`` (each item, for a tuple)."""
+    """A setting against its option's ``min``/``max`` bounds, ``positive`` and ``choices`` (each item, for a
+    tuple); a float must be finite."""
     checks = []
+    if isinstance(value, float):
+        checks.append((math.isfinite(value), f"must be a finite number, got {value}"))
+    if value is not None and meta.get("positive"):
+        checks.append((value > 0, f"must be positive, got {value}"))
     if value is not None and "min" in meta:
         checks.append((value >= meta["min"], f"must be at least {meta['min']}, got {value}"))
     if value is not None and "max" in meta:

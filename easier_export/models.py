@@ -230,6 +230,9 @@ def _load_any(source: str, num_classes: int | None, weights: str | Path | None, 
             notes.append(f"{source}: no --weights given, using random initialisation")
         return _finish(model, source, num_classes, notes=notes)
 
+    if path.is_dir():
+        raise UserError(f"{path} is a directory without config.json (a Hugging Face model directory needs "
+                        "config.json and its weights; other MODELs are files)")
     path = _existing(path)
     if path.suffix == ".pt2":
         check_archive(path, trust_pickle)  # torch.export.load unpickles marked entries: inspect first

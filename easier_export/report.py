@@ -232,13 +232,25 @@ def summary_rows(report: dict) -> list[tuple[str, str, str, str]]:
         ratios = speedups(bench, BASELINE_LABEL)
         p50 = {(r["label"], *config_key(r)): r["p50_ms"] for r in bench}
         for key in sorted(ratios):
-            if label in ratios[key]:
+            if label in ratios[key] and _headline(bench, key, label, ratios[key][label]):
                 backend, device, batch = key
                 noisy = " (noisy: repeats disagree)" if noisy_pair(bench, (label, *key), BASELINE_LABEL) else ""
                 rows.append((f"p50 latency {backend} {device} b{batch} (ms, {label})",
                              f"{p50[(BASELINE_LABEL, *key)]:.3f}", f"{p50[(label, *key)]:.3f}",
                              f"×{ratios[key][label]:.2f} speed-up{noisy}"))
     return rows
+
+
+def _headline(bench: list[dict], key: tuple[str, str, int], label: str, ratio: float) -> bool:
+    """Whether a speed-up belongs in the summary: onnxruntime's always (what ships); PyTorch eager's, a reference
+    only, when both rows are steady and it stands out of their spread (an eager model under contention reads
+    ×1.5-×5 on an unchanged model). The bench table lists every row."""
+    if key[0] != "torch":
+        return True
+    if noisy_pair(bench, (label, *key), BASELINE_LABEL):
+        return False
+    spread = max(r.get("spread", 0.0) for r in bench if config_key(r) == key and r["label"] in (label, BASELINE_LABEL))
+    return abs(ratio - 1) > spread
 
 
 def _fmt_top1(top1: float | None) -> str:

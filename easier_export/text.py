@@ -89,7 +89,9 @@ def lm_blocks(ids: list[int], seq_len: int, what: str) -> TensorDataset:
     return TensorDataset(stream[:-1].view(n, seq_len), stream[1:].view(n, seq_len))
 
 
-def _labelled(text: str, what: str) -> list[tuple[str, str]]:
+def _labelled(text: str, what: str, classes: int) -> list[tuple[int, str]]:
+    """(class index, text) per ``label<TAB>text`` line. A label is the head's row it names, an integer in
+    0..classes-1, taken by value: mapping labels by rank would silently shift them (``-1,0,1`` → ``0,1,2``)."""
     rows = []
     for i, line in enumerate(text.splitlines(), 1):
         if not line.strip():
@@ -97,31 +99,27 @@ def _labelled(text: str, what: str) -> list[tuple[str, str]]:
         label, tab, body = line.partition("\t")
         if not tab:
             raise UserError(f"{what} line {i}: expected 'label<TAB>text' (classification data)")
-        rows.append((label.strip(), body))
+        try:
+            index = int(label.strip())
+        except ValueError:
+            index = None
+        if index is None or not 0 <= index < classes:
+            raise UserError(f"{what} line {i}: label '{label.strip()}' is not one of the model's {classes} classes "
+                            f"(integers 0..{classes - 1})")
+        rows.append((index, body))
     if not rows:
         raise UserError(f"{what} has no examples")
     return rows
 
 
-def classification_set(rows: list[tuple[str, str]], classes: list[str], encode: Callable[[str, bool], list[int]],
-                       seq_len: int, pad_id: int, what: str) -> TensorDataset:
+def classification_set(rows: list[tuple[int, str]], encode: Callable[[str, bool], list[int]], seq_len: int,
+                       pad_id: int, what: str) -> TensorDataset:
     """Right-padded (truncated) token ids and class indices."""
-    index = {c: i for i, c in enumerate(classes)}
-    unknown = sorted({label for label, _ in rows} - set(index))
-    if unknown:
-        raise UserError(f"{what} has labels not in train.txt: {', '.join(unknown[:5])}")
     x = torch.full((len(rows), seq_len), pad_id, dtype=torch.long)
     for i, (_, body) in enumerate(rows):
         ids = encode(body, True)[:seq_len]
         x[i, : len(ids)] = torch.tensor(ids, dtype=torch.long)
-    return TensorDataset(x, torch.tensor([index[label] for label, _ in rows], dtype=torch.long))
-
-
-def _class_names(labels: set[str]) -> list[str]:
-    """Integer labels keep their numeric order (0..K-1 map to the head's rows), others sort by name."""
-    if all(label.lstrip("-").isdigit() for label in labels):
-        return sorted(labels, key=int)
-    return sorted(labels)
+    return TensorDataset(x, torch.tensor([label for label, _ in rows], dtype=torch.long))
 
 
 def text_loaders(root: str | Path, spec: TextSpec, seq_len: int, batch_size: int = 32,
@@ -135,12 +133,12 @@ def text_loaders(root: str | Path, spec: TextSpec, seq_len: int, batch_size: int
         sets = {s: lm_blocks(encode(texts[s], False), seq_len, f"{root}/{s}.txt") for s in SPLITS}
         classes = [str(i) for i in range(spec.vocab_size)]
     else:
-        rows = {s: _labelled(texts[s], f"{root}/{s}.txt") for s in SPLITS}
-        classes = _class_names({label for label, _ in rows["train"]})
-        if spec.labels is not None and len(classes) != spec.labels:
-            raise UserError(f"{root}/train.txt has {len(classes)} labels but the model predicts {spec.labels}")
-        sets = {s: classification_set(rows[s], classes, encode, seq_len, spec.pad_id, f"{root}/{s}.txt")
-                for s in SPLITS}
+        if spec.labels is None or spec.labels < 2:
+            raise UserError(f"the model predicts {spec.labels or 'no'} class(es): a classifier needs 2 or more "
+                            "(num_labels in config.json)")
+        rows = {s: _labelled(texts[s], f"{root}/{s}.txt", spec.labels) for s in SPLITS}
+        classes = [str(i) for i in range(spec.labels)]
+        sets = {s: classification_set(rows[s], encode, seq_len, spec.pad_id, f"{root}/{s}.txt") for s in SPLITS}
     top = max(int(ds.tensors[0].max()) for ds in sets.values())
     if top >= spec.vocab_size:
         raise UserError(f"token id {top} is outside the model's vocabulary ({spec.vocab_size})")

@@ -73,6 +73,25 @@ class Teacher:
 
 
 @torch.no_grad()
+def check_batch_of_one(model: nn.Module, example: torch.Tensor) -> None:
+    """Refuse batches of one before any work when the model cannot train on them: train-mode BatchNorm over
+    features alone (BatchNorm1d, or after pooling) needs two values per channel. The model is left as it was."""
+    from .entropy import preserved_buffers
+
+    was_training = model.training
+    try:
+        with preserved_buffers(model):
+            model.train()(example)
+    except ValueError as e:
+        if "Expected more than 1 value per channel" not in str(e):
+            raise
+        raise UserError("training batches of one sample cannot train this model's BatchNorm (its statistics need "
+                        "two values per channel): use --batch-size 2 or more") from None
+    finally:
+        model.train(was_training)
+
+
+@torch.no_grad()
 def evaluate_metrics(model: nn.Module, loader: DataLoader, device: torch.device) -> dict:
     """Top-1 accuracy in percent and perplexity (exp of the mean cross-entropy), over every labelled position
     (summed over ranks under DDP): a classifier's top-1, or a language model's next-token accuracy. Also per

@@ -197,7 +197,7 @@ def test_every_loop_setting_is_an_option_of_the_loop_commands():
 @pytest.mark.parametrize(("flag", "value", "says"), [("--anneal", "1.5", "Invalid value for '--anneal'"),
                                                      ("--distill", "-0.1", "Invalid value for '--distill'"),
                                                      ("--distill-temperature", "0",
-                                                      "--distill-temperature must be positive"),
+                                                      "--distill-temperature': must be positive"),
                                                      ("--substitute", "zero", "Invalid value for '--substitute'")])
 def test_bad_loop_option_is_a_one_line_usage_error(capsys, image_folder, flag, value, says):
     code, out = run(capsys, "compress", "cifar_resnet20", "--data", str(image_folder), flag, value)

@@ -3,6 +3,7 @@ traceback, and nothing written."""
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -58,9 +59,16 @@ def inputs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     files["data_truncated"] = _folder_with(root / "data_truncated", "cut.jpg", None)
     files["data_hostile"] = _folder_with(root / "data_hostile", "evil.jpg", os.urandom(2048))
     files["data_wrong_shape"] = make_image_folder(root / "data_2classes", classes=2)
+    files["data_one_class"] = make_image_folder(root / "data_1class", classes=1)
     files["state_dir"] = root / "state"
     files["state_dir"].mkdir()
     (files["state_dir"] / "state.pt").write_bytes(b"")
+    files["bn1d"] = root / "bn1d.pt"  # BatchNorm over features alone: cannot train on batches of one
+    torch.save(torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 16 * 16, 8), torch.nn.BatchNorm1d(8),
+                                   torch.nn.ReLU(), torch.nn.Linear(8, 3)), files["bn1d"])
+    files["one_out"] = root / "one_out.pt"  # a single-class "classifier"
+    torch.save(torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(1),
+                                   torch.nn.Flatten(), torch.nn.Linear(4, 1)), files["one_out"])
     files["demo_dir"] = root / "demo"
     files["demo_dir"].mkdir()
     _cut(files["sd"], files["demo_dir"] / "demo_invres.pt")
@@ -70,6 +78,9 @@ def inputs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     export_onnx(net, torch.randn(1, 1, 16, 16), files["onnx"], simplify=False)
     export_onnx(net, torch.randn(1, 1, 12, 12), root / "b12.onnx", simplify=False)
     files["onnx_wrong_shape"] = root / "b12.onnx"
+    files["onnx_other_outputs"] = root / "five.onnx"
+    export_onnx(build_arch("demo_cnn", num_classes=5).eval(), torch.randn(1, 1, 16, 16), files["onnx_other_outputs"],
+                simplify=False)
     files["onnx_truncated"] = _cut(files["onnx"], root / "cut.onnx")
     files["onnx_garbage"] = root / "garbage.onnx"
     files["onnx_garbage"].write_bytes(os.urandom(4096))
@@ -103,6 +114,7 @@ ONNX = {
     "garbage": (["{onnx}", "{onnx_garbage}"], "is not a valid ONNX model"),
     "truncated": (["{onnx}", "{onnx_truncated}"], "is not a valid ONNX model"),
     "wrong_shape": (["{onnx}", "{onnx_wrong_shape}"], "only models of one input shape compare"),
+    "other_outputs": (["{onnx}", "{onnx_other_outputs}"], "outputs 5 per input but"),
     "hostile": (["{onnx_hostile}"], "is not a valid ONNX model"),
 }
 OUT = "{tmp}/out"
@@ -118,6 +130,17 @@ def _cases() -> list:
             cases.append((command, f"data-{kind}", [*GOOD_MODEL, "--data", data, *out], says))
         cases.append((command, "garbage-option", [*GOOD_MODEL, "--data", "{data}", "--batch-size", "abc", *out],
                       "Invalid value for '--batch-size'"))
+        cases.append((command, "one-class", [*GOOD_MODEL[:-1], "1", "--data", "{data_one_class}", *out],
+                      "Invalid value for '--num-classes'"))
+        cases.append((command, "one-class-data", ["{one_out}", "--trust-pickle", "--input-size", "16", "--data",
+                                                  "{data_one_class}", *out], "classifying needs 2 or more"))
+        cases.append((command, "batchnorm1d-batch-of-one", ["{bn1d}", "--trust-pickle", "--input-size", "16",
+                                                            "--data", "{data}",
+                                                            "--batch-size", "1", "--workers", "0", *out],
+                      "use --batch-size 2 or more"))
+    for command in ("compress", "linearize"):
+        cases.append((command, "unknown-device", [*GOOD_MODEL, "--data", "{data}", "--workers", "0", "--device", "gpu",
+                                                  "--out", OUT], "unknown --device 'gpu'"))
     cases.append(("compress", "zero-std", [*GOOD_MODEL, "--data", "{data}", "--std", "0,0,0"],
                   "--std values must be positive"))
     for command in ("compress", "linearize"):
@@ -154,6 +177,7 @@ def test_bad_input_gives_one_line_and_writes_nothing(capsys, inputs, tmp_path, m
     assert "Traceback" not in out
     assert not (tmp_path / MARKER).exists(), "the hostile pickle ran"
     assert [p for p in tmp_path.rglob("*") if p.is_file()] == [], "partial outputs"
+    assert not (tmp_path / "out").exists(), "an empty --out left behind"
     after = {p: p.stat().st_mtime_ns for p in inputs["state_dir"].parent.rglob("*") if p.is_file()}
     assert after == before, "an input was changed or an output written beside the inputs"
 
@@ -177,3 +201,79 @@ def test_parser_errors_are_usage_errors(capsys, argv) -> None:
     lines = out.strip().splitlines()
     assert code == 2 and len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in out
     assert "--help" in lines[0]
+
+
+BOUNDS = [  # every numeric option has a finite range: inf never ends a loop, nan compares false everywhere
+    (["compress", "m", "--data", "d", "--finetune-epochs", "inf"], "--finetune-epochs': must be a finite number"),
+    (["compress", "m", "--data", "d", "--baseline-epochs", "inf"], "--baseline-epochs': must be a finite number"),
+    (["linearize", "m", "--data", "d", "--threshold", "nan"], "--threshold': must be a finite number"),
+    (["compress", "m", "--data", "d", "--lr", "inf"], "--lr': must be a finite number"),
+    (["compress", "m", "--data", "d", "--target-speedup", "0"], "--target-speedup': must be positive"),
+    (["compress", "m", "--data", "d", "--entropy-tau", "0"], "--entropy-tau': must be positive"),
+    (["bench", "a.onnx", "--bench-seconds", "inf"], "--bench-seconds': inf is not a finite number"),
+    (["bench", "a.onnx", "--threads", "100000"], "Invalid value for '--threads'"),
+    (["export", "m", "--atol", "inf"], "--atol': inf is not a finite number"),
+    (["fold", "m", "--scale-tol", "inf"], "--scale-tol': inf is not a finite number"),
+]
+
+
+@pytest.mark.parametrize(("argv", "says"), BOUNDS, ids=[" ".join(a[:1] + a[-2:]) for a, _ in BOUNDS])
+def test_numeric_options_are_finite_and_bounded(capsys, tmp_path, monkeypatch, argv, says) -> None:
+    monkeypatch.chdir(tmp_path)
+    code, out = run(capsys, *argv)
+    lines = out.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and says in lines[0] and "--help" in lines[0], out
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_threads_are_bounded_by_the_cores(capsys, inputs) -> None:
+    code, out = run(capsys, "bench", str(inputs["onnx"]), "--threads", str((os.cpu_count() or 1) * 4 + 1))
+    assert code == 2 and "Invalid value for '--threads'" in out and len(out.strip().splitlines()) == 1
+
+
+def test_help_shows_the_range_it_enforces() -> None:
+    """--target-speedup refuses 0: its help must not show [x>=0.0]."""
+    import typer
+
+    from easier_export.cli import app
+
+    params = {p.name: p for p in typer.main.get_command(app).commands["compress"].params}
+    speedup = params["target_speedup"]
+    assert speedup.min is None and speedup.help.endswith("(positive)")
+
+
+@pytest.mark.parametrize("field", ["threshold", "finetune_epochs", "baseline_epochs", "max_drop", "lr"])
+def test_loop_config_refuses_non_finite_values(field) -> None:
+    from easier_export.errors import UserError
+    from easier_export.linearize import LoopConfig
+
+    for value in (float("inf"), float("nan")):
+        with pytest.raises(UserError, match="must be a finite number"):
+            LoopConfig(**{field: value})
+
+
+def test_an_output_that_cannot_be_replaced_is_one_line(capsys, tmp_path) -> None:
+    """The file system refuses the rename (here: a folder where the file goes; also an immutable file)."""
+    out = tmp_path / "fold"
+    (out / "fold_plan.json").mkdir(parents=True)
+    code, text = run(capsys, "fold", "demo_cnn", "--out", str(out), "--fold", "none", "--no-simplify")
+    lines = text.strip().splitlines()
+    assert code == 2 and "Traceback" not in text, text
+    assert lines[-1].startswith(f"error: cannot write {out / 'fold_plan.json'} (") and len(lines) <= 2, text
+    assert not list(out.glob(".*.tmp"))
+
+
+def test_bench_of_the_same_file_twice_says_so(capsys, inputs, tmp_path) -> None:
+    rows = tmp_path / "rows.json"
+    code, out = run(capsys, "bench", str(inputs["onnx"]), str(inputs["onnx"]), "--bench-seconds", "0",
+                    "--bench-batches", "1", "--json", str(rows))
+    assert code == 0, out
+    assert "the same file given more than once, timed once" in " ".join(out.split())
+    assert len(json.loads(rows.read_text())) == 1
+
+
+def test_version(capsys) -> None:
+    from easier_export import __version__
+
+    code, out = run(capsys, "--version")
+    assert code == 0 and out.strip() == f"easier-export {__version__}"

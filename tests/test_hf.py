@@ -141,7 +141,7 @@ def test_custom_code_and_unsupported_architectures_are_refused(capsys, tmp_path)
                                                     "auto_map": {"AutoConfig": "my_code.MyConfig"}}))
     (custom / "my_code.py").write_text("raise SystemExit('remote code ran')\n")
     code, text = run(capsys, "export", str(custom), "--out", str(tmp_path / "x.onnx"))
-    assert code == 2 and "without remote code" in text and len(text.strip().splitlines()) == 1
+    assert code == 2 and "custom code (auto_map)" in text and len(text.strip().splitlines()) == 1
     masked = tmp_path / "mlm"
     from transformers import BertForMaskedLM
 
@@ -163,3 +163,33 @@ def test_linearized_checkpoint_of_a_text_model_reloads(hf_dirs, tmp_path):
     ids = random_token_batches(loaded.text, 16)[0]
     assert again.text == loaded.text and again.input_size == (16,)
     assert torch.equal(again.model(ids), gm(ids))
+
+
+@pytest.mark.parametrize(("args", "says"), [
+    (["--num-classes", "3"], "--num-classes: not for a Hugging Face directory"),
+    (["--weights", "w.pt"], "--weights: not for a Hugging Face directory"),
+    (["--mean", "0.5", "--std", "0.2"], "--mean, --std: not for a Hugging Face directory"),
+    (["--input-size", "3x32"], "--input-size 3x32: a text model's input size is one number")])
+def test_image_options_are_refused_for_text_models(capsys, hf_dirs, tmp_path, args, says):
+    out = tmp_path / "x.onnx"
+    code, text = run(capsys, "export", str(hf_dirs / "gpt2_lm"), "--out", str(out), *args)
+    lines = text.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and says in lines[0] and "Traceback" not in text, text
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_directories_that_are_not_models_say_why(capsys, hf_dirs, tmp_path):
+    gpt2_custom = tmp_path / "gpt2_custom"  # the built-in GPT-2 would load where custom code is asked for
+    gpt2_custom.mkdir()
+    config = json.loads((hf_dirs / "gpt2_lm" / "config.json").read_text())
+    (gpt2_custom / "config.json").write_text(json.dumps({**config, "auto_map": {"AutoModel": "mine.Model"}}))
+    corrupt = tmp_path / "corrupt"
+    corrupt.mkdir()
+    (corrupt / "config.json").write_text("{not json")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    for path, says in ((gpt2_custom, "custom code (auto_map)"), (corrupt, "config.json is not readable JSON"),
+                       (empty, "is a directory without config.json")):
+        code, text = run(capsys, "export", str(path), "--out", str(tmp_path / "x.onnx"))
+        lines = text.strip().splitlines()
+        assert code == 2 and len(lines) == 1 and says in lines[0], text

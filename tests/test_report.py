@@ -224,3 +224,16 @@ def test_round_rows_say_what_replaced_the_removed_activations():
               {"round": 3, "removed": ["d"], "stand_ins": {"d": "affine"}, **base}]
     column = ROUND_COLUMNS.index("replaced by")
     assert [row[column] for row in round_rows({"rounds": rounds})] == ["identity", "affine, identity", "affine"]
+
+
+def test_eager_rows_reach_the_summary_only_above_their_noise(report: dict) -> None:
+    eager = [{**r, "backend": "torch", "provider": "eager", "spread": 0.02, "noisy": False} for r in bench_rows()]
+    eager[0].update(spread=0.6, noisy=True)  # rows: original b1, b8, linearized b1, b8, folded b1, b8
+    eager[5].update(p50_ms=8 * 4.0 / 1.01)  # folded at batch 8: ×1.01, inside its 2 % spread
+    report["bench"] = report["bench"] + eager
+    names = [r[0] for r in rp.summary_rows(report)]
+    assert "p50 latency onnxruntime cpu b1 (ms, folded)" in names
+    assert not any("torch" in name for name in names), names
+    eager[5].update(p50_ms=8 * 2.0)  # ×2.00 on steady rows: shown
+    report["bench"] = bench_rows() + eager
+    assert "p50 latency torch cpu b8 (ms, folded)" in [r[0] for r in rp.summary_rows(report)]

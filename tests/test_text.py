@@ -3,6 +3,7 @@
 
 import json
 import math
+import re
 
 import pytest
 import torch
@@ -141,3 +142,17 @@ def test_a_directory_tokenizer_is_used_when_present(tmp_path):
     data = _data(tmp_path / "data", "1\tgood movie\n0\tbad movie\n", "0\tbad\n")
     x, y = next(iter(text_loaders(data, loaded.text, 6).val))
     assert x.tolist() == [[2, 6, 3, 0, 0, 0]] and y.tolist() == [0]
+
+
+def test_class_labels_are_taken_by_value_not_rank(tmp_path):
+    three = TextSpec("classification", 256, 64, 0, None, labels=3)
+    data = text_loaders(_data(tmp_path / "ok", "2\ta\n0\tb\n", "2\tc\n"), three, 4)
+    assert data.train.dataset.tensors[1].tolist() == [2, 0] and data.val.dataset.tensors[1].tolist() == [2]
+    for name, train, says in [("seven", "0\ta\n1\tb\n7\tc\n", "line 3: label '7' is not one of the model's 3 classes"),
+                              ("negative", "-1\ta\n0\tb\n1\tc\n", "line 1: label '-1' is not one of the model's 3"),
+                              ("named", "pos\ta\n", "label 'pos' is not one of the model's 3 classes")]:
+        with pytest.raises(UserError, match=re.escape(says)):
+            text_loaders(_data(tmp_path / name, train, "0\tx\n"), three, 4)
+    with pytest.raises(UserError, match="a classifier needs 2 or more"):
+        text_loaders(_data(tmp_path / "one", "0\ta\n", "0\tb\n"), TextSpec("classification", 256, 64, 0, None,
+                                                                          labels=1), 4)
