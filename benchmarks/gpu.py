@@ -143,12 +143,10 @@ class Case:
 
 def shipped_plan(report: dict) -> tuple[str, list[list[str]] | None, str]:
     """(fold mode, merges to replay, how) that rebuild the ``model.onnx`` a compress report describes."""
-    folds = report.get("folds", [])
-    mode = report.get("settings", {}).get("fold", "auto")
+    folds = report["folds"]
+    mode = report["shipped"]["fold"]
     if mode != "auto":
         return mode, None, f"fold {mode}, as shipped"
-    if any(f["kind"] == "end_to_end" and f["applied"] for f in folds):
-        return "all", None, "every exact merge, as shipped after the end-to-end check"
     merges = [f["nodes"] for f in folds if f["applied"] and f["kind"] in MERGE_KINDS]
     return "auto", merges, "the shipped auto plan, replayed"
 

@@ -75,7 +75,7 @@ def run(args: argparse.Namespace, data: Path, confidence: float, k: int) -> Path
            "--max-drop", str(args.max_drop), "--confidence", str(confidence), "--workers", "0",
            "--batch-size", "128", "--threads", str(args.threads), *args.extra]
     start = time.perf_counter()
-    log = out.with_suffix(".log")
+    log = out.parent / f"{out.name}.log"
     out.parent.mkdir(parents=True, exist_ok=True)
     with open(log, "w") as f:
         code = subprocess.call(cmd, stdout=f, stderr=subprocess.STDOUT)

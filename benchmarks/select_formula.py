@@ -39,14 +39,14 @@ from easier_export.data import image_folder  # noqa: E402
 from easier_export.fold.groups import FoldGroups, Group  # noqa: E402
 from easier_export.fold.planner import LatencyTable  # noqa: E402
 from easier_export.graph import find_call_sites, remove_sites, trace  # noqa: E402
-from easier_export.linearize import LoopConfig, measure_groups, risk_per_us, score_sites  # noqa: E402
+from easier_export.linearize import LoopConfig, measure_groups, risk, score_sites  # noqa: E402
 from easier_export.models import load_model  # noqa: E402
 from easier_export.train import evaluate  # noqa: E402
 
 Rule = Callable[[Group, dict[str, float]], float]
 RULES: dict[str, Rule] = {
-    "entropy/us": risk_per_us,
-    "entropy": lambda g, s: sum(s[n] for n in g.sites),
+    "entropy/us": lambda g, s: risk(g, s) / g.us_saved,
+    "entropy": risk,
     "us": lambda g, s: -g.us_saved,
 }
 

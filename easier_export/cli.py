@@ -88,6 +88,10 @@ BenchBatches = Annotated[str, typer.Option(help="benchmark batch sizes, comma li
 BenchSeconds = Annotated[float, _real("benchmark time budget per model and setting", min=0.0)]
 Threads = Annotated[int | None, typer.Option(min=1, max=MAX_THREADS, help="onnxruntime intra-op threads (default: "
                                                                          "physical cores)")]
+CropPct = Annotated[float | None, _real(
+    "evaluation centre crop as a share of the resized image, e.g. 0.875 (default: the model's config, applied "
+    "only to images larger than the input size; images of the input size are used as they are)", min=0.05,
+    max=1.0)]
 LatencyTableFile = Annotated[Path | None, typer.Option(
     help="the fold planner's timings: read from and added to this JSON file, so that runs with the same file make "
          "the same latency decisions (default: OUT/latency_table.json, per run)")]
@@ -236,7 +240,7 @@ def _devices(text: str) -> tuple[str, ...]:
 
 
 def _load(model: str, weights: Path | None, arch: str | None, num_classes: int | None, trust_pickle: bool,
-          input_size: str | None, mean: str | None = None, std: str | None = None):
+          input_size: str | None, mean: str | None = None, std: str | None = None, crop_pct: float | None = None):
     from .models import load_model
 
     loaded = load_model(model, num_classes, weights, arch, trust_pickle, _size(input_size))
@@ -248,6 +252,8 @@ def _load(model: str, weights: Path | None, arch: str | None, num_classes: int |
     for note in loaded.notes:
         console.print(f"[yellow]warning:[/] {escape(note)}", soft_wrap=True)
     loaded.normalization_given = mean is not None or std is not None
+    if crop_pct is not None:
+        loaded.crop_pct, loaded.crop_asked = crop_pct, True
     loaded.mean = _floats(mean, "mean") or loaded.mean
     loaded.std = _floats(std, "std") or loaded.std
     if loaded.text is None and (len(loaded.mean) != loaded.input_size[0] or len(loaded.std) != loaded.input_size[0]):
@@ -305,7 +311,7 @@ def _open_data(loaded, data: Path, batch_size: int, workers: int, skip_bad_image
     if not loaded.normalization_given:
         check_normalization(loaded, folder, batch_size, seed)
     loaders = folder.loaders(loaded.input_size, loaded.mean, loaded.std, batch_size, workers, seed,
-                             loaded.crop_pct, loaded.interpolation)
+                             loaded.crop_pct, loaded.interpolation, loaded.crop_asked)
     console.print(f"preprocessing: {loaders.preprocessing.describe()}", soft_wrap=True)
     return loaders
 
@@ -400,6 +406,7 @@ class _distributed:
 def compress(model: ModelArg, data: Data, loop: LoopConfig, out: Out = Path("runs/compress"),
              weights: Weights = None, arch: Arch = None, num_classes: NumClasses = None,
              trust_pickle: TrustPickle = False, input_size: InputSize = None, mean: Mean = None, std: Std = None,
+             crop_pct: CropPct = None,
              batch_size: BatchSize = 128, workers: Workers = 2, skip_bad_images: SkipBadImages = False,
              device: Device = "auto", fold: Fold = "auto", target: Target = "cpu", bench_devices: BenchDevices = "cpu",
              bench_batches: BenchBatches = "1,8", bench_seconds: BenchSeconds = 2.0, threads: Threads = None,
@@ -417,7 +424,7 @@ def compress(model: ModelArg, data: Data, loop: LoopConfig, out: Out = Path("run
     if latency_table is not None:
         ensure_writable_file(latency_table, "--latency-table")
     with _distributed(device), _no_empty_out(out), _resumable(out):
-        loaded = _load(model, weights, arch, num_classes, trust_pickle, input_size, mean, std)
+        loaded = _load(model, weights, arch, num_classes, trust_pickle, input_size, mean, std, crop_pct)
         run(loaded, _with_data(loaded, data, batch_size, workers, skip_bad_images, loop.seed), out, cfg)
     _tidy(out)
     console.print(f"outputs in [bold]{out}[/]")
@@ -430,6 +437,7 @@ def entropy(model: ModelArg, data: Data, loop: LoopConfig,
             plot: Annotated[Path | None, typer.Option(help="also draw the per-site entropy to this PNG")] = None,
             weights: Weights = None, arch: Arch = None, num_classes: NumClasses = None,
             trust_pickle: TrustPickle = False, input_size: InputSize = None, mean: Mean = None, std: Std = None,
+            crop_pct: CropPct = None,
             batch_size: BatchSize = 128, workers: Workers = 2, skip_bad_images: SkipBadImages = False,
             device: Device = "auto", target: Target = "cpu", threads: Threads = None,
             groups: Annotated[bool, typer.Option(help="also time and list the fold groups: activations whose "
@@ -449,7 +457,7 @@ def entropy(model: ModelArg, data: Data, loop: LoopConfig,
     if plot is not None:
         ensure_writable_file(plot, "--plot")
     target = _usable((target,), "target")[0]
-    loaded = _load(model, weights, arch, num_classes, trust_pickle, input_size, mean, std)
+    loaded = _load(model, weights, arch, num_classes, trust_pickle, input_size, mean, std, crop_pct)
     loaders = _with_data(loaded, data, batch_size, workers, skip_bad_images, trains=loop.entropy_mode == "train")
     dev = resolve_device(device)
     gm = trace(loaded.model).to(dev)
@@ -475,6 +483,7 @@ def entropy(model: ModelArg, data: Data, loop: LoopConfig,
 def linearize(model: ModelArg, data: Data, loop: LoopConfig, out: Out = Path("runs/linearize"),
               weights: Weights = None, arch: Arch = None, num_classes: NumClasses = None,
               trust_pickle: TrustPickle = False, input_size: InputSize = None, mean: Mean = None, std: Std = None,
+              crop_pct: CropPct = None,
               batch_size: BatchSize = 128, workers: Workers = 2, skip_bad_images: SkipBadImages = False,
               device: Device = "auto", target: Target = "cpu", threads: Threads = None) -> None:
     """Only the EASIER loop: writes linearized.pt (resumable; rerun to continue)."""
@@ -486,7 +495,7 @@ def linearize(model: ModelArg, data: Data, loop: LoopConfig, out: Out = Path("ru
 
     target = _usable((target,), "target")[0]
     with _distributed(device), _no_empty_out(out), _resumable(out):
-        loaded = _load(model, weights, arch, num_classes, trust_pickle, input_size, mean, std)
+        loaded = _load(model, weights, arch, num_classes, trust_pickle, input_size, mean, std, crop_pct)
         check_continuation(loaded, loop.relocates)
         loaders = _with_data(loaded, data, batch_size, workers, skip_bad_images, loop.seed)
         table = LatencyTable(target, threads, ensure_writable(out) / "latency_table.json")
@@ -625,11 +634,11 @@ def _fold_groups(gm, loop, example, stats: dict, target: str, threads: int | Non
     from rich.table import Table
 
     from .fold.planner import LatencyTable
-    from .linearize import measure_groups, risk_per_us
+    from .linearize import measure_groups, risk
 
     found = measure_groups(gm, loop, example, LatencyTable(target, threads)).candidates(set())
     entropy = {name: s.entropy for name, s in stats.items()}
-    found.sort(key=lambda g: risk_per_us(g, entropy))
+    found.sort(key=lambda g: (risk(g, entropy), g.sites))  # the order --select latency tries them in
     rows = [{"sites": list(g.sites), "entropy": sum(entropy[s] for s in g.sites), "us_saved": g.us_saved,
              "detail": g.detail} for g in found]
     table = Table("group", "call sites", "entropy (sum)", f"µs saved ({target}, batch 1)", "merge",

@@ -116,18 +116,18 @@ class ImageFolderData:
 
     def loaders(self, input_size: tuple[int, int, int], mean: tuple[float, ...], std: tuple[float, ...],
                 batch_size: int = 128, workers: int = 2, seed: int = 0, crop_pct: float | None = None,
-                interpolation: str = "bilinear") -> Loaders:
+                interpolation: str = "bilinear", crop_native: bool = False) -> Loaders:
         """Loaders with the model's preprocessing; ``crop_pct``/``interpolation`` as in timm's pretrained_cfg
         (default: 0.875 and bilinear at ImageNet sizes, no crop at CIFAR sizes). Images that already have the
         input size are used as they are: a pretrained config's centre crop would zoom them, and the model would
-        be finetuned and judged on a view its users never feed it."""
+        be finetuned and judged on a view its users never feed it (unless ``crop_native``: --crop-pct given)."""
         from torchvision import transforms
 
         channels, h, w = input_size
         small = max(h, w) <= 64  # CIFAR-style: resize to the input, pad-and-crop; else ImageNet-style resize + crop
         crop = crop_pct or (1.0 if small else 0.875)
         modes = {m.value: m for m in transforms.InterpolationMode}
-        native = self.common_size == (h, w)
+        native = self.common_size == (h, w) and not crop_native
         size = None if native else int(round(min(h, w) / crop))
         resize = [] if size is None else [transforms.Resize(size, modes.get(interpolation, modes["bilinear"]))]
         gray = [transforms.Grayscale()] if channels == 1 else []

@@ -42,6 +42,7 @@ class LoadedModel:
     interpolation: str = "bilinear"
     text: TextSpec | None = None  # a text model: input_size is (sequence length,), inputs are token ids
     normalization_given: bool = False  # --mean/--std given: trusted as they are, never second-guessed
+    crop_asked: bool = False  # --crop-pct given: the crop applies to images of the input size too
 
     @property
     def input_dtype(self) -> torch.dtype:

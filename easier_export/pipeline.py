@@ -225,10 +225,15 @@ def ship(steps: list[Step], original_onnx: Path, example: torch.Tensor, inputs: 
     fold_kwargs = {"target": cfg.target, "cache": latency_table_path(out_dir, cfg), "threads": cfg.threads}
     shipment = choose(steps, original_onnx, exporter, example, cfg.fold, cfg.loop.relocates, cfg.target,
                       min(cfg.bench_batches), cfg.threads, work, fold_kwargs)
-    export = shipment.chosen.export
-    final = out_dir / ("model.unverified.onnx" if not export["verify"]["passed"] else "model.onnx")
-    os.replace(export["path"], final)
-    shipment.chosen.export = {**export, "path": str(final)}
+    export = shipment.chosen.export  # verified: only verified candidates are chosen
+    os.replace(export["path"], out_dir / "model.onnx")
+    shipment.chosen.export = {**export, "path": str(out_dir / "model.onnx")}
+    failed = [t["candidate"] for t in shipment.tried if not t["verified"]]
+    if failed:  # kept for a look, and said: a fold or export that does not reproduce its model is a bug
+        for path in work.glob("*.unverified.onnx"):
+            os.replace(path, out_dir / "onnx" / path.name)
+        shipment.reason += f"; failed verification, not shipped: {', '.join(failed)} (onnx/*.unverified.onnx)"
+        info(f"[yellow]warning:[/] failed verification, not shipped: {', '.join(failed)}")
     shutil.rmtree(work, ignore_errors=True)
     return shipment
 

@@ -46,6 +46,22 @@ def test_crop_pct_and_interpolation_reach_the_transforms(tmp_path) -> None:
     assert folder.val.transform.transforms[0].size == 256  # timm's default crop_pct 0.875, bilinear
 
 
+def test_images_of_the_input_size_are_used_as_they_are_unless_a_crop_is_asked(tmp_path) -> None:
+    """A pretrained config's crop would zoom 32x32 CIFAR images to 36 and back: the model would be finetuned and
+    judged on a view its users never feed it."""
+    from torchvision import transforms
+
+    folder = open_image_folder(make_image_folder(tmp_path / "data", size=32))
+    loaders = folder.loaders((3, 32, 32), (0.5,) * 3, (0.5,) * 3, crop_pct=0.9)
+    assert not any(isinstance(t, transforms.Resize) for t in folder.val.transform.transforms)
+    assert loaders.preprocessing.to_dict() == {"resize": None, "interpolation": None, "center_crop": None,
+                                               "mean": [0.5] * 3, "std": [0.5] * 3}
+    assert "used as they are (32x32)" in loaders.preprocessing.describe()
+    asked = folder.loaders((3, 32, 32), (0.5,) * 3, (0.5,) * 3, crop_pct=0.9, crop_native=True)
+    assert folder.val.transform.transforms[0].size == round(32 / 0.9)
+    assert asked.preprocessing.to_dict()["center_crop"] == [32, 32]
+
+
 def test_image_problem_reads_headers_and_ends(tmp_path) -> None:
     from PIL import Image
 
@@ -66,3 +82,27 @@ def test_checking_cifar10_takes_seconds() -> None:
     start = time.perf_counter()
     folder = open_image_folder(root, 10)
     assert time.perf_counter() - start < 30 and folder.common_size == (32, 32) and not folder.skipped
+
+
+def test_a_clearly_better_normalization_stops_the_run(tmp_path, monkeypatch) -> None:
+    """A model trained on raw pixels, configured with ImageNet mean/std: say so in one line before finetuning
+    "recovers" it to the wrong normalization; a difference within the margin says nothing."""
+    import pytest
+    from torch import nn
+
+    from easier_export import pipeline
+    from easier_export.errors import UserError
+    from easier_export.models import LoadedModel
+
+    folder = open_image_folder(make_image_folder(tmp_path / "data", size=16))
+    loaded = LoadedModel(nn.Identity(), "raw-pixel model", input_size=(3, 16, 16))
+
+    def evaluate(model, batches, device) -> dict:  # right only on pixels in [0, 1]
+        return {"top1": 90.0 if batches[0][0].min() >= 0 else 20.0}
+
+    monkeypatch.setattr(pipeline, "evaluate_metrics", evaluate)
+    with pytest.raises(UserError, match=r"scores 20\.0% on val with its configured mean/std but 90\.0% with none "
+                                        r"\(0 and 1\) normalization: .* --mean 0,0,0 --std 1,1,1$"):
+        pipeline.check_normalization(loaded, folder, 4, 0)
+    monkeypatch.setattr(pipeline, "evaluate_metrics", lambda model, batches, device: {"top1": 50.0})
+    pipeline.check_normalization(loaded, folder, 4, 0)

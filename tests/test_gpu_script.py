@@ -35,14 +35,13 @@ def test_arguments(gpu) -> None:
 
 
 @pytest.mark.parametrize(("report", "mode", "replay"), [
-    ({"settings": {"fold": "all"}, "folds": []}, "all", None),
-    ({"settings": {"fold": "auto"}, "folds": [
+    ({"shipped": {"fold": "all"}, "folds": []}, "all", None),
+    ({"shipped": {"fold": "auto"}, "folds": [
         {"kind": "batchnorm", "nodes": ["c", "bn"], "applied": True},
         {"kind": "conv_conv", "nodes": ["a", "b"], "applied": True},
         {"kind": "residual", "nodes": ["x", "y", "add"], "applied": False}]}, "auto", [["a", "b"]]),
-    ({"settings": {"fold": "auto"}, "folds": [
-        {"kind": "conv_conv", "nodes": ["a", "b"], "applied": False},
-        {"kind": "end_to_end", "nodes": [], "applied": True}]}, "all", None),
+    ({"shipped": {"fold": "none"}, "folds": [{"kind": "conv_conv", "nodes": ["a", "b"], "applied": False}]},
+     "none", None),
 ])
 def test_the_shipped_plan_is_read_from_the_report(gpu, report: dict, mode: str, replay: list | None) -> None:
     got_mode, got_replay, how = gpu.shipped_plan(report)

@@ -98,23 +98,6 @@ class FoldGroups:
         return cls(segs, list(data["chain_lengths"]))
 
 
-def comparable_savings(groups: list[Group]) -> dict[tuple[str, ...], float]:
-    """The saving each group is ranked by: groups whose saving intervals overlap (chained, largest first) are
-    one class and all count the class's smallest saving, so that which of two near-equal merges timed faster in
-    this run -- a difference inside the noise -- never decides the order; risk then does."""
-    ranked: dict[tuple[str, ...], float] = {}
-    members: list[Group] = []
-    floor = float("inf")
-    for g in sorted(groups, key=lambda g: (-g.us_saved, g.sites)):
-        if members and g.us_saved + g.us_spread < floor:
-            ranked.update({m.sites: min(x.us_saved for x in members) for m in members})
-            members, floor = [], float("inf")
-        members.append(g)
-        floor = min(floor, g.us_saved - g.us_spread)
-    ranked.update({m.sites: min(x.us_saved for x in members) for m in members})
-    return ranked
-
-
 def find_groups(gm: GraphModule, sites: list[str], example: Tensor, table: LatencyTable) -> FoldGroups:
     """Fold groups of the eval-mode traced model ``gm`` among the in-graph activation call sites ``sites``."""
     from ..graph import remove_sites
