@@ -85,7 +85,7 @@ def run(args: argparse.Namespace, data: Path, confidence: float, k: int) -> Path
     return out
 
 
-def row(out: Path, unseen: Path, confidence: float, k: int) -> dict:
+def row(out: Path, unseen: Path) -> dict:
     report = json.loads((out / "report.json").read_text())
     prep = report["data"]["preprocessing"]
     base = unseen_outcomes(out / "onnx" / "original.onnx", unseen, prep["mean"], prep["std"])
@@ -97,7 +97,7 @@ def row(out: Path, unseen: Path, confidence: float, k: int) -> dict:
                        tuple(report["model"]["input_size"]), "cpu", 1, threads, 20.0)["shipped"]
         times[threads] = verdict
     kept = [r for r in report["rounds"] if r["within_budget"]]
-    return {"run": f"c{confidence:g} #{k}", "removed": report["compressed"]["removed"],
+    return {"run": out.name.removeprefix(f"{report['model']['source']}-"), "removed": report["compressed"]["removed"],
             "shipped": f"round {report['shipped']['round']}, fold {report['shipped']['fold']}",
             "val": f"{report['compressed']['top1'] - report['original']['top1']:+.2f}"
                    + (f" (bound {kept[-1]['change']['bound']:+.2f})" if kept else ""),
@@ -120,11 +120,15 @@ def main() -> None:
     ap.add_argument("--train-per-class", type=int, default=1000)
     ap.add_argument("--val-per-class", type=int, default=100)
     ap.add_argument("--out", type=Path, default=ROOT / "runs" / "promise")
+    ap.add_argument("--table-only", action="store_true", help="rows of every finished run under --out, nothing run")
     ap.add_argument("--extra", nargs=argparse.REMAINDER, default=[], help="more compress options")
     args = ap.parse_args()
     data, unseen = user_split(args.out, args.train_per_class, args.val_per_class)
-    outs = [(run(args, data, c, k), c, k) for c in args.confidence for k in range(1, args.runs + 1)]
-    rows = [row(out, unseen, c, k) for out, c, k in outs]
+    if not args.table_only:
+        for c in args.confidence:
+            for k in range(1, args.runs + 1):
+                run(args, data, c, k)
+    rows = [row(done.parent, unseen) for done in sorted(args.out.glob("*/done.json"))]
     head = ["run", "removed", "shipped", "val", "unseen", "t1", "t2", "minutes"]
     lines = [f"Machine: {cpu_name()}, {torch.get_num_threads()} torch threads; {args.arch}, "
              f"{args.train_per_class}/{args.val_per_class} train/val per class, --max-drop {args.max_drop}, "
