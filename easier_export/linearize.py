@@ -28,7 +28,7 @@ from .fold.groups import FoldGroups, Group, find_groups
 from .fold.planner import LatencyTable
 from .graph import ALL_RECTIFIERS, AffineFit, CallSite, blend_sites, fade, find_call_sites, remove_sites, settle
 from .io import save_torch
-from .stats import PairedChange, paired_accuracy_change, paired_ppl_change, resolvable_drop
+from .stats import PairedChange, held_out, paired_accuracy_change, paired_ppl_change, resolvable_drop
 from .train import OPTIMIZERS, Teacher, evaluate_metrics, finetune, is_main_process, seed_everything, warn_near_chance
 from .ui import info, progress
 
@@ -53,6 +53,9 @@ class LoopConfig:
     confidence: float = option(0.9, "keep a round only when the one-sided bound of its paired change against "
                                     "the original on the val split, at this confidence, is within budget (0: "
                                     "the observed change alone)", min=0.0, max=0.999)
+    holdout: float = option(0.5, "share of the val split the rounds never see: what ships must also be within "
+                                 "budget there (at --confidence), else an earlier kept round ships (0: none held "
+                                 "out)", min=0.0, max=0.9)
     finetune_epochs: float = option(1.0, "finetuning epochs per round (fractions allowed)", min=0.0)
     lr: float = option(0.01, "finetuning learning rate (cosine schedule)", positive=True)
     optimizer: str = option("sgd", "finetuning optimizer: sgd (momentum 0.9) or adamw (for transformers and "
@@ -156,11 +159,12 @@ class Task:
         """The worst value of the metric still within budget."""
         return base * (1 + cfg.max_ppl_increase / 100) if self.metric == "ppl" else base - cfg.max_drop
 
-    def change(self, cfg: LoopConfig, base: dict, metrics: dict) -> PairedChange:
-        """A candidate against the original on the same validation samples (``evaluate_metrics`` outputs)."""
+    def change(self, cfg: LoopConfig, base: dict, metrics: dict, samples: torch.Tensor) -> PairedChange:
+        """A candidate against the original on the same validation ``samples`` (a mask over
+        ``evaluate_metrics``'s per-sample outputs)."""
         if self.metric == "ppl":
-            return paired_ppl_change(base["nll"], metrics["nll"], cfg.confidence)
-        return paired_accuracy_change(base["correct"], metrics["correct"], cfg.confidence)
+            return paired_ppl_change(base["nll"][samples], metrics["nll"][samples], cfg.confidence)
+        return paired_accuracy_change(base["correct"][samples], metrics["correct"][samples], cfg.confidence)
 
     def within(self, cfg: LoopConfig, change: PairedChange) -> bool:
         """Within budget at ``cfg.confidence``: the bound on the bad side of the paired change."""
@@ -183,6 +187,7 @@ class RoundRecord:
     val_ppl: float | None = None  # language models: validation perplexity (the budget metric)
     stand_ins: dict[str, str] | None = None  # --substitute affine: per site "affine", or "identity: why"
     change: dict | None = None  # the paired change against the original and its bound (stats.PairedChange)
+    holdout: dict | None = None  # the same on the held-out val samples (judged only when shipping)
 
 
 STATE_FORMAT = 2
@@ -441,16 +446,16 @@ def _bound_text(task: Task, change: PairedChange) -> str:
 
 
 def _warn_unresolvable(cfg: LoopConfig, task: Task, accuracy: float, n: int) -> None:
-    """Say before the first round when the val split is too small for the budget to be judged at the asked
+    """Say before the first round when the val samples are too few for the budget to be judged at the asked
     confidence: every round would then be reverted, or (at confidence 0) kept on noise."""
     if task.metric != "top1" or cfg.confidence == 0:
         return
     margin, needed = resolvable_drop(accuracy, n, cfg.confidence)
     if margin >= cfg.max_drop:
-        info(f"[yellow]the val split ({n} samples) cannot resolve --max-drop {cfg.max_drop:g} at --confidence "
-             f"{cfg.confidence:g}: its paired bound adds about {margin:.2f} points to every observed drop, so few "
-             f"or no rounds can be kept; about {needed} val samples would bring that to 0.5 (or lower "
-             f"--confidence, at the risk of exceeding the budget on unseen data)[/]")
+        info(f"[yellow]the {n} val samples the rounds are judged on cannot resolve --max-drop {cfg.max_drop:g} at "
+             f"--confidence {cfg.confidence:g}: their paired bound adds about {margin:.2f} points to every observed "
+             f"drop, so few or no rounds can be kept; about {needed} would bring that to 0.5 (or lower --confidence, "
+             "at the risk of exceeding the budget on unseen data)[/]")
 
 
 def run_loop(gm: fx.GraphModule, source: str, train_loader, val_loader, cfg: LoopConfig, device: torch.device,
@@ -483,7 +488,7 @@ def run_loop(gm: fx.GraphModule, source: str, train_loader, val_loader, cfg: Loo
         else:
             info(f"original top-1 {state.base_top1:.2f}%  (budget: ≥ {task.limit(cfg, state.base_top1):.2f}%)")
         warn_near_chance(state.base_top1, gm)
-        _warn_unresolvable(cfg, task, state.base_top1, len(metrics["correct"]))
+        _warn_unresolvable(cfg, task, state.base_top1, int((~held_out(len(metrics["correct"]), cfg.holdout)).sum()))
         save_state(out_dir, state)
     else:
         resumed = len(state.history)
@@ -534,11 +539,13 @@ def run_loop(gm: fx.GraphModule, source: str, train_loader, val_loader, cfg: Loo
             candidate = settle(candidate).to(device)
         metrics = evaluate_metrics(candidate, val_loader, device)
         acc, ppl = metrics["top1"], metrics["ppl"] if task.metric == "ppl" else None
-        change = task.change(cfg, state.base_outcomes, metrics)
+        held = held_out(len(metrics["correct"]), cfg.holdout)
+        change = task.change(cfg, state.base_outcomes, metrics, ~held)
         within = task.within(cfg, change)
+        check = task.change(cfg, state.base_outcomes, metrics, held).to_dict() if bool(held.any()) else None
         record = RoundRecord(rnd, chosen, min(scores[n] for n in chosen), acc, acc - state.base_top1, within,
                              time.perf_counter() - t0, us_saved, val_ppl=ppl, stand_ins=stand_in,
-                             change=change.to_dict())
+                             change=change.to_dict(), holdout=check)
         saved = f", saves {us_saved:.1f}us" if us_saved is not None else ""
         misses = misses_in_a_row(state.history) + (not within)
         verdict = "kept" if within else f"over budget: reverted ({misses} miss(es) in a row)"

@@ -27,6 +27,7 @@ from .linearize import LoopConfig, LoopResult, Task, cpu_state, run_loop, snapsh
 from .models import IMAGENET_MEAN, IMAGENET_STD, LINEARIZED_FORMAT, LoadedModel
 from .report import SCHEMA_VERSION, model_stats, rounds_table, summary_table, write_report
 from .shipping import Shipment, Step, choose
+from .stats import PairedChange
 from .text import two_lengths
 from .train import evaluate_metrics, is_main_process, resolve_device
 from .ui import console, info
@@ -194,16 +195,19 @@ def speedup_probe(original: nn.Module, example: torch.Tensor, work_dir: Path,
     return probe
 
 
-def kept_steps(original: fx.GraphModule, result: LoopResult, out_dir: Path, relocates: bool) -> list[Step]:
-    """The loop's kept rounds, latest first, each rebuilt from its saved weights, then the original (round 0):
-    what shipping may step back through."""
+def kept_steps(original: fx.GraphModule, result: LoopResult, out_dir: Path, loop: LoopConfig,
+               task: Task) -> list[Step]:
+    """The loop's kept rounds, latest first, each rebuilt from its saved weights and judged on the held-out val
+    samples, then the original (round 0): what shipping may step back through."""
     steps = []
     kept = [r for r in result.history if r.within_budget]
     for rec in reversed(kept):
         snapshot = torch.load(snapshot_path(out_dir, rec.round), map_location="cpu", weights_only=True)
-        model = remove_sites(original, snapshot["removed"], relocates)
+        model = remove_sites(original, snapshot["removed"], loop.relocates)
         model.load_state_dict(snapshot["state_dict"])
-        steps.append(Step(rec.round, list(snapshot["removed"]), rec.val_top1, model.eval(), rec.val_ppl))
+        within = rec.holdout is None or task.within(loop, PairedChange(**rec.holdout))
+        steps.append(Step(rec.round, list(snapshot["removed"]), rec.val_top1, model.eval(), rec.val_ppl,
+                          rec.holdout, within))
     return [*steps, Step(0, [], result.base_top1, original, result.base_ppl)]
 
 
@@ -274,7 +278,7 @@ def compress(loaded: LoadedModel, loaders: Loaders, out_dir: Path, cfg: Compress
     meta = {**onnx_metadata(loaded), **preprocessing_metadata(loaders)}
     exports = {"original": export_onnx(original, example, out_dir / "onnx" / "original.onnx", meta, cfg.simplify,
                                        cfg.opset)}
-    shipment = ship(kept_steps(original, result, out_dir, cfg.loop.relocates), Path(exports["original"]["path"]),
+    shipment = ship(kept_steps(original, result, out_dir, cfg.loop, task_of(loaded)), Path(exports["original"]["path"]),
                     example, inputs, out_dir, meta, cfg)
     chosen = shipment.chosen
     info(f"shipping {chosen.label}: {shipment.reason}")

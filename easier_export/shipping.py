@@ -1,12 +1,14 @@
-"""What ships: never a model slower than the one the user gave.
+"""What ships: never a model slower than the one the user gave, nor one over budget on val samples the rounds
+never saw.
 
 The fold planner and the fold groups time merges in isolation; only the whole exported model, timed beside the
-original's export on the target, says whether the user gets something faster. So after the loop every
-candidate -- the kept rounds, latest first, each folded the asked way, with every exact merge, and (when no
-padding was relocated for a merge) with BatchNorm folding only -- is exported, verified, and raced against the
-original (``bench.race``); the first round with a candidate faster beyond the noise ships its fastest such
-candidate. When no round has one, the original ships, BatchNorm folded, and the report says no speed-up was
-found on the target.
+original's export on the target, says whether the user gets something faster. And every round was kept on the
+same val samples, so the last kept round's change there is the best-looking of many tries. So after the loop
+the kept rounds, latest first, are first judged on the val samples the rounds never saw (``LoopConfig.holdout``);
+each one within budget there is folded the asked way, with every exact merge, and (when no padding was relocated
+for a merge) with BatchNorm folding only, exported, verified, and raced against the original (``bench.race``).
+The first round with a candidate faster beyond the noise ships its fastest such candidate. When no round has
+one, the original ships, BatchNorm folded, and the report says no speed-up was found on the target.
 """
 
 from __future__ import annotations
@@ -39,6 +41,8 @@ class Step:
     top1: float
     model: fx.GraphModule
     ppl: float | None = None
+    holdout: dict | None = None  # its paired change on the held-out val samples (stats.PairedChange.to_dict)
+    within_holdout: bool = True
 
 
 @dataclass
@@ -113,6 +117,12 @@ def choose(steps: list[Step], original_onnx: Path, exporter: Exporter,
     tried: list[dict] = []
     unmerged: Candidate | None = None
     for step in steps:
+        if not step.within_holdout:
+            info(f"round {step.round} is over budget on the held-out val samples "
+                 f"({step.holdout['change']:+.2f}, bound {step.holdout['bound']:+.2f}): stepping back")
+            tried.append({"candidate": f"round {step.round}", "verified": None, "speedup": None,
+                          "holdout": step.holdout})
+            continue
         candidates = []
         for mode in modes_for(fold, relocated and step.round > 0):
             folded, folds = fold_model(step.model, example, mode=mode, **fold_kwargs)

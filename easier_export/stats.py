@@ -118,6 +118,16 @@ def paired_ppl_change(base_nll: torch.Tensor, cand_nll: torch.Tensor, confidence
                         int((diff != 0).sum()))
 
 
+GOLDEN = (math.sqrt(5) - 1) / 2
+
+
+def held_out(n: int, share: float) -> torch.Tensor:
+    """Which of ``n`` validation samples (in loader order) are held out from the rounds: every sample whose
+    index times the golden ratio falls, modulo 1, below ``share``. Deterministic, about ``share`` of the samples,
+    and spread evenly along the order, so each class of a class-sorted folder keeps its share."""
+    return (torch.arange(n, dtype=torch.float64) * GOLDEN) % 1.0 < share
+
+
 def resolvable_drop(accuracy: float, n: int, confidence: float) -> tuple[float, int]:
     """Before any round: the margin (points) a paired bound on ``n`` validation images adds to the observed drop,
     assuming a candidate changes the outcome of as many images as a quarter of the original's error rate (what

@@ -17,6 +17,7 @@ from easier_export.graph import find_call_sites, remove_sites, trace
 from easier_export.linearize import LoopConfig, Task, pick_group
 from easier_export.stats import (
     Speedup,
+    held_out,
     paired_accuracy_change,
     paired_ppl_change,
     resolvable_drop,
@@ -67,6 +68,15 @@ def test_paired_perplexity_change():
     assert change.change == pytest.approx(100 * math.expm1(0.01), rel=1e-6)
     assert change.bound > change.change
     assert paired_ppl_change(base, cand, 0.0).bound == pytest.approx(change.change)
+
+
+def test_held_out_samples_are_deterministic_and_spread_over_a_class_sorted_folder():
+    mask = held_out(1000, 0.5)
+    assert torch.equal(mask, held_out(1000, 0.5)) and 480 <= int(mask.sum()) <= 520
+    per_class = mask.view(10, 100).sum(1)  # an ImageFolder lists its classes one after the other
+    assert int(per_class.min()) >= 45 and int(per_class.max()) <= 55
+    assert not held_out(1000, 0.0).any()
+    assert bool((held_out(1000, 0.2) <= held_out(1000, 0.5)).all())  # a smaller share is a subset
 
 
 def test_unresolvable_budget_is_estimated_before_the_first_round():
@@ -227,6 +237,20 @@ def test_an_unmeasurable_speedup_with_more_weights_does_not_ship(tmp_path, monke
     shipment = shipping.choose(_steps(), tmp_path / "original.onnx", _exporter, torch.randn(1, 3, 8, 8), "auto",
                                True, "cpu", 1, 1, tmp_path / "work", {})
     assert shipment.chosen.step.round == 2 and shipment.chosen.mode == "auto"
+
+
+def test_a_round_over_budget_on_held_out_samples_never_ships(tmp_path, monkeypatch, no_timed_plan):
+    """Round 2 looked fine on the samples the rounds were judged on but not on the held-out ones: round 1 ships,
+    and round 2 is never even timed."""
+    race, calls = _scripted_race({"round 2, fold all": 1.5, "round 1, fold all": 1.2})
+    monkeypatch.setattr(shipping, "race", race)
+    steps = _steps()
+    steps[0].within_holdout, steps[0].holdout = False, {"change": -1.4, "bound": -2.5}
+    shipment = shipping.choose(steps, tmp_path / "original.onnx", _exporter, torch.randn(1, 3, 8, 8), "auto",
+                               True, "cpu", 1, 1, tmp_path / "work", {})
+    assert shipment.chosen.step.round == 1 and not any("round 2" in label for c in calls for label in c)
+    assert shipment.tried[0] == {"candidate": "round 2", "verified": None, "speedup": None,
+                                 "holdout": {"change": -1.4, "bound": -2.5}}
 
 
 def test_modes_tried_per_step():
