@@ -68,7 +68,7 @@ from easier_export.fold import fold_model  # noqa: E402
 from easier_export.graph import find_call_sites, remove_sites, trace  # noqa: E402
 from easier_export.io import atomic_write, save_json, save_torch  # noqa: E402
 from easier_export.models import LINEARIZED_FORMAT, build_arch, load_model  # noqa: E402
-from easier_export.pipeline import MERGE_KINDS  # noqa: E402
+from easier_export.shipping import MERGE_KINDS  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 INPUTS = ROOT / "gpu_inputs"

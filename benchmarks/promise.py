@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import subprocess
 import sys
 import time
@@ -108,6 +109,18 @@ def row(out: Path, unseen: Path) -> dict:
             "minutes": f"{json.loads((out / 'done.json').read_text())['minutes']:.1f}"}
 
 
+def removed_text(sites: list[str]) -> str:
+    """A count and, for torchvision MobileNetV2 sites, the blocks: ``16`` both activations, ``16a``/``16b`` one."""
+    blocks: dict[int, set[str]] = {}
+    for site in sites:
+        match = re.fullmatch(r"features_(\d+)_conv_(\d)_2", site)
+        if match is None:
+            return f"{len(sites)}: {', '.join(sites)}"
+        blocks.setdefault(int(match[1]), set()).add("ab"[int(match[2])])
+    parts = [f"{b}" if len(k) == 2 else f"{b}{''.join(k)}" for b, k in sorted(blocks.items())]
+    return f"{len(sites)}: {' '.join(parts)}"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--arch", default="cifar_mobilenet_v2")
@@ -136,8 +149,8 @@ def main() -> None:
              "with its 95 % interval; speed-up of model.onnx over the original's export, ORT CPU batch 1, "
              "1 and 2 threads, median of interleaved block ratios [95 % interval].", "",
              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    lines += ["| " + " | ".join(str(len(r[h])) + " " + ",".join(x.split("_", 1)[-1] for x in r[h])
-                                if h == "removed" else str(r[h]) for h in head) + " |" for r in rows]
+    lines += ["| " + " | ".join(removed_text(r[h]) if h == "removed" else str(r[h]) for h in head) + " |"
+              for r in rows]
     (args.out / "table.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

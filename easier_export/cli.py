@@ -312,7 +312,6 @@ def _open_data(loaded, data: Path, batch_size: int, workers: int, skip_bad_image
         check_normalization(loaded, folder, batch_size, seed)
     loaders = folder.loaders(loaded.input_size, loaded.mean, loaded.std, batch_size, workers, seed,
                              loaded.crop_pct, loaded.interpolation, loaded.crop_asked)
-    console.print(f"preprocessing: {loaders.preprocessing.describe()}", soft_wrap=True)
     return loaders
 
 
@@ -490,7 +489,14 @@ def linearize(model: ModelArg, data: Data, loop: LoopConfig, out: Out = Path("ru
     from .fold.planner import LatencyTable
     from .graph import trace
     from .linearize import run_loop
-    from .pipeline import check_continuation, ensure_writable, save_linearized, task_of
+    from .pipeline import (
+        check_continuation,
+        ensure_writable,
+        latest_within_holdout,
+        save_linearized,
+        say_preprocessing,
+        task_of,
+    )
     from .train import is_main_process, resolve_device
 
     target = _usable((target,), "target")[0]
@@ -498,10 +504,13 @@ def linearize(model: ModelArg, data: Data, loop: LoopConfig, out: Out = Path("ru
         loaded = _load(model, weights, arch, num_classes, trust_pickle, input_size, mean, std, crop_pct)
         check_continuation(loaded, loop.relocates)
         loaders = _with_data(loaded, data, batch_size, workers, skip_bad_images, loop.seed)
+        dev = resolve_device(device)
+        say_preprocessing(loaders)
         table = LatencyTable(target, threads, ensure_writable(out) / "latency_table.json")
-        result = run_loop(trace(loaded.model), loaded.source, loaders.train, loaders.val, loop,
-                          resolve_device(device), out, table, task=task_of(loaded))
+        gm = trace(loaded.model)
+        result = run_loop(gm, loaded.source, loaders.train, loaders.val, loop, dev, out, table, task=task_of(loaded))
         if is_main_process():
+            result = latest_within_holdout(gm.cpu().eval(), result, out, loop, task_of(loaded))
             save_linearized(out / "linearized.pt", loaded, result, loop.relocates)
             _tidy(out)
             console.print(f"removed {len(result.removed)} activations, top-1 {result.base_top1:.2f}% → "

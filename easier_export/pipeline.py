@@ -211,6 +211,15 @@ def kept_steps(original: fx.GraphModule, result: LoopResult, out_dir: Path, loop
     return [*steps, Step(0, [], result.base_top1, original, result.base_ppl)]
 
 
+def latest_within_holdout(original: fx.GraphModule, result: LoopResult, out_dir: Path, loop: LoopConfig,
+                          task: Task) -> LoopResult:
+    """The loop's result as of its latest kept round within budget on the held-out val samples (``linearize``
+    writes that one: what ``compress`` would step back to before timing anything)."""
+    step = next(s for s in kept_steps(original, result, out_dir, loop, task) if s.within_holdout)
+    return dataclasses.replace(result, model=step.model, removed=step.removed, final_top1=step.top1,
+                               final_ppl=step.ppl)
+
+
 def _step_meta(meta: dict[str, str], step: Step) -> dict[str, str]:
     return {**meta, "removed_activations": ",".join(step.removed), "round": str(step.round)}
 
@@ -247,6 +256,13 @@ def latency_table_path(out_dir: Path, cfg: CompressConfig) -> Path:
     return cfg.latency_table or out_dir / "latency_table.json"
 
 
+def say_preprocessing(loaders: Loaders) -> None:
+    """The preprocessing the budget is measured under, once the inputs are checked: the user's pipeline must
+    feed the shipped model the same way."""
+    if loaders.preprocessing is not None:
+        info(f"preprocessing: {loaders.preprocessing.describe()}")
+
+
 def preprocessing_metadata(loaders: Loaders) -> dict[str, str]:
     """The preprocessing the budget was measured under, as ONNX metadata (JSON), for images."""
     if loaders.preprocessing is None:
@@ -265,6 +281,7 @@ def compress(loaded: LoadedModel, loaders: Loaders, out_dir: Path, cfg: Compress
     if n_sites == 0:
         raise UserError(f"{loaded.source} has no {'/'.join(cfg.loop.rectifiers)} activations to remove")
     info(f"[bold]{loaded.source}[/]: {n_sites} activation call sites; finetuning on {device}")
+    say_preprocessing(loaders)
 
     inputs = val_batches(loaders, cfg.verify_batches, loaded.text is not None)
     example = inputs[0][:1]

@@ -81,4 +81,4 @@ def test_linearize_command_under_torchrun(tmp_path, image_folder):
         capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert proc.stdout.count("removed 2 activations") == 1  # printed by rank 0 only
-    assert sorted(p.name for p in out.iterdir()) == ["linearized.pt", "state.pt"]
+    assert sorted(p.name for p in out.iterdir()) == ["linearized.pt", "rounds", "state.pt"]

@@ -13,7 +13,9 @@ from easier_export.models import load_model
 
 def test_demo_pipeline_removes_activations_and_onnx_matches_pytorch(tmp_path):
     report = run_demo(tmp_path, epochs=6, finetune_epochs=1.0, max_drop=5.0, fold="all", select="entropy")
-    assert len(report["compressed"]["removed"]) >= 1
+    assert any(r["within_budget"] for r in report["rounds"])
+    # what ships (a kept round measured faster than the original, or the original) is the clock's call
+    assert report["compressed"]["removed"] == report["shipped"]["removed"]
     assert report["original"]["top1"] > 80.0
     assert report["verify"]["passed"] and report["verify"]["max_abs"] <= 1e-4
     written = json.loads((tmp_path / "report.json").read_text())

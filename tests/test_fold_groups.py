@@ -60,15 +60,16 @@ def test_groups_round_trip_through_the_state_file() -> None:
     assert again.candidates(set()) == groups.candidates(set())
 
 
-def test_pick_group_least_risk_per_microsecond() -> None:
+def test_pick_group_least_risk_among_paying_groups() -> None:
     seg = lambda c, sites, us: GroupSegment(c, 0, 1, sites, "m", us, 0.0, 0.0)  # noqa: E731
-    groups = FoldGroups([seg(0, ("a", "b"), 100.0), seg(1, ("c",), 10.0), seg(2, ("d",), 1.0)], [2, 2, 2])
-    scores = {"a": 0.2, "b": 0.2, "c": 0.2, "d": 0.0001}
-    assert pick_group(scores, groups, [], [], budget=9) == (["d"], 1.0)  # 0.0001/1 is the least risk per us
-    scores["d"] = 0.5
-    assert pick_group(scores, groups, [], [], budget=9) == (["a", "b"], 100.0)  # 0.4/100 < 0.2/10 < 0.5/1
-    assert pick_group(scores, groups, [], [["a", "b"]], budget=9) == (["c"], 10.0)  # rejected: next one
-    assert pick_group(scores, groups, [], [], budget=1) == (["c"], 10.0)  # two sites exceed the budget
+    groups = FoldGroups([seg(0, ("a", "b"), 100.0), seg(1, ("c",), 10.0), seg(2, ("d",), 1.0),
+                         seg(3, ("e",), 0.0)], [2, 2, 2, 2])
+    scores = {"a": 0.2, "b": 0.2, "c": 0.3, "d": 0.5, "e": 0.0}
+    assert pick_group(scores, groups, [], [], budget=9) == (["c"], 10.0)  # least summed entropy; e saves nothing
+    assert pick_group(scores, groups, [], [["c"]], budget=9) == (["a", "b"], 100.0)  # rejected: next one
+    scores["c"] = 0.5
+    assert pick_group(scores, groups, [], [], budget=9) == (["a", "b"], 100.0)
+    assert pick_group(scores, groups, [], [], budget=1) == (["c"], 10.0)  # two sites exceed the budget; c < d by name
     assert pick_group({"d": 0.1}, groups, [], [], budget=9) == (["d"], 1.0)  # others' sites are gone
 
 

@@ -54,11 +54,15 @@ def test_paired_change_and_its_bound_on_constructed_outcomes():
 def test_budget_judged_on_the_bound_not_on_the_observed_drop():
     """−0.9 observed on 1,000 images is within a 1-point budget at confidence 0 (the old rule) and not at 0.9."""
     base, cand = _outcomes(1000, lost=45, gained=36)
-    task = Task()
-    metrics = ({"correct": base, "nll": base}, {"correct": cand, "nll": cand})
+    task, every = Task(), torch.ones(1000, dtype=torch.bool)
+    metrics = ({"correct": base, "nll": base}, {"correct": cand, "nll": cand}, every)
     assert task.within(LoopConfig(confidence=0.0), task.change(LoopConfig(confidence=0.0), *metrics))
     assert not task.within(LoopConfig(confidence=0.9), task.change(LoopConfig(confidence=0.9), *metrics))
     assert task.within(LoopConfig(confidence=0.9, max_drop=3.0), task.change(LoopConfig(confidence=0.9), *metrics))
+    # judged on a subset only: the 40 lost images are all outside it
+    subset = torch.zeros(1000, dtype=torch.bool)
+    subset[500:] = True
+    assert task.change(LoopConfig(confidence=0.0), *metrics[:2], subset).change >= 0
 
 
 def test_paired_perplexity_change():
