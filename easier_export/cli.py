@@ -717,7 +717,22 @@ def _usage_line(e: typer.TyperException) -> str:
     """The parser's message on one line, with where to look for help."""
     ctx = getattr(e, "ctx", None)
     where = f"{ctx.command_path} --help" if ctx is not None else "easier-export --help"
-    return f"{' '.join(e.format_message().split())} (see '{where}')"
+    message = _option_elsewhere(e, ctx) or e.format_message()
+    return f"{' '.join(message.split())} (see '{where}')"
+
+
+def _option_elsewhere(e: typer.TyperException, ctx: Any) -> str | None:
+    """An unknown option that other commands take (``fold --data``): say which, instead of the parser's guesses at
+    a similar spelling (``--atol``)."""
+    name = getattr(e, "option_name", None)
+    group = ctx.find_root().command if ctx is not None else None
+    if name is None or not hasattr(group, "commands"):
+        return None
+    takers = sorted(cmd for cmd, command in group.commands.items()
+                    if any(name in param.opts for param in command.params))
+    if not takers:
+        return None
+    return f"{ctx.info_name} takes no {name} ({', '.join(takers)} {'take' if len(takers) > 1 else 'takes'} it)"
 
 
 def main(argv: list[str] | None = None) -> None:
