@@ -295,7 +295,7 @@ def _open_data(loaded, data: Path, batch_size: int, workers: int, skip_bad_image
         dry_run(loaded.model, loaded.input_size, loaded.input_dtype)
         return text_loaders(data, loaded.text, loaded.input_size[0], batch_size, seed)
 
-    folder = open_image_folder(data, loaded.num_classes, skip_bad_images)
+    folder = open_image_folder(data, loaded.num_classes, skip_bad_images, loaded.rehead_advice)
     if folder.skipped:
         console.print(f"[yellow]warning:[/] left out {len(folder.skipped)} unreadable image(s), e.g. "
                       f"{folder.skipped[0]}", soft_wrap=True)
@@ -599,11 +599,13 @@ def bench(models: Annotated[list[Path], typer.Argument(help="ONNX files to compa
     if json_out is not None:
         ensure_writable_file(json_out, "--json")
     devices, batches = _devices(bench_devices), _ints(bench_batches, "bench-batches")
+    from .io import resolved
+
     unique: dict[Path, Path] = {}
     for path in models:
-        unique.setdefault(path.resolve(), path)
+        unique.setdefault(resolved(path), path)
     if len(unique) < len(models):
-        twice = [str(p) for key, p in unique.items() if sum(q.resolve() == key for q in models) > 1]
+        twice = [str(p) for key, p in unique.items() if sum(resolved(q) == key for q in models) > 1]
         console.print(f"[yellow]note:[/] {', '.join(twice)}: the same file given more than once, timed once",
                       soft_wrap=True)
         models = list(unique.values())
