@@ -295,7 +295,7 @@ def _open_data(loaded, data: Path, batch_size: int, workers: int, skip_bad_image
         dry_run(loaded.model, loaded.input_size, loaded.input_dtype)
         return text_loaders(data, loaded.text, loaded.input_size[0], batch_size, seed)
 
-    folder = open_image_folder(data, loaded.num_classes, skip_bad_images)
+    folder = open_image_folder(data, loaded.num_classes, skip_bad_images, loaded.rehead_advice)
     if folder.skipped:
         console.print(f"[yellow]warning:[/] left out {len(folder.skipped)} unreadable image(s), e.g. "
                       f"{folder.skipped[0]}", soft_wrap=True)
@@ -608,11 +608,13 @@ def bench(models: Annotated[list[Path], typer.Argument(help="ONNX files to compa
     if json_out is not None:
         ensure_writable_file(json_out, "--json")
     devices, batches = _devices(bench_devices), _ints(bench_batches, "bench-batches")
+    from .io import resolved
+
     unique: dict[Path, Path] = {}
     for path in models:
-        unique.setdefault(path.resolve(), path)
+        unique.setdefault(resolved(path), path)
     if len(unique) < len(models):
-        twice = [str(p) for key, p in unique.items() if sum(q.resolve() == key for q in models) > 1]
+        twice = [str(p) for key, p in unique.items() if sum(resolved(q) == key for q in models) > 1]
         console.print(f"[yellow]note:[/] {', '.join(twice)}: the same file given more than once, timed once",
                       soft_wrap=True)
         models = list(unique.values())
@@ -726,7 +728,22 @@ def _usage_line(e: typer.TyperException) -> str:
     """The parser's message on one line, with where to look for help."""
     ctx = getattr(e, "ctx", None)
     where = f"{ctx.command_path} --help" if ctx is not None else "easier-export --help"
-    return f"{' '.join(e.format_message().split())} (see '{where}')"
+    message = _option_elsewhere(e, ctx) or e.format_message()
+    return f"{' '.join(message.split())} (see '{where}')"
+
+
+def _option_elsewhere(e: typer.TyperException, ctx: Any) -> str | None:
+    """An unknown option that other commands take (``fold --data``): say which, instead of the parser's guesses at
+    a similar spelling (``--atol``)."""
+    name = getattr(e, "option_name", None)
+    group = ctx.find_root().command if ctx is not None else None
+    if name is None or not hasattr(group, "commands"):
+        return None
+    takers = sorted(cmd for cmd, command in group.commands.items()
+                    if any(name in param.opts for param in command.params))
+    if not takers:
+        return None
+    return f"{ctx.info_name} takes no {name} ({', '.join(takers)} {'take' if len(takers) > 1 else 'takes'} it)"
 
 
 def main(argv: list[str] | None = None) -> None:

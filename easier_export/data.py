@@ -14,6 +14,7 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, TensorDataset
 
 from .errors import UserError, first_line
+from .io import resolved
 
 
 @dataclass(frozen=True)
@@ -95,8 +96,13 @@ def image_problem(path: str) -> tuple[str, tuple[int, int] | None]:
                 if not f.read().rstrip(b"\0\r\n ").endswith(marker):
                     return f"truncated {image.format} (no end marker)", None
     except Exception as e:  # PIL raises OSError, SyntaxError, DecompressionBombError... for hostile files
-        return f"not a readable image ({first_line(e)})", None
+        return f"not a readable image ({_without(first_line(e), path)})", None
     return "", size
+
+
+def _without(reason: str, path: str) -> str:
+    """An error's text without the path it repeats (the line names the file once, however long its path)."""
+    return reason.replace(f": '{path}'", "").replace(f" '{path}'", "").replace(path, "it")
 
 
 @dataclass
@@ -142,12 +148,14 @@ class ImageFolderData:
                        described)
 
 
-def open_image_folder(root: str | Path, num_classes: int | None = None, skip_bad: bool = False) -> ImageFolderData:
+def open_image_folder(root: str | Path, num_classes: int | None = None, skip_bad: bool = False,
+                      rehead_advice: str = "pass --num-classes to re-head it") -> ImageFolderData:
     """Open ``root/train`` and ``root/val`` with one-line errors; every image's header and end are checked here,
-    so a corrupt file is named now (or left out and counted, with ``skip_bad``) instead of crashing a round."""
+    so a corrupt file is named now (or left out and counted, with ``skip_bad``) instead of crashing a round.
+    ``rehead_advice``: what gives the model another class count (it depends on the form it was loaded from)."""
     from torchvision import datasets
 
-    root = Path(root).resolve()  # the resume fingerprint records it: relative and absolute spellings agree
+    root = resolved(root)  # the resume fingerprint records it: relative and absolute spellings agree
     if not root.is_dir():
         raise UserError(f"data directory {root} {'is not a directory' if root.exists() else 'does not exist'}")
     for split in ("train", "val"):
@@ -165,7 +173,7 @@ def open_image_folder(root: str | Path, num_classes: int | None = None, skip_bad
         raise UserError(f"train/ and val/ have different classes: {train.classes} vs {val.classes}")
     if num_classes is not None and len(train.classes) != num_classes:
         raise UserError(f"{root} has {len(train.classes)} classes but the model predicts {num_classes} "
-                        "(pass --num-classes to re-head it)")
+                        f"({rehead_advice})")
     sizes: set[tuple[int, int]] = set()
     skipped: list[str] = []
     for ds in (train, val):

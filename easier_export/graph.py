@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from .errors import UserError
+from .errors import UserError, first_line
 
 RECTIFIER_MODULES: dict[type[nn.Module], str] = {
     nn.ReLU: "relu", nn.ReLU6: "relu6", nn.LeakyReLU: "leaky_relu", nn.GELU: "gelu", nn.SiLU: "silu",
@@ -95,6 +95,11 @@ def split_norm_act(model: nn.Module) -> nn.Module:
     return model
 
 
+UNTRACEABLE_ADVICE = ("export it with torch.export (data-dependent branches as torch.cond) and pass the .pt2 "
+                      "archive instead, or move the Python control flow into a sub-module, which is then kept whole "
+                      "as a leaf")
+
+
 def trace(model: nn.Module) -> fx.GraphModule:
     """Symbolic trace, turning untraceable sub-modules into leaves; a GraphModule is returned as is."""
     if isinstance(model, fx.GraphModule):
@@ -104,12 +109,10 @@ def trace(model: nn.Module) -> fx.GraphModule:
     if gm is not None:
         return gm
     leaves = set(_untraceable(model))
-    if "" in leaves:
-        raise UserError(f"cannot trace {type(model).__name__} with torch.fx ({str(err).splitlines()[0]}); "
-                        "export it with torch.export and pass the .pt2 archive instead")
-    gm, err = _try_trace(model, leaves)
+    if "" not in leaves:
+        gm, err = _try_trace(model, leaves)
     if gm is None:
-        raise UserError(f"cannot trace {type(model).__name__} even with {sorted(leaves)} as leaves: {err}")
+        raise UserError(f"cannot trace {type(model).__name__} with torch.fx ({first_line(err)}); {UNTRACEABLE_ADVICE}")
     gm.meta["leaf_modules"] = sorted(leaves)
     return gm
 

@@ -170,15 +170,23 @@ def _bert(hf: nn.Module, arch: str, pad_id: int | None) -> TextModel:
                      pooler=body.pooler.dense, pad_id=pad_id, causal=False, **common)
 
 
-def _check_weights(path: Path, trust_pickle: bool) -> None:
-    """``pytorch_model.bin`` is a pickle: prove it holds tensors only (weights_only) before transformers opens it."""
-    from .models import _torch_load
+def _check_weights(path: Path) -> None:
+    """``pytorch_model.bin`` is a pickle: prove it holds tensors only (weights_only) before transformers opens it.
+    transformers itself loads it with weights_only=True, so pickled objects are refused even when trusted: running
+    them would end in transformers' own refusal."""
+    from .models import PickledObjects, _torch_load
 
     if (path / "model.safetensors").is_file() or (path / "model.safetensors.index.json").is_file():
         return
-    if not (path / "pytorch_model.bin").is_file():
+    weights = path / "pytorch_model.bin"
+    if not weights.is_file():
         raise UserError(f"{path} has a config.json but no weights ({' or '.join(WEIGHT_FILES)})")
-    _torch_load(path / "pytorch_model.bin", trust_pickle)
+    try:
+        _torch_load(weights, trust_pickle=False)
+    except PickledObjects as e:
+        raise UserError(f"{weights} contains pickled Python objects besides tensors: transformers loads only "
+                        "tensors (weights_only=True), so it cannot load here even with --trust-pickle; save the "
+                        "weights again as tensors (save_pretrained writes model.safetensors)") from e
 
 
 def _architecture(config: object) -> str:
@@ -190,7 +198,7 @@ def _architecture(config: object) -> str:
     return default.get(config.model_type) or "?"
 
 
-def load_hf(path: Path, trust_pickle: bool = False) -> tuple[TextModel, TextSpec, list[str]]:
+def load_hf(path: Path) -> tuple[TextModel, TextSpec, list[str]]:
     """The directory's model as a :class:`TextModel`, what its text input is, and notes for the user."""
     import transformers
 
@@ -212,7 +220,7 @@ def load_hf(path: Path, trust_pickle: bool = False) -> tuple[TextModel, TextSpec
     if arch not in CAUSAL_LM + CLASSIFIERS:
         raise UserError(f"{path}: architecture {arch} (model_type {config.model_type}) is not supported; "
                         f"supported: {', '.join(CAUSAL_LM + CLASSIFIERS)}")
-    _check_weights(path, trust_pickle)
+    _check_weights(path)
     try:
         hf = getattr(transformers, arch).from_pretrained(path, local_files_only=True,
                                                          trust_remote_code=False).float().eval()

@@ -18,6 +18,14 @@ _UMASK = os.umask(0)
 os.umask(_UMASK)
 
 
+def resolved(path: str | Path) -> Path:
+    """``Path.resolve`` with a one-line error: on a symlink loop Python raises RuntimeError (a traceback)."""
+    try:
+        return Path(path).resolve()
+    except RuntimeError:
+        raise UserError(f"{path} leads into a symlink loop") from None
+
+
 def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
     """Call ``write(tmp)`` on a temp file beside ``path`` and rename it into place. A file system that refuses
     (an immutable or read-only file, a folder of that name, a full disk) is a one-line error naming the file."""

@@ -283,19 +283,42 @@ def _data_id(loader) -> dict:
             "transform": repr(getattr(ds, "transform", None))}
 
 
+def _input_shape(loader) -> list[int]:
+    """One input's shape ((C, H, W) or (sequence length,)): recorded so that a refused resume can name it."""
+    ds = loader.dataset
+    return list(ds[0][0].shape) if len(ds) else []
+
+
 def _fingerprint(gm: fx.GraphModule, source: str, cfg: LoopConfig, train_loader, val_loader) -> dict:
     return {"source": source, **asdict(cfg), "weights": _digest(gm), "removed_before": gm.meta.get("removed", []),
-            "train": _data_id(train_loader), "val": _data_id(val_loader)}
+            "train": _data_id(train_loader), "val": _data_id(val_loader), "input_size": _input_shape(val_loader)}
 
 
 def changed_settings(stored: dict, current: dict) -> list[str]:
-    """Fingerprint keys that differ, stop rules aside. A setting the stored run did not record (written before
-    that option existed) counts as the option's default: that run behaved as the default does, so a newer version
-    still resumes it."""
+    """Fingerprint keys that differ, stop rules aside. A LoopConfig setting the stored run did not record (written
+    before that option existed) counts as the option's default: that run behaved as the default does, so a newer
+    version still resumes it. Another key it did not record (``input_size``) is checked through what it shapes
+    (the data's transform)."""
     defaults = {f.name: f.default for f in fields(LoopConfig)}
-    missing = object()
-    return sorted(k for k in current
-                  if k not in STOP_RULES and stored.get(k, defaults.get(k, missing)) != current[k])
+    unrecorded = object()
+    return sorted(k for k in current if k not in STOP_RULES
+                  and (old := stored.get(k, defaults.get(k, unrecorded))) is not unrecorded and old != current[k])
+
+
+def _in_words(changed: list[str], stored: dict, current: dict) -> str:
+    """The changed settings, with the input size spelled out; the data's transform (and a text model's count of
+    blocks) that a new input size changes is not named again."""
+    parts = []
+    for key in changed:
+        if key == "input_size":
+            parts.append(f"input size {'x'.join(map(str, current[key]))}, was {'x'.join(map(str, stored[key]))}")
+        elif key in ("train", "val"):
+            differ = [f for f in current[key] if stored[key].get(f) != current[key][f]
+                      and not ("input_size" in changed and f in ("transform", "size"))]
+            parts += [f"{key} data ({', '.join(differ)})"] if differ else []
+        else:
+            parts.append(key)
+    return "; ".join(parts)
 
 
 def load_state(out_dir: Path, fingerprint: dict) -> LoopState | None:
@@ -311,8 +334,9 @@ def load_state(out_dir: Path, fingerprint: dict) -> LoopState | None:
                         f"this one reads {STATE_FORMAT}); use another --out or delete it to start over")
     changed = changed_settings(state.fingerprint, fingerprint)
     if changed:
-        raise UserError(f"{path} was written with different settings ({', '.join(changed)}); "
-                        "use another --out or delete it to start over")
+        raise UserError(f"{path} was written with different settings "
+                        f"({_in_words(changed, state.fingerprint, fingerprint)}); use another --out or delete it to "
+                        "start over")
     return state
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import difflib
 import pickle
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -43,6 +44,7 @@ class LoadedModel:
     text: TextSpec | None = None  # a text model: input_size is (sequence length,), inputs are token ids
     normalization_given: bool = False  # --mean/--std given: trusted as they are, never second-guessed
     crop_asked: bool = False  # --crop-pct given: the crop applies to images of the input size too
+    reheadable: bool = False  # built from an architecture name: --num-classes gives it a fresh head
 
     @property
     def input_dtype(self) -> torch.dtype:
@@ -51,6 +53,14 @@ class LoadedModel:
     @property
     def num_classes(self) -> int | None:
         return head_classes(self.model)
+
+    @property
+    def rehead_advice(self) -> str:
+        """How this model gets another number of classes: --num-classes re-heads only a named architecture."""
+        if self.reheadable:
+            return "pass --num-classes to re-head it"
+        return ("its head is fixed in this form: replace the head in PyTorch and save it again, or pass the state "
+                "dict with --arch and --num-classes")
 
 
 def _suggest(name: str, choices: list[str]) -> str:
@@ -142,31 +152,76 @@ def _short(keys: list[str], n: int = 4) -> str:
 _TORCH_MAGIC = (b"PK\x03\x04", b"\x80")  # torch.save's zip archive; a legacy pickle (protocol 2+)
 
 
+class PickledObjects(UserError):
+    """The file holds pickled Python objects, not only tensors: loading it runs code (refused without trust)."""
+
+
+def _is_safetensors(head: bytes) -> bool:
+    """A safetensors file starts with its JSON header's length (8 bytes, little-endian), then the header."""
+    return len(head) >= 9 and head[8:9] == b"{" and int.from_bytes(head[:8], "little") < 1 << 30
+
+
 def _torch_load(path: Path, trust_pickle: bool) -> Any:
-    """``torch.load`` with one-line errors that say what the file is not."""
+    """``torch.load`` (or safetensors' loader, timm's usual format) with one-line errors that say what the file
+    is not."""
     with open(path, "rb") as f:
-        head = f.read(4)
+        head = f.read(9)
     if not head:
         raise UserError(f"cannot read {path}: the file is empty")
+    if _is_safetensors(head):
+        return _safetensors_load(path)
     if not head.startswith(_TORCH_MAGIC):
-        raise UserError(f"{path} is not a PyTorch file (neither a torch.save zip archive nor a pickle); MODEL "
-                        "takes a state dict, a linearized.pt, a .pt2 archive or a pickled module")
+        raise UserError(f"{path} is not a PyTorch file (neither a torch.save zip archive, a pickle nor safetensors); "
+                        "MODEL takes a state dict, a linearized.pt, a .pt2 archive or a pickled module")
     try:
         return torch.load(path, map_location="cpu", weights_only=not trust_pickle)
     except pickle.UnpicklingError as e:
         if not trust_pickle and "Weights only load failed" in str(e) and "GLOBAL" in str(e):
-            raise UserError(
+            raise PickledObjects(
                 f"{path} contains pickled Python objects (a whole nn.Module?), which can run arbitrary code when "
                 "loaded, so files load with weights_only=True; re-run with --trust-pickle if you trust its source"
             ) from e
         raise UserError(f"cannot read {path}: not a valid PyTorch pickle ({first_line(e)})") from e
+    except (ModuleNotFoundError, AttributeError) as e:  # trusted: unpickling imports the classes it names
+        missing = _missing_class(path, e)
+        if missing is None:
+            raise UserError(f"cannot read {path}: damaged or not a PyTorch file ({type(e).__name__}: "
+                            f"{first_line(e)})") from e
+        raise UserError(f"{path} is a pickled module whose {missing} cannot be imported here: make its code "
+                        "importable (PYTHONPATH), or save its state_dict() and pass that with --arch, or export a "
+                        ".pt2 with torch.export") from e
     except Exception as e:  # a damaged archive or pickle raises RuntimeError, EOFError, KeyError, IndexError...
         raise UserError(f"cannot read {path}: damaged or not a PyTorch file ({type(e).__name__}: "
                         f"{first_line(e)})") from e
 
 
+def _missing_class(path: Path, e: ModuleNotFoundError | AttributeError) -> str | None:
+    """What an unpickling could not import ("class module.Name"), read from the error or, for a missing module,
+    from the pickle's globals (listed without running it); None when the error is not about an import."""
+    if isinstance(e, ModuleNotFoundError):
+        module = e.name or "?"
+        try:
+            named = torch.serialization.get_unsafe_globals_in_checkpoint(path)
+        except Exception:  # a legacy (non-zip) pickle: its globals are not listed
+            named = []
+        classes = [n for n in named if n.startswith(f"{module}.")]
+        return f"class {', '.join(classes)}" if classes else f"module {module!r}"
+    found = re.match(r"Can't get attribute '([^']+)' on <module '([^']+)'", str(e))
+    return f"class {found[2]}.{found[1]}" if found else None
+
+
+def _safetensors_load(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(path, device="cpu")
+    except (SafetensorError, OSError, ValueError) as e:
+        raise UserError(f"cannot read {path}: damaged safetensors file ({first_line(e)})") from e
+
+
 def _finish(model: nn.Module, source: str, num_classes: int | None, removed: list[str] | None = None,
-            notes: list[str] | None = None) -> LoadedModel:
+            notes: list[str] | None = None, reheadable: bool = False) -> LoadedModel:
     if num_classes is not None and head_classes(model) not in (None, num_classes):
         raise UserError(f"{source} has {head_classes(model)} output classes but --num-classes is {num_classes} "
                         "(re-heading works for a named architecture with --weights or a state dict with --arch)")
@@ -175,7 +230,8 @@ def _finish(model: nn.Module, source: str, num_classes: int | None, removed: lis
     return LoadedModel(model.eval(), source, tuple(cfg.get("mean", IMAGENET_MEAN)),
                        tuple(cfg.get("std", IMAGENET_STD)), size,  # type: ignore[arg-type]
                        removed=removed or [], notes=notes or [], size_declared="input_size" in cfg,
-                       crop_pct=cfg.get("crop_pct"), interpolation=cfg.get("interpolation") or "bilinear")
+                       crop_pct=cfg.get("crop_pct"), interpolation=cfg.get("interpolation") or "bilinear",
+                       reheadable=reheadable)
 
 
 def load_model(source: str, num_classes: int | None = None, weights: str | Path | None = None,
@@ -187,7 +243,7 @@ def load_model(source: str, num_classes: int | None = None, weights: str | Path 
     """
     size = (img_size,) * 2 if isinstance(img_size, int) else tuple(img_size or ())
     if _hf_dir(source):
-        return _load_text(Path(source), size[-1] if size else None, trust_pickle)
+        return _load_text(Path(source), size[-1] if size else None)
     hw = size[-2:] or None
     loaded = _load_any(source, num_classes, weights, arch, trust_pickle,
                        hw if hw is None or hw[0] != hw[1] else hw[0])
@@ -196,7 +252,14 @@ def load_model(source: str, num_classes: int | None = None, weights: str | Path 
     if hw is not None:
         channels = size[0] if len(size) == 3 else loaded.input_size[0]
         loaded.input_size, loaded.size_declared = (channels, *hw), True  # type: ignore[assignment]
+    loaded.mean, loaded.std = (_per_channel(v, loaded.input_size[0]) for v in (loaded.mean, loaded.std))
     return loaded
+
+
+def _per_channel(values: tuple[float, ...], channels: int) -> tuple[float, ...]:
+    """A normalization given for another channel count (the ImageNet default on a one-channel .pt2): its mean on
+    every channel, so that a model that declares none loads at any channel count (--mean/--std still override)."""
+    return values if len(values) == channels else (sum(values) / len(values),) * channels
 
 
 def _hf_dir(source: str) -> bool:
@@ -205,11 +268,11 @@ def _hf_dir(source: str) -> bool:
     return is_hf_dir(Path(source))
 
 
-def _load_text(path: Path, seq_len: int | None, trust_pickle: bool) -> LoadedModel:
+def _load_text(path: Path, seq_len: int | None) -> LoadedModel:
     """A Hugging Face directory; ``seq_len`` (``--input-size``) defaults to 128 or the model's positions."""
     from .hf import load_hf
 
-    model, spec, notes = load_hf(path, trust_pickle)
+    model, spec, notes = load_hf(path)
     seq_len = seq_len or min(128, spec.max_positions)
     if seq_len > spec.max_positions:
         raise UserError(f"sequence length {seq_len} (--input-size) exceeds the model's {spec.max_positions} positions")
@@ -219,7 +282,8 @@ def _load_text(path: Path, seq_len: int | None, trust_pickle: bool) -> LoadedMod
 def _load_any(source: str, num_classes: int | None, weights: str | Path | None, arch: str | None,
               trust_pickle: bool, img_size: int | tuple[int, int] | None) -> LoadedModel:
     path = Path(source)
-    looks_like_file = path.suffix in {".pt", ".pth", ".th", ".pt2", ".bin", ".ckpt"} or path.exists()
+    looks_like_file = (path.suffix in {".pt", ".pth", ".th", ".pt2", ".bin", ".ckpt", ".safetensors"}
+                       or path.exists() or path.is_symlink())
     if not looks_like_file:
         model = build_arch(source, num_classes, img_size)
         notes = []
@@ -229,7 +293,7 @@ def _load_any(source: str, num_classes: int | None, weights: str | Path | None, 
             notes += load_state_dict(model, state, f"weights file {weights}", rehead=num_classes is not None)
         else:
             notes.append(f"{source}: no --weights given, using random initialisation")
-        return _finish(model, source, num_classes, notes=notes)
+        return _finish(model, source, num_classes, notes=notes, reheadable=True)
 
     if path.is_dir():
         raise UserError(f"{path} is a directory without config.json (a Hugging Face model directory needs "
@@ -262,7 +326,7 @@ def _load_any(source: str, num_classes: int | None, weights: str | Path | None, 
                         "(e.g. --arch timm:resnet18)")
     model = build_arch(arch, num_classes, img_size)
     notes = load_state_dict(model, obj, f"state dict {path}", rehead=num_classes is not None)
-    return _finish(model, arch, num_classes, notes=notes)
+    return _finish(model, arch, num_classes, notes=notes, reheadable=True)
 
 
 def _linearized(obj: dict, path: Path, num_classes: int | None, trust_pickle: bool) -> LoadedModel:
@@ -291,13 +355,16 @@ def _program_input_size(program: torch.export.ExportedProgram, path: Path) -> tu
         raise UserError(f"{path}: expected one image input (N, C, H, W), found {[tuple(s) for s in shapes]}")
     batch, *chw = shapes[0]
     if isinstance(batch, int):
-        raise UserError(f"{path} was exported with a static batch size ({batch}); re-export it with "
-                        "dynamic_shapes={'x': {0: torch.export.Dim('batch')}}")
+        raise UserError(f"{path} was exported with a static batch size ({batch}); re-export it from an example batch "
+                        "of 2 or more with dynamic_shapes=({0: torch.export.Dim('batch')},) (positional: it holds for "
+                        "any argument name)")
     return tuple(int(d) for d in chw)  # type: ignore[return-value]
 
 
 def _existing(path: str | Path) -> Path:
     path = Path(path)
+    if path.is_symlink() and not path.exists():
+        raise UserError(f"{path} is a symlink to nothing (a loop or a missing target)")
     if not path.is_file():
         raise UserError(f"no such file: {path}")
     return path

@@ -3,8 +3,11 @@ traceback, and nothing written."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
+import re
+import sys
 from pathlib import Path
 
 import onnx
@@ -15,7 +18,7 @@ from conftest import run_cli as run
 from PIL import Image
 
 from easier_export.export import export_onnx
-from easier_export.models import build_arch
+from easier_export.models import IMAGENET_MEAN, build_arch, load_model
 
 MARKER = "pwned"
 
@@ -25,6 +28,57 @@ class Hostile:
 
     def __reduce__(self) -> tuple:
         return os.system, (f"touch {MARKER}",)
+
+
+class Flip(torch.nn.Module):
+    """A data-dependent branch: torch.fx cannot trace it."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return -x if x.mean() > 0 else x
+
+
+class Branchy(torch.nn.Module):
+    """Data-dependent branches in its own forward and in a child's: torch.fx cannot trace it, not even with the
+    child as a leaf."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.flip = torch.nn.Conv2d(3, 3, 3), Flip()
+        self.head = torch.nn.Sequential(torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(),
+                                        torch.nn.Linear(3, 3))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.flip(self.conv(x))
+        if y.mean() > 0:
+            y = 2 * y
+        return self.head(y)
+
+
+def _pickled_from_a_module_gone(root: Path) -> Path:
+    """A pickled module whose class lived in a module that cannot be imported any more (a training script's)."""
+    src = root / "gone_models.py"
+    src.write_text("import torch\n\n\nclass GoneNet(torch.nn.Sequential):\n    pass\n")
+    spec = importlib.util.spec_from_file_location("gone_models", src)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["gone_models"] = module
+    try:
+        spec.loader.exec_module(module)
+        torch.save(module.GoneNet(torch.nn.Conv2d(3, 3, 3), torch.nn.ReLU()), root / "gone.pt")
+    finally:
+        del sys.modules["gone_models"]
+    src.unlink()
+    return root / "gone.pt"
+
+
+def _hf_with_pickled_weights(root: Path) -> Path:
+    """A GPT-2 directory whose pytorch_model.bin pickles an object besides the tensors."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=256, n_positions=16, n_embd=8, n_layer=1, n_head=2))
+    model.save_pretrained(root)
+    (root / "model.safetensors").unlink()
+    torch.save({**model.state_dict(), "extra": Hostile()}, root / "pytorch_model.bin")
+    return root
 
 
 def _cut(src: Path, dst: Path) -> Path:
@@ -69,6 +123,21 @@ def inputs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     files["one_out"] = root / "one_out.pt"  # a single-class "classifier"
     torch.save(torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(1),
                                    torch.nn.Flatten(), torch.nn.Linear(4, 1)), files["one_out"])
+    files["three_out"] = root / "three_out.pt"  # a pickled 3-class module: its head is fixed
+    torch.save(torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(1),
+                                   torch.nn.Flatten(), torch.nn.Linear(4, 3)), files["three_out"])
+    files["static_pt2"] = root / "static.pt2"  # nn.Sequential's forward argument is `input`, not `x`
+    torch.export.save(torch.export.export(torch.load(files["three_out"], weights_only=False).eval(),
+                                          (torch.randn(1, 3, 16, 16),)), files["static_pt2"])
+    files["unimportable"] = _pickled_from_a_module_gone(root)
+    files["branchy"] = root / "branchy.pt"
+    torch.save(Branchy(), files["branchy"])
+    files["hf_pickled"] = _hf_with_pickled_weights(root / "hf_pickled")
+    files["symlink_loop"] = root / "loop.pt"
+    files["symlink_loop"].symlink_to(files["symlink_loop"].name)
+    files["data_image_loop"] = _folder_with(root / "data_image_loop", "loop.png", b"")
+    (files["data_image_loop"] / "train" / "class0" / "loop.png").unlink()
+    (files["data_image_loop"] / "train" / "class0" / "loop.png").symlink_to("loop.png")
     files["demo_dir"] = root / "demo"
     files["demo_dir"].mkdir()
     _cut(files["sd"], files["demo_dir"] / "demo_invres.pt")
@@ -100,6 +169,9 @@ MODEL = {  # MODEL inputs: the args that select it, what the one line must say
     "truncated": (["{truncated}", "--arch", "cifar_resnet20"], "cannot read"),
     "wrong_shape": (["{wrong_shape}", "--arch", "cifar_resnet20", "--num-classes", "3"], "does not match"),
     "hostile": (["{hostile}", "--arch", "cifar_resnet20"], "--trust-pickle"),
+    "unimportable": (["{unimportable}", "--trust-pickle"], "class gone_models.GoneNet cannot be imported here"),
+    "static_batch": (["{static_pt2}"], "dynamic_shapes=({0: torch.export.Dim('batch')},)"),
+    "symlink_loop": (["{symlink_loop}"], "loop.pt is a symlink to nothing (a loop or a missing target)"),
 }
 GOOD_MODEL = ["{sd}", "--arch", "cifar_resnet20", "--num-classes", "3"]
 DATA = {
@@ -108,6 +180,8 @@ DATA = {
     "truncated": ("{data_truncated}", "cut.jpg: truncated JPEG"),
     "wrong_shape": ("{data_wrong_shape}", "2 classes but the model predicts 3"),
     "hostile": ("{data_hostile}", "evil.jpg: not a readable image"),
+    "symlink_loop": ("{symlink_loop}", "loop.pt leads into a symlink loop"),
+    "image_symlink_loop": ("{data_image_loop}", "Too many levels of symbolic links); fix or remove it"),
 }
 ONNX = {
     "missing": (["{onnx}", "{missing}"], "no such file"),
@@ -116,6 +190,7 @@ ONNX = {
     "wrong_shape": (["{onnx}", "{onnx_wrong_shape}"], "only models of one input shape compare"),
     "other_outputs": (["{onnx}", "{onnx_other_outputs}"], "outputs 5 per input but"),
     "hostile": (["{onnx_hostile}"], "is not a valid ONNX model"),
+    "symlink_loop": (["{onnx}", "{symlink_loop}"], "loop.pt leads into a symlink loop"),
 }
 OUT = "{tmp}/out"
 
@@ -134,6 +209,9 @@ def _cases() -> list:
                       "Invalid value for '--num-classes'"))
         cases.append((command, "one-class-data", ["{one_out}", "--trust-pickle", "--input-size", "16", "--data",
                                                   "{data_one_class}", *out], "classifying needs 2 or more"))
+        cases.append((command, "classes-of-a-fixed-head", ["{three_out}", "--trust-pickle", "--input-size", "16",
+                                                          "--data", "{data_wrong_shape}", *out],
+                      "2 classes but the model predicts 3 (its head is fixed in this form: replace the head"))
         cases.append((command, "batchnorm1d-batch-of-one", ["{bn1d}", "--trust-pickle", "--input-size", "16",
                                                             "--data", "{data}",
                                                             "--batch-size", "1", "--workers", "0", *out],
@@ -151,6 +229,12 @@ def _cases() -> list:
         for kind, (model, says) in MODEL.items():
             cases.append((command, f"model-{kind}", [*model, *out], says))
         cases.append((command, "garbage-option", [*GOOD_MODEL, "--input-size", "big", *out], "--input-size takes"))
+        cases.append((command, "pickled-hf-weights", ["{hf_pickled}", "--trust-pickle", *out],
+                      "cannot load here even with --trust-pickle"))
+    cases.append(("fold", "untraceable", ["{branchy}", "--trust-pickle", "--input-size", "16", "--out", OUT],
+                  "or move the Python control flow into a sub-module"))
+    cases.append(("fold", "data-option", [*GOOD_MODEL, "--data", "{data}", "--out", OUT],
+                  "fold takes no --data (compress, entropy, export, linearize take it)"))
     cases.append(("export", "out-is-a-directory", [*GOOD_MODEL, "--out", "{tmp}"], "is a directory"))
     for kind, (files, says) in ONNX.items():
         cases.append(("bench", f"onnx-{kind}", [*files, "--bench-seconds", "0"], says))
@@ -277,3 +361,36 @@ def test_version(capsys) -> None:
 
     code, out = run(capsys, "--version")
     assert code == 0 and out.strip() == f"easier-export {__version__}"
+
+
+def test_the_static_batch_advice_works_for_nn_sequential(capsys, inputs, tmp_path) -> None:
+    """The re-export the message suggests, run as written on an nn.Sequential (whose argument is `input`)."""
+    code, out = run(capsys, "fold", str(inputs["static_pt2"]), "--out", str(tmp_path / "out"))
+    assert code == 2, out
+    advice = re.search(r"dynamic_shapes=(\(.*?\},\))", out)
+    assert advice, out
+    net = torch.load(inputs["three_out"], weights_only=False).eval()
+    program = torch.export.export(net, (torch.randn(2, 3, 16, 16),), dynamic_shapes=eval(advice[1], {"torch": torch}))
+    torch.export.save(program, tmp_path / "dynamic.pt2")
+    assert load_model(str(tmp_path / "dynamic.pt2")).input_size == (3, 16, 16)
+
+
+def test_safetensors_weights_load(tmp_path) -> None:
+    """timm's usual format: as --weights for a named architecture and as a state-dict MODEL with --arch."""
+    from safetensors.torch import save_file
+
+    net = build_arch("cifar_resnet20", num_classes=3)
+    save_file(net.state_dict(), tmp_path / "w.safetensors")
+    for loaded in (load_model("cifar_resnet20", 3, weights=tmp_path / "w.safetensors"),
+                   load_model(str(tmp_path / "w.safetensors"), arch="cifar_resnet20", num_classes=3)):
+        got = loaded.model.state_dict()
+        assert all(torch.equal(got[k], v) for k, v in net.state_dict().items())
+
+
+def test_fold_refolds_its_own_one_channel_output(capsys, tmp_path) -> None:
+    """A 1-channel .pt2 declares no normalization and `fold` takes none: the ImageNet default must not stop it."""
+    first, second = tmp_path / "first", tmp_path / "second"
+    for model, out in (("demo_cnn", first), (str(first / "folded.pt2"), second)):
+        code, text = run(capsys, "fold", model, "--out", str(out), "--fold", "none", "--no-simplify")
+        assert code == 0, text
+    assert load_model(str(first / "folded.pt2")).mean == pytest.approx((sum(IMAGENET_MEAN) / 3,))

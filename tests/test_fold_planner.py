@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import pathlib
+import warnings
 
 import onnx
 import pytest
@@ -12,7 +13,7 @@ import torch
 from _fold_util import assert_same, count_modules, traced
 from torch import nn
 
-from easier_export.fold import plan_and_fold
+from easier_export.fold import fold_model, plan_and_fold
 from easier_export.fold import planner as planner_module
 from easier_export.fold._common import Merge, propagate_shapes
 from easier_export.fold.planner import (
@@ -236,3 +237,27 @@ def test_a_damaged_latency_cache_only_costs_time(tmp_path: pathlib.Path, content
     cache = tmp_path / "latency.json"
     cache.write_text(content)
     assert LatencyTable("cpu", threads=1, cache=cache).table == {}
+
+
+class Doubled(nn.Module):
+    """``conv(x) + conv(x)`` (what ``relu(y + y)`` leaves once the activation is removed): one node on both sides."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.head = nn.Conv2d(3, 4, 3, padding=1), nn.Conv2d(4, 4, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.conv(x)
+        return self.head(y + y)
+
+
+def test_an_add_of_one_node_to_itself_is_no_parallel_skip() -> None:
+    """The chain's last conv was taken as its own skip branch: the merge listed it twice and erasing it twice made
+    torch.fx warn (``erase_node … already erased``)."""
+    gm = traced(Doubled())
+    assert all(chain.skip_node not in chain.nodes for chain in find_chains(gm))
+    x = torch.randn(1, 3, 8, 8, dtype=torch.float64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        folded, _ = fold_model(gm, x, mode="auto")
+    assert_same(gm, folded, x, 1e-9)

@@ -172,3 +172,20 @@ def test_the_same_command_twice_gives_the_same_run(loaders, tmp_path):
         [(r.removed, r.val_top1, r.change) for r in second.history]
     for (name, a), b in zip(first.model.state_dict().items(), second.model.state_dict().values(), strict=True):
         assert torch.equal(a, b), name
+
+
+def test_a_changed_input_size_is_named_when_resume_is_refused(loaders, tmp_path):
+    """The same data read at another size: the refusal names the input size (not "train, val")."""
+    _run(loaders, tmp_path, max_removed=1)
+    with pytest.raises(UserError, match=r"different settings \(input size 1x12x12, was 1x16x16\)"):
+        _run(digits(size=12, batch_size=128), tmp_path, max_removed=1)
+
+
+def test_state_without_a_recorded_input_size_resumes(loaders, tmp_path):
+    """A state.pt from before the input size was recorded: its data transform stood for it."""
+    _run(loaders, tmp_path, max_removed=1)
+    path = tmp_path / loop_mod.STATE_FILE
+    state = torch.load(path, weights_only=True)
+    del state["fingerprint"]["input_size"]
+    torch.save(state, path)
+    assert _run(loaders, tmp_path, max_removed=1).resumed_rounds == 1

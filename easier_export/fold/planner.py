@@ -296,7 +296,7 @@ def _closing_add(gm: GraphModule, chain: Chain) -> None:
         chain.add = add
         return
     conv = private_module(gm, skip, nn.Conv2d)
-    if conv is not None and sole_user(skip) is add and single_input(skip) is chain.source:
+    if conv is not None and skip is not last and sole_user(skip) is add and single_input(skip) is chain.source:
         chain.add, chain.skip_node, chain.skip = add, skip, conv
 
 
