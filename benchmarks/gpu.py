@@ -218,7 +218,7 @@ def make_builtin(name: str, directory: Path) -> Path:
                directory / "linearized.pt")
     export_onnx(original, example, directory / "onnx" / "original.onnx", simplify=SIMPLIFY)
     export_onnx(folded, example, directory / "model.onnx", simplify=SIMPLIFY)
-    save_json({"settings": {"fold": "all"}, "folds": [r.to_dict() for r in records],
+    save_json({"settings": {"fold": "all"}, "shipped": {"fold": "all"}, "folds": [r.to_dict() for r in records],
                "built_in": f"{arch}, random weights, {len(removed)} activations removed, every exact merge"},
               directory / "report.json")
     return directory

@@ -53,6 +53,20 @@ def scripted_evaluate(accuracies: list[float], n: int = 100):
 
 
 @pytest.fixture
+def merges_ship(monkeypatch: pytest.MonkeyPatch) -> None:
+    """What ships decided without the clock: every candidate folded with every exact merge races at ×2 against
+    the original, the others at ×0.9, so the latest kept round ships fully merged."""
+    from easier_export import shipping
+    from easier_export.stats import Speedup
+
+    def race(models: dict, baseline: str, *args, **kwargs) -> dict:
+        return {k: Speedup(2.0, 1.9, 2.1, 6) if k.endswith("fold all") else Speedup(0.9, 0.85, 0.95, 6)
+                for k in models if k != baseline}
+
+    monkeypatch.setattr(shipping, "race", race)
+
+
+@pytest.fixture
 def image_folder(tmp_path: Path) -> Path:
     return make_image_folder(tmp_path / "data")
 

@@ -97,12 +97,22 @@ def test_a_clearly_better_normalization_stops_the_run(tmp_path, monkeypatch) -> 
     folder = open_image_folder(make_image_folder(tmp_path / "data", size=16))
     loaded = LoadedModel(nn.Identity(), "raw-pixel model", input_size=(3, 16, 16))
 
+    def scored(top1: float) -> dict:  # of 100 images, the first ones right
+        return {"top1": top1, "correct": (torch.arange(100) < top1).double()}
+
     def evaluate(model, batches, device) -> dict:  # right only on pixels in [0, 1]
-        return {"top1": 90.0 if batches[0][0].min() >= 0 else 20.0}
+        return scored(90.0 if batches[0][0].min() >= 0 else 20.0)
 
     monkeypatch.setattr(pipeline, "evaluate_metrics", evaluate)
     with pytest.raises(UserError, match=r"scores 20\.0% on val with its configured mean/std but 90\.0% with none "
                                         r"\(0 and 1\) normalization: .* --mean 0,0,0 --std 1,1,1$"):
         pipeline.check_normalization(loaded, folder, 4, 0)
-    monkeypatch.setattr(pipeline, "evaluate_metrics", lambda model, batches, device: {"top1": 50.0})
+    monkeypatch.setattr(pipeline, "evaluate_metrics", lambda model, batches, device: scored(50.0))
+    pipeline.check_normalization(loaded, folder, 4, 0)
+
+    def few(model, batches, device) -> dict:  # 2 of 3 images right against 0 of 3: beyond the margin, not the noise
+        right = batches[0][0].min() >= 0
+        return {"top1": 66.7 if right else 0.0, "correct": torch.tensor([1.0, 1.0, 0.0] if right else [0.0] * 3)}
+
+    monkeypatch.setattr(pipeline, "evaluate_metrics", few)
     pipeline.check_normalization(loaded, folder, 4, 0)

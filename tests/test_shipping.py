@@ -17,6 +17,7 @@ from easier_export.graph import find_call_sites, remove_sites, trace
 from easier_export.linearize import LoopConfig, Task, pick_group
 from easier_export.stats import (
     Speedup,
+    better_beyond_chance,
     held_out,
     paired_accuracy_change,
     paired_ppl_change,
@@ -89,6 +90,14 @@ def test_unresolvable_budget_is_estimated_before_the_first_round():
     margin, _ = resolvable_drop(67.0, needed, 0.9)
     assert margin == pytest.approx(0.5, abs=0.01)
     assert resolvable_drop(99.4, 360, 0.9)[0] < 0.5  # the demo's digits
+
+
+def test_better_beyond_chance_is_an_exact_sign_test():
+    base = torch.zeros(100)
+    assert not better_beyond_chance(base[:3], torch.tensor([1.0, 1.0, 0.0]))  # p = 0.25
+    assert better_beyond_chance(base[:5], torch.ones(5))  # p = 1/32
+    assert not better_beyond_chance(base[:4], torch.ones(4))  # p = 1/16
+    assert not better_beyond_chance(base, base)  # nothing differs
 
 
 def test_speedup_interval_from_interleaved_blocks():
