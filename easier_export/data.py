@@ -199,7 +199,7 @@ def image_folder(root: str | Path, input_size: tuple[int, int, int], mean: tuple
     return open_image_folder(root, num_classes).loaders(input_size, mean, std, batch_size, workers, seed)
 
 
-def digits(size: int = 16, batch_size: int = 64, seed: int = 0) -> Loaders:
+def digits(size: int = 16, batch_size: int = 64, seed: int = 0, val_share: float = 0.2) -> Loaders:
     """scikit-learn's 8x8 digits (1,797 images, shipped with the package), upsampled, fixed seeded split."""
     from sklearn.datasets import load_digits
 
@@ -209,7 +209,7 @@ def digits(size: int = 16, batch_size: int = 64, seed: int = 0) -> Loaders:
     x = (x - 0.5) / 0.5
     y = torch.tensor(d.target, dtype=torch.long)
     perm = torch.randperm(len(y), generator=torch.Generator().manual_seed(seed))
-    n_val = len(y) // 5
+    n_val = int(len(y) * val_share)
     val, train = perm[:n_val], perm[n_val:]
     return Loaders(_loader(TensorDataset(x[train], y[train]), batch_size, True, 0, seed),
                    _loader(TensorDataset(x[val], y[val]), 256, False, 0, seed), [str(i) for i in range(10)])
