@@ -77,9 +77,7 @@ def _bench_device(onnx_models: dict[str, Path], torch_models: dict[str, nn.Modul
     rows = []
     tokens = any(takes_tokens(Path(p)) for p in onnx_models.values())
     for batch in batches:
-        rng = np.random.default_rng(0)
-        x = rng.integers(0, 2, (batch, *input_shape)) if tokens else \
-            rng.standard_normal((batch, *input_shape), dtype=np.float32)
+        x = _example_input(tokens, batch, input_shape)
         runners: dict[tuple[str, str, str], Runner] = {}
         for label, path in onnx_models.items():
             runner, provider = ort_runner(Path(path), x, device, providers, threads)
@@ -94,6 +92,14 @@ def _bench_device(onnx_models: dict[str, Path], torch_models: dict[str, nn.Modul
                 row["tokens_per_s"] = batch * math.prod(input_shape) * 1e3 / row["p50_ms"]
             rows.append(row)
     return rows
+
+
+def _example_input(tokens: bool, batch: int, input_shape: tuple[int, ...]) -> np.ndarray:
+    """The same seeded input for every model timed: token ids (0 or 1) or standard normal pixels."""
+    rng = np.random.default_rng(0)
+    if tokens:
+        return rng.integers(0, 2, (batch, *input_shape))
+    return rng.standard_normal((batch, *input_shape), dtype=np.float32)
 
 
 def takes_tokens(path: Path) -> bool:
@@ -259,10 +265,7 @@ def race(onnx_models: dict[str, Path], baseline: str, input_shape: tuple[int, ..
     if device == "cuda" and not cuda_usable():
         return None
     threads = threads or physical_cores()
-    tokens = takes_tokens(Path(onnx_models[baseline]))
-    rng = np.random.default_rng(0)
-    x = rng.integers(0, 2, (batch, *input_shape)) if tokens else \
-        rng.standard_normal((batch, *input_shape), dtype=np.float32)
+    x = _example_input(takes_tokens(Path(onnx_models[baseline])), batch, input_shape)
     runners = {label: ort_runner(Path(path), x, device, _providers(device), threads)[0]
                for label, path in onnx_models.items()}
     return race_runners(runners, baseline, max_seconds=max_seconds)

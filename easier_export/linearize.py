@@ -464,9 +464,9 @@ def snapshot_path(out_dir: Path, rnd: int) -> Path:
 
 def _bound_text(task: Task, change: PairedChange) -> str:
     unit = "% perplexity" if task.metric == "ppl" else " points"
-    side = "worst" if change.confidence > 0 else "observed"
-    return f"{side} {change.bound:+.2f}{unit} at {change.confidence:.0%}" if change.confidence > 0 else \
-        f"{side} {change.bound:+.2f}{unit}"
+    if change.confidence == 0:
+        return f"observed {change.bound:+.2f}{unit}"
+    return f"worst {change.bound:+.2f}{unit} at {change.confidence:.0%}"
 
 
 def _warn_unresolvable(cfg: LoopConfig, task: Task, accuracy: float, n: int) -> None:
@@ -512,11 +512,13 @@ def run_loop(gm: fx.GraphModule, source: str, train_loader, val_loader, cfg: Loo
         else:
             info(f"original top-1 {state.base_top1:.2f}%  (budget: ≥ {task.limit(cfg, state.base_top1):.2f}%)")
         warn_near_chance(state.base_top1, gm)
-        _warn_unresolvable(cfg, task, state.base_top1, int((~held_out(len(metrics["correct"]), cfg.holdout)).sum()))
         save_state(out_dir, state)
     else:
         resumed = len(state.history)
         info(f"resuming from {out_dir / STATE_FILE}: {resumed} round(s) done, removed {len(state.removed)}")
+    held = held_out(len(state.base_outcomes["correct"]), cfg.holdout)  # val samples the rounds never see
+    if not resumed:
+        _warn_unresolvable(cfg, task, state.base_top1, int((~held).sum()))
     if state.baseline is not None:  # the original stays the finetuned baseline on resume too
         gm.load_state_dict(state.baseline)
     if cfg.select == "latency" and state.groups is None:
@@ -563,7 +565,6 @@ def run_loop(gm: fx.GraphModule, source: str, train_loader, val_loader, cfg: Loo
             candidate = settle(candidate).to(device)
         metrics = evaluate_metrics(candidate, val_loader, device)
         acc, ppl = metrics["top1"], metrics["ppl"] if task.metric == "ppl" else None
-        held = held_out(len(metrics["correct"]), cfg.holdout)
         change = task.change(cfg, state.base_outcomes, metrics, ~held)
         within = task.within(cfg, change)
         check = task.change(cfg, state.base_outcomes, metrics, held).to_dict() if bool(held.any()) else None

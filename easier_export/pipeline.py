@@ -189,7 +189,7 @@ def speedup_probe(original: nn.Module, example: torch.Tensor, work_dir: Path,
 
     def probe(model: fx.GraphModule) -> float:
         folded, _ = fold_model(eval_copy(model), example, mode=cfg.fold, target=cfg.target,
-                               cache=work_dir.parent / "latency_table.json", threads=cfg.threads)
+                               cache=latency_table_path(work_dir.parent, cfg), threads=cfg.threads)
         path = Path(export_onnx(folded, example, work_dir / "folded.onnx", {}, cfg.simplify, cfg.opset)["path"])
         rows = bench({"original": base, "folded": path}, tuple(example.shape[1:]), (cfg.target,), (batch,),
                      cfg.threads, max_seconds=cfg.bench_seconds)

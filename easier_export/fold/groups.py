@@ -56,7 +56,6 @@ class Group:
     sites: tuple[str, ...]
     us_saved: float
     detail: str
-    us_spread: float = 0.0  # half-width (us) of the saving's interval, from the merge the group is named after
 
 
 @dataclass
@@ -86,7 +85,7 @@ class FoldGroups:
                 continue
             gain = self.saving(removed | set(need)) - base
             if gain > 0:
-                seen[need] = Group(need, gain, seg.detail, seg.us_spread)
+                seen[need] = Group(need, gain, seg.detail)
         return sorted(seen.values(), key=lambda g: (-g.us_saved, g.sites))
 
     def to_dict(self) -> dict:
