@@ -17,11 +17,12 @@ from pathlib import Path
 
 import torch
 
-from easier_export.bench import cpu_name, noisy_pair
-from easier_export.data import image_folder
-from easier_export.linearize import LoopConfig
-from easier_export.models import load_model
+from easier_export.core.ort import cpu_name
+from easier_export.load.data import image_folder
+from easier_export.load.models import load_model
+from easier_export.loop.linearize import LoopConfig
 from easier_export.pipeline import CompressConfig, compress
+from easier_export.ship.bench import noisy_pair
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"

@@ -31,16 +31,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from cifar_resnets import common_args, parse  # noqa: E402
 from latency_aware import MODELS, SHARED  # noqa: E402  (one list of the trained CIFAR models)
 
-from easier_export.bench import cpu_name  # noqa: E402
-from easier_export.criteria import swap_rectifiers, tlc_scores  # noqa: E402
-from easier_export.data import image_folder  # noqa: E402
-from easier_export.entropy import measure  # noqa: E402
-from easier_export.graph import find_call_sites, remove_sites, trace  # noqa: E402
-from easier_export.io import save_json, save_torch  # noqa: E402
-from easier_export.linearize import LoopConfig, cpu_state, run_loop  # noqa: E402
-from easier_export.models import load_model  # noqa: E402
-from easier_export.pipeline import CompressConfig, speedup_probe  # noqa: E402
-from easier_export.train import finetune, seed_everything  # noqa: E402
+from easier_export.core.io import save_json, save_torch
+from easier_export.core.ort import cpu_name
+from easier_export.load.data import image_folder
+from easier_export.load.models import load_model
+from easier_export.loop.criteria import swap_rectifiers, tlc_scores
+from easier_export.loop.entropy import measure
+from easier_export.loop.linearize import LoopConfig, cpu_state, run_loop
+from easier_export.loop.train import finetune, seed_everything
+from easier_export.pipeline import CompressConfig, speedup_probe
+from easier_export.trace.graph import find_call_sites, remove_sites, trace
 
 ROOT = Path(__file__).resolve().parents[1]
 DEVICE = torch.device("cpu")

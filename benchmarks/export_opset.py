@@ -25,11 +25,12 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from latency_aware import ROOT  # noqa: E402
 
-from easier_export.bench import bench, cpu_name  # noqa: E402
-from easier_export.export import eval_copy, export_onnx, verify_onnx  # noqa: E402
-from easier_export.fold import fold_model  # noqa: E402
-from easier_export.graph import trace  # noqa: E402
-from easier_export.models import load_model  # noqa: E402
+from easier_export.core.ort import cpu_name
+from easier_export.fold import fold_model
+from easier_export.load.models import load_model
+from easier_export.ship.bench import bench
+from easier_export.ship.export import eval_copy, export_onnx, verify_onnx
+from easier_export.trace.graph import trace
 
 OPSETS = (18, 20, 23)
 # name: (architecture, trained weights, the latency-aware run whose linearized.pt and fold plan shipped)

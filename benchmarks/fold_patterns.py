@@ -23,12 +23,13 @@ import onnx
 import torch
 from torch import nn
 
-from easier_export.bench import bench, cpu_name, speedups
-from easier_export.entropy import measure
-from easier_export.export import export_onnx, verify_onnx
+from easier_export.core.ort import cpu_name
 from easier_export.fold import fold_model
-from easier_export.graph import find_call_sites, remove_sites, trace
-from easier_export.models import build_arch
+from easier_export.load.models import build_arch
+from easier_export.loop.entropy import measure
+from easier_export.ship.bench import bench, speedups
+from easier_export.ship.export import export_onnx, verify_onnx
+from easier_export.trace.graph import find_call_sites, remove_sites, trace
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -53,22 +53,15 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from fold_patterns import mnv2_blocks, nonzero_norms  # noqa: E402  (one definition of the removal pattern)
 
-from easier_export.bench import (  # noqa: E402
-    Providers,
-    Runner,
-    cpu_name,
-    ort_runner,
-    physical_cores,
-    time_runners,
-    torch_runner,
-)
-from easier_export.errors import first_line  # noqa: E402
-from easier_export.export import export_onnx, verify_onnx  # noqa: E402
-from easier_export.fold import fold_model  # noqa: E402
-from easier_export.graph import find_call_sites, remove_sites, trace  # noqa: E402
-from easier_export.io import atomic_write, save_json, save_torch  # noqa: E402
-from easier_export.models import LINEARIZED_FORMAT, build_arch, load_model  # noqa: E402
-from easier_export.shipping import MERGE_KINDS  # noqa: E402
+from easier_export.core.errors import first_line
+from easier_export.core.io import atomic_write, save_json, save_torch
+from easier_export.core.ort import cpu_name, physical_cores
+from easier_export.fold import fold_model
+from easier_export.load.models import LINEARIZED_FORMAT, build_arch, load_model
+from easier_export.ship.bench import Providers, Runner, ort_runner, time_runners, torch_runner
+from easier_export.ship.export import export_onnx, verify_onnx
+from easier_export.ship.shipping import MERGE_KINDS
+from easier_export.trace.graph import find_call_sites, remove_sites, trace
 
 ROOT = Path(__file__).resolve().parents[1]
 INPUTS = ROOT / "gpu_inputs"

@@ -34,16 +34,17 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from cifar_resnets import common_args, p50, parse  # noqa: E402  (one place for reading the benchmark rows)
 
-from easier_export.affine import SUBSTITUTES  # noqa: E402
-from easier_export.bench import bench, cpu_name  # noqa: E402
-from easier_export.data import image_folder  # noqa: E402
-from easier_export.fold import fold_model  # noqa: E402
-from easier_export.graph import find_call_sites, remove_sites, trace  # noqa: E402
-from easier_export.io import save_json  # noqa: E402
-from easier_export.linearize import LoopConfig  # noqa: E402
-from easier_export.models import load_model  # noqa: E402
-from easier_export.pipeline import CompressConfig, compress, export_and_verify  # noqa: E402
-from easier_export.train import Teacher, evaluate_metrics, finetune, seed_everything  # noqa: E402
+from easier_export.core.io import save_json
+from easier_export.core.ort import cpu_name
+from easier_export.fold import fold_model
+from easier_export.load.data import image_folder
+from easier_export.load.models import load_model
+from easier_export.loop.affine import SUBSTITUTES
+from easier_export.loop.linearize import LoopConfig
+from easier_export.loop.train import Teacher, evaluate_metrics, finetune, seed_everything
+from easier_export.pipeline import CompressConfig, compress, export_and_verify
+from easier_export.ship.bench import bench
+from easier_export.trace.graph import find_call_sites, remove_sites, trace
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"

@@ -28,12 +28,13 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from cifar_resnets import p50  # noqa: E402  (one place for reading the benchmark rows)
 
-from easier_export.bench import bench, cpu_name  # noqa: E402
-from easier_export.io import save_json  # noqa: E402
-from easier_export.linearize import LoopConfig  # noqa: E402
-from easier_export.models import load_model  # noqa: E402
-from easier_export.pipeline import CompressConfig, compress  # noqa: E402
-from easier_export.text import text_loaders  # noqa: E402
+from easier_export.core.io import save_json
+from easier_export.core.ort import cpu_name
+from easier_export.load.models import load_model
+from easier_export.load.text import text_loaders
+from easier_export.loop.linearize import LoopConfig
+from easier_export.pipeline import CompressConfig, compress
+from easier_export.ship.bench import bench
 
 ROOT = Path(__file__).resolve().parents[1]
 RUNS = ROOT / "runs" / "lm"
@@ -130,11 +131,11 @@ def run(criterion: str, args: argparse.Namespace) -> dict:
 def ceiling(args: argparse.Namespace) -> dict:
     """Every MLP GELU removed, no finetuning: the speed (and exactness) the folds can give at most, and the
     perplexity that removal costs before any finetuning. Independent of the EASIER rounds."""
-    from easier_export.export import export_onnx, verify_onnx
     from easier_export.fold import fold_model
-    from easier_export.graph import find_call_sites, remove_sites, trace
+    from easier_export.loop.train import evaluate_metrics
     from easier_export.pipeline import val_batches
-    from easier_export.train import evaluate_metrics
+    from easier_export.ship.export import export_onnx, verify_onnx
+    from easier_export.trace.graph import find_call_sites, remove_sites, trace
 
     out = RUNS / "ceiling"
     if (out / "result.json").is_file():

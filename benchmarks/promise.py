@@ -28,8 +28,9 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from easier_export.bench import cpu_name, race, session_options  # noqa: E402
-from easier_export.stats import paired_accuracy_change  # noqa: E402
+from easier_export.core.ort import cpu_name, session_options  # noqa: E402
+from easier_export.core.stats import paired_accuracy_change  # noqa: E402
+from easier_export.ship.bench import race  # noqa: E402
 
 SHARED = ROOT.parent / "shared" / "datasets" / "cifar10-jpeg"
 

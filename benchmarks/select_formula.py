@@ -34,14 +34,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from cifar_resnets import common_args, parse  # noqa: E402
 from latency_aware import MODELS, SHARED  # noqa: E402  (one list of trained models)
 
-from easier_export.bench import cpu_name  # noqa: E402
-from easier_export.data import image_folder  # noqa: E402
-from easier_export.fold.groups import FoldGroups, Group  # noqa: E402
-from easier_export.fold.planner import LatencyTable  # noqa: E402
-from easier_export.graph import find_call_sites, remove_sites, trace  # noqa: E402
-from easier_export.linearize import LoopConfig, measure_groups, risk, score_sites  # noqa: E402
-from easier_export.models import load_model  # noqa: E402
-from easier_export.train import evaluate  # noqa: E402
+from easier_export.core.ort import cpu_name
+from easier_export.fold.groups import FoldGroups, Group
+from easier_export.fold.planner import LatencyTable
+from easier_export.load.data import image_folder
+from easier_export.load.models import load_model
+from easier_export.loop.linearize import LoopConfig, measure_groups, risk, score_sites
+from easier_export.loop.train import evaluate
+from easier_export.trace.graph import find_call_sites, remove_sites, trace
 
 Rule = Callable[[Group, dict[str, float]], float]
 RULES: dict[str, Rule] = {

@@ -29,10 +29,10 @@ from cifar_resnets import common_args, parse  # noqa: E402
 from latency_aware import MODELS, ROOT, _load  # noqa: E402
 from select_formula import zero_shot  # noqa: E402
 
-from easier_export.affine import stand_ins  # noqa: E402
-from easier_export.bench import cpu_name  # noqa: E402
-from easier_export.graph import find_call_sites, trace  # noqa: E402
-from easier_export.train import evaluate  # noqa: E402
+from easier_export.core.ort import cpu_name
+from easier_export.loop.affine import stand_ins
+from easier_export.loop.train import evaluate
+from easier_export.trace.graph import find_call_sites, trace
 
 
 def measure(name: str, args: argparse.Namespace) -> list[str]:

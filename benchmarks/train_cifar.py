@@ -28,8 +28,8 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
-from easier_export.bench import cpu_name
-from easier_export.models import build_arch
+from easier_export.core.ort import cpu_name
+from easier_export.load.models import build_arch
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "datasets" / "cifar10-jpeg"

@@ -1,5 +1,5 @@
 """``python -m easier_export``: the console entry point."""
 
-from .launch import main
+from easier_export.cli.launch import main
 
 main()

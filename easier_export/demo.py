@@ -10,15 +10,15 @@ from pathlib import Path
 
 import torch
 
-from .arch import DemoInvRes
-from .data import digits
-from .errors import UserError, first_line
-from .io import save_torch
-from .linearize import LoopConfig
-from .models import LoadedModel
-from .pipeline import CompressConfig, compress, ensure_writable
-from .train import evaluate, finetune, seed_everything
-from .ui import info, progress
+from easier_export.core.console import info, progress
+from easier_export.core.errors import UserError, first_line
+from easier_export.core.io import save_torch
+from easier_export.load.arch import DemoInvRes
+from easier_export.load.data import digits
+from easier_export.load.models import LoadedModel
+from easier_export.loop.linearize import LoopConfig
+from easier_export.loop.train import evaluate, finetune, seed_everything
+from easier_export.pipeline import CompressConfig, compress, ensure_writable
 
 VAL_SHARE = 0.5
 """Half of digits validates: at 99 % top-1 a 1-point budget is a handful of images, and the default paired bound

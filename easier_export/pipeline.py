@@ -14,23 +14,24 @@ from pathlib import Path
 import torch
 from torch import fx, nn
 
-from . import __version__
-from .bench import bench, speedups
-from .data import ImageFolderData, Loaders, Preprocessing
-from .errors import UserError, VerificationError, first_line
-from .export import MIN_OPSET, eval_copy, export_onnx, mark_unverified, print_verify, verify_onnx
-from .fold import fold_model
-from .fold.planner import LatencyTable
-from .graph import find_call_sites, remove_sites, trace
-from .io import save_torch
-from .linearize import LoopConfig, LoopResult, Task, cpu_state, run_loop, snapshot_path
-from .models import IMAGENET_MEAN, IMAGENET_STD, LINEARIZED_FORMAT, LoadedModel
-from .report import SCHEMA_VERSION, model_stats, rounds_table, summary_table, write_report
-from .shipping import Shipment, Step, choose
-from .stats import PairedChange, better_beyond_chance
-from .text import two_lengths
-from .train import evaluate_metrics, is_main_process, resolve_device
-from .ui import console, info
+from easier_export import __version__
+from easier_export.core.console import console, info
+from easier_export.core.dist import is_main_process, resolve_device
+from easier_export.core.errors import UserError, VerificationError, first_line
+from easier_export.core.io import save_torch
+from easier_export.core.stats import PairedChange, better_beyond_chance
+from easier_export.fold import fold_model
+from easier_export.fold.planner import LatencyTable
+from easier_export.load.data import ImageFolderData, Loaders, Preprocessing
+from easier_export.load.models import IMAGENET_MEAN, IMAGENET_STD, LINEARIZED_FORMAT, LoadedModel
+from easier_export.load.text import two_lengths
+from easier_export.loop.linearize import LoopConfig, LoopResult, Task, cpu_state, run_loop, snapshot_path
+from easier_export.loop.train import evaluate_metrics
+from easier_export.ship.bench import bench, speedups
+from easier_export.ship.export import MIN_OPSET, eval_copy, export_onnx, mark_unverified, print_verify, verify_onnx
+from easier_export.ship.report import SCHEMA_VERSION, model_stats, rounds_table, summary_table, write_report
+from easier_export.ship.shipping import Shipment, Step, choose
+from easier_export.trace.graph import find_call_sites, remove_sites, trace
 
 
 @dataclass

@@ -9,7 +9,7 @@ from PIL import Image
 
 def run_cli(capsys: pytest.CaptureFixture, *argv: str) -> tuple[int, str]:
     """Run the CLI in-process; returns (exit code, everything printed)."""
-    from easier_export.cli import main
+    from easier_export.cli.app import main
 
     try:
         main([*argv])
@@ -56,8 +56,8 @@ def scripted_evaluate(accuracies: list[float], n: int = 100):
 def merges_ship(monkeypatch: pytest.MonkeyPatch) -> None:
     """What ships decided without the clock: every candidate folded with every exact merge races at ×2 against
     the original, the others at ×0.9, so the latest kept round ships fully merged."""
-    from easier_export import shipping
-    from easier_export.stats import Speedup
+    from easier_export.core.stats import Speedup
+    from easier_export.ship import shipping
 
     def race(models: dict, baseline: str, *args, **kwargs) -> dict:
         return {k: Speedup(2.0, 1.9, 2.1, 6) if k.endswith("fold all") else Speedup(0.9, 0.85, 0.95, 6)

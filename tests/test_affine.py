@@ -6,11 +6,20 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import fx, nn
 
-from easier_export.affine import Moments, stand_ins
-from easier_export.arch import DemoNet
-from easier_export.data import digits
-from easier_export.graph import AffineFit, absorber, blend_sites, fade, find_call_sites, remove_sites, settle, trace
-from easier_export.linearize import LoopConfig, run_loop
+from easier_export.load.arch import DemoNet
+from easier_export.load.data import digits
+from easier_export.loop.affine import Moments, stand_ins
+from easier_export.loop.linearize import LoopConfig, run_loop
+from easier_export.trace.graph import (
+    AffineFit,
+    absorber,
+    blend_sites,
+    fade,
+    find_call_sites,
+    remove_sites,
+    settle,
+    trace,
+)
 
 
 def _pairs(x: torch.Tensor, act: nn.Module, dim: int, intercept: bool = True) -> AffineFit:

@@ -6,11 +6,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import fx, nn
 
-from easier_export import linearize as loop_mod
-from easier_export.arch import DemoNet
-from easier_export.data import digits
-from easier_export.graph import Blend, blend_sites, fade, find_call_sites, remove_sites, settle, trace
-from easier_export.linearize import LoopConfig, run_loop
+from easier_export.load.arch import DemoNet
+from easier_export.load.data import digits
+from easier_export.loop import linearize as loop_mod
+from easier_export.loop.linearize import LoopConfig, run_loop
+from easier_export.trace.graph import Blend, blend_sites, fade, find_call_sites, remove_sites, settle, trace
 
 
 class Leaf(nn.Module):

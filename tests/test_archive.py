@@ -11,8 +11,8 @@ import torch
 from conftest import run_cli
 from torch import nn
 
-from easier_export.archive import pickled_entries
-from easier_export.models import LINEARIZED_FORMAT, load_model
+from easier_export.load.archive import pickled_entries
+from easier_export.load.models import LINEARIZED_FORMAT, load_model
 
 
 class _Payload:

@@ -7,9 +7,10 @@ import pytest
 import torch
 from torch import nn
 
-from easier_export import bench as bm
-from easier_export.errors import UserError
-from easier_export.export import export_onnx
+from easier_export.core import ort as ort_facts
+from easier_export.core.errors import UserError
+from easier_export.ship import bench as bm
+from easier_export.ship.export import export_onnx
 
 SHAPE = (3, 16, 16)
 FAST = {"warmup": 1, "min_iters": 4, "max_seconds": 0.02, "repeats": 2}
@@ -59,7 +60,7 @@ def test_time_budget_adds_iterations(models) -> None:
 
 def test_cuda_without_gpu_is_skipped(models, caplog: pytest.LogCaptureFixture, monkeypatch) -> None:
     monkeypatch.setattr(bm, "cuda_usable", lambda: False)
-    with caplog.at_level(logging.WARNING, logger="easier_export.bench"):
+    with caplog.at_level(logging.WARNING, logger="easier_export.ship.bench"):
         rows = bm.bench({"original": models["original"][1]}, SHAPE, devices=("cpu", "cuda"), threads=1,
                         **FAST)
     assert [r["device"] for r in rows] == ["cpu"]
@@ -123,10 +124,10 @@ def test_machine_facts(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """2 sockets x 2 cores x 2 hyper-threads: 4 physical cores, capped by the CPUs this process may use."""
     info = tmp_path / "cpuinfo"
     info.write_text("\n".join(CPUINFO.format(n=n, socket=n // 4, core=n % 4 // 2) for n in range(8)))
-    monkeypatch.setattr(bm, "CPUINFO", info)
-    monkeypatch.setattr(bm.os, "sched_getaffinity", lambda _: set(range(8)))
-    assert bm.physical_cores() == 4 and bm.cpu_name() == "Fake CPU @ 3.00GHz"
-    monkeypatch.setattr(bm.os, "sched_getaffinity", lambda _: {0, 1, 2})
-    assert bm.physical_cores() == 3
-    monkeypatch.setattr(bm, "CPUINFO", tmp_path / "missing")
-    assert bm.physical_cores() == (bm.os.cpu_count() or 1)
+    monkeypatch.setattr(ort_facts, "CPUINFO", info)
+    monkeypatch.setattr(ort_facts.os, "sched_getaffinity", lambda _: set(range(8)))
+    assert ort_facts.physical_cores() == 4 and ort_facts.cpu_name() == "Fake CPU @ 3.00GHz"
+    monkeypatch.setattr(ort_facts.os, "sched_getaffinity", lambda _: {0, 1, 2})
+    assert ort_facts.physical_cores() == 3
+    monkeypatch.setattr(ort_facts, "CPUINFO", tmp_path / "missing")
+    assert ort_facts.physical_cores() == (ort_facts.os.cpu_count() or 1)

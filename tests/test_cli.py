@@ -10,7 +10,7 @@ import torch
 from conftest import make_image_folder
 from conftest import run_cli as run
 
-from easier_export.models import build_arch
+from easier_export.load.models import build_arch
 
 
 @pytest.fixture
@@ -83,7 +83,7 @@ def test_max_rounds_below_one_is_usage_error(capsys, image_folder):
 
 
 def test_console_script_prints_one_line_not_a_traceback(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "easier_export.cli", "export", str(tmp_path / "missing.pt")],
+    proc = subprocess.run([sys.executable, "-m", "easier_export.cli.app", "export", str(tmp_path / "missing.pt")],
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2
     assert "Traceback" not in proc.stdout + proc.stderr
@@ -149,7 +149,7 @@ def _sized_model(tmp_path: Path) -> Path:
 
 
 def test_ctrl_c_exits_130_with_the_rounds_kept(capsys, image_folder, tmp_path, monkeypatch):
-    from easier_export import linearize as loop_mod
+    from easier_export.loop import linearize as loop_mod
 
     real, calls = loop_mod.finetune, []
 
@@ -192,8 +192,8 @@ def test_every_loop_setting_is_an_option_of_the_loop_commands():
 
     import typer
 
-    from easier_export.cli import app
-    from easier_export.linearize import LoopConfig
+    from easier_export.cli.app import app
+    from easier_export.loop.linearize import LoopConfig
 
     group = typer.main.get_command(app)
     for name in ("compress", "linearize"):

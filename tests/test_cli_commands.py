@@ -9,7 +9,7 @@ from conftest import run_cli as run
 from onnx import numpy_helper
 
 from easier_export import pipeline
-from easier_export.models import build_arch
+from easier_export.load.models import build_arch
 
 
 def _weights(tmp_path):

@@ -17,8 +17,8 @@ from conftest import make_image_folder
 from conftest import run_cli as run
 from PIL import Image
 
-from easier_export.export import export_onnx
-from easier_export.models import IMAGENET_MEAN, build_arch, load_model
+from easier_export.load.models import IMAGENET_MEAN, build_arch, load_model
+from easier_export.ship.export import export_onnx
 
 MARKER = "pwned"
 
@@ -267,7 +267,7 @@ def test_bad_input_gives_one_line_and_writes_nothing(capsys, inputs, tmp_path, m
 
 
 def test_cuda_benchmark_without_a_gpu_is_refused(capsys, inputs) -> None:
-    from easier_export.bench import cuda_usable
+    from easier_export.core.ort import cuda_usable
 
     if cuda_usable():
         pytest.skip("a GPU is present")
@@ -319,7 +319,7 @@ def test_help_shows_the_range_it_enforces() -> None:
     """--target-speedup refuses 0: its help must not show [x>=0.0]."""
     import typer
 
-    from easier_export.cli import app
+    from easier_export.cli.app import app
 
     params = {p.name: p for p in typer.main.get_command(app).commands["compress"].params}
     speedup = params["target_speedup"]
@@ -328,8 +328,8 @@ def test_help_shows_the_range_it_enforces() -> None:
 
 @pytest.mark.parametrize("field", ["threshold", "finetune_epochs", "baseline_epochs", "max_drop", "lr"])
 def test_loop_config_refuses_non_finite_values(field) -> None:
-    from easier_export.errors import UserError
-    from easier_export.linearize import LoopConfig
+    from easier_export.core.errors import UserError
+    from easier_export.loop.linearize import LoopConfig
 
     for value in (float("inf"), float("nan")):
         with pytest.raises(UserError, match="must be a finite number"):

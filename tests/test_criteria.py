@@ -10,13 +10,13 @@ from conftest import run_cli
 from test_loop import _run
 from torch import nn
 
-from easier_export import criteria
-from easier_export.arch import DemoNet
-from easier_export.data import digits
-from easier_export.entropy import binary_entropy, measure
-from easier_export.errors import UserError
-from easier_export.graph import find_call_sites, remove_sites, trace
-from easier_export.linearize import LoopConfig
+from easier_export.core.errors import UserError
+from easier_export.load.arch import DemoNet
+from easier_export.load.data import digits
+from easier_export.loop import criteria
+from easier_export.loop.entropy import binary_entropy, measure
+from easier_export.loop.linearize import LoopConfig
+from easier_export.trace.graph import find_call_sites, remove_sites, trace
 
 CPU = torch.device("cpu")
 

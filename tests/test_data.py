@@ -9,9 +9,9 @@ import pytest
 import torch
 from conftest import SHARED, make_image_folder
 
-from easier_export.data import image_problem, open_image_folder
-from easier_export.errors import UserError
-from easier_export.linearize import _data_id
+from easier_export.core.errors import UserError
+from easier_export.load.data import image_problem, open_image_folder
+from easier_export.loop.linearize import _data_id
 
 
 def test_relative_and_absolute_data_paths_fingerprint_alike(tmp_path, monkeypatch) -> None:
@@ -91,8 +91,8 @@ def test_a_clearly_better_normalization_stops_the_run(tmp_path, monkeypatch) -> 
     from torch import nn
 
     from easier_export import pipeline
-    from easier_export.errors import UserError
-    from easier_export.models import LoadedModel
+    from easier_export.core.errors import UserError
+    from easier_export.load.models import LoadedModel
 
     folder = open_image_folder(make_image_folder(tmp_path / "data", size=16))
     loaded = LoadedModel(nn.Identity(), "raw-pixel model", input_size=(3, 16, 16))

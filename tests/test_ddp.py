@@ -8,11 +8,11 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch.utils.data import TensorDataset
 
-from easier_export.arch import DemoNet
-from easier_export.data import _loader
-from easier_export.entropy import measure
-from easier_export.graph import find_call_sites, trace
-from easier_export.train import finetune
+from easier_export.load.arch import DemoNet
+from easier_export.load.data import make_loader
+from easier_export.loop.entropy import measure
+from easier_export.loop.train import finetune
+from easier_export.trace.graph import find_call_sites, trace
 
 N = 64
 
@@ -32,9 +32,9 @@ def _worker(rank: int, port: int, queue) -> None:
     dist.init_process_group("gloo", rank=rank, world_size=2)
     try:
         gm = _model()
-        loader = _loader(_data(), 8, False, 0, 0)
+        loader = make_loader(_data(), 8, False, 0, 0)
         stats = measure(gm, find_call_sites(gm), loader, torch.device("cpu"), train_mode=False)
-        finetune(gm, _loader(_data(), 8, True, 0, 0), torch.device("cpu"), 1, 0.05)
+        finetune(gm, make_loader(_data(), 8, True, 0, 0), torch.device("cpu"), 1, 0.05)
         # plain lists: tensors would be shared through file descriptors that die with this process
         queue.put((rank, {k: v.p_on.tolist() for k, v in stats.items()}, gm.state_dict()["stem.0.weight"].tolist()))
     finally:
@@ -56,7 +56,8 @@ def test_two_gloo_processes_match_one():
         assert p.exitcode == 0
 
     gm = _model()
-    single = measure(gm, find_call_sites(gm), _loader(_data(), 8, False, 0, 0), torch.device("cpu"), train_mode=False)
+    loader = make_loader(_data(), 8, False, 0, 0)
+    single = measure(gm, find_call_sites(gm), loader, torch.device("cpu"), train_mode=False)
     for rank in (0, 1):
         for name, stats in single.items():
             assert results[rank][0][name] == stats.p_on.tolist()
@@ -68,13 +69,13 @@ def test_linearize_command_under_torchrun(tmp_path, image_folder):
     import subprocess
     import sys
 
-    from easier_export.models import build_arch
+    from easier_export.load.models import build_arch
 
     weights = tmp_path / "w.pt"
     torch.save(build_arch("cifar_resnet20", num_classes=3).state_dict(), weights)
     out = tmp_path / "out"
     proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "easier_export.cli",
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "easier_export.cli.app",
          "linearize", "cifar_resnet20", "--weights", str(weights), "--num-classes", "3", "--data", str(image_folder),
          "--input-size", "16", "--workers", "0", "--batch-size", "2", "--max-removed", "2", "--max-drop", "100",
          "--entropy-batches", "1", "--out", str(out)],

@@ -6,9 +6,9 @@ import numpy as np
 import onnxruntime as ort
 import torch
 
-from easier_export.data import digits
 from easier_export.demo import run_demo
-from easier_export.models import load_model
+from easier_export.load.data import digits
+from easier_export.load.models import load_model
 
 
 def test_demo_pipeline_removes_activations_and_onnx_matches_pytorch(tmp_path):

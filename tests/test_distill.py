@@ -6,12 +6,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from easier_export import linearize as loop_mod
-from easier_export.arch import DemoNet
-from easier_export.data import digits
-from easier_export.graph import trace
-from easier_export.linearize import LoopConfig, run_loop
-from easier_export.train import Teacher, finetune
+from easier_export.load.arch import DemoNet
+from easier_export.load.data import digits
+from easier_export.loop import linearize as loop_mod
+from easier_export.loop.linearize import LoopConfig, run_loop
+from easier_export.loop.train import Teacher, finetune
+from easier_export.trace.graph import trace
 
 
 class Fixed(nn.Module):

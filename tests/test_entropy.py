@@ -4,8 +4,8 @@ import pytest
 import torch
 from torch import nn
 
-from easier_export.entropy import binary_entropy, measure
-from easier_export.graph import find_call_sites, trace
+from easier_export.loop.entropy import binary_entropy, measure
+from easier_export.trace.graph import find_call_sites, trace
 
 
 def test_binary_entropy_values():

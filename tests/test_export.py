@@ -13,8 +13,8 @@ from rich.console import Console
 from torch import nn
 
 import easier_export
-from easier_export import export as ex
-from easier_export.errors import UserError
+from easier_export.core.errors import UserError
+from easier_export.ship import export as ex
 
 
 class SmallNet(nn.Module):

@@ -8,8 +8,8 @@ from conftest import scripted_evaluate
 from torch import nn
 
 from easier_export.fold.groups import FoldGroups, GroupSegment, find_groups
-from easier_export.graph import find_call_sites, trace
-from easier_export.linearize import LoopConfig, pick_group, run_loop
+from easier_export.loop.linearize import LoopConfig, pick_group, run_loop
+from easier_export.trace.graph import find_call_sites, trace
 
 
 class Net(nn.Module):
@@ -76,9 +76,9 @@ def test_pick_group_least_risk_among_paying_groups() -> None:
 def test_latency_selection_removes_only_paying_groups_and_reverts_misses(tmp_path, monkeypatch) -> None:
     """End to end on the demo network: rounds remove whole groups; an over-budget round is reverted and the
     next candidate tried, until patience runs out; rejected groups are never retried."""
-    from easier_export import linearize as loop_mod
-    from easier_export.arch import DemoInvRes
-    from easier_export.data import digits
+    from easier_export.load.arch import DemoInvRes
+    from easier_export.load.data import digits
+    from easier_export.loop import linearize as loop_mod
 
     loaders = digits(batch_size=128)
     # baseline, then rounds: miss, keep, miss, miss
@@ -98,8 +98,8 @@ def test_latency_selection_removes_only_paying_groups_and_reverts_misses(tmp_pat
 
 
 def test_target_speedup_stops_after_the_round_that_reaches_it(tmp_path) -> None:
-    from easier_export.arch import DemoNet
-    from easier_export.data import digits
+    from easier_export.load.arch import DemoNet
+    from easier_export.load.data import digits
 
     loaders = digits(batch_size=128)
     measured = iter([1.2, 1.6, 9.9])
@@ -111,9 +111,9 @@ def test_target_speedup_stops_after_the_round_that_reaches_it(tmp_path) -> None:
 
 
 def test_speedup_probe_folds_exports_and_times_the_candidate(tmp_path) -> None:
-    from easier_export.arch import DemoInvRes
-    from easier_export.graph import remove_sites
+    from easier_export.load.arch import DemoInvRes
     from easier_export.pipeline import CompressConfig, speedup_probe
+    from easier_export.trace.graph import remove_sites
 
     gm = trace(DemoInvRes().eval())
     x = torch.randn(1, 1, 16, 16)

@@ -13,6 +13,7 @@ import torch
 from _fold_util import assert_same, count_modules, traced
 from torch import nn
 
+from easier_export.core.stats import median_ci, median_ci_rank
 from easier_export.fold import fold_model, plan_and_fold
 from easier_export.fold import planner as planner_module
 from easier_export.fold._common import Merge, propagate_shapes
@@ -26,7 +27,6 @@ from easier_export.fold.planner import (
     segment_graph,
     trusted_saving,
 )
-from easier_export.stats import median_ci, median_ci_rank
 
 
 class Block(nn.Module):

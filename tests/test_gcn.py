@@ -4,9 +4,9 @@ removed ReLU (W1·W2, two propagation hops, a per-node bias) is exact."""
 import torch
 from torch import nn
 
-from easier_export.arch.gcn import GCN, sbm_graph
 from easier_export.fold.gcn import fold_gcn, merge_reason
-from easier_export.graph import find_call_sites, trace
+from easier_export.load.arch.gcn import GCN, sbm_graph
+from easier_export.trace.graph import find_call_sites, trace
 
 
 def _model(layers: int = 3) -> tuple[GCN, torch.Tensor]:

@@ -3,9 +3,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from easier_export.errors import UserError
-from easier_export.graph import find_call_sites, remove_sites, trace
-from easier_export.models import build_arch
+from easier_export.core.errors import UserError
+from easier_export.load.models import build_arch
+from easier_export.trace.graph import find_call_sites, remove_sites, trace
 
 
 @pytest.mark.parametrize(("arch", "count"), [

@@ -2,12 +2,12 @@ import pytest
 import torch
 from conftest import scripted_evaluate
 
-from easier_export import linearize as loop_mod
-from easier_export.arch import DemoNet
-from easier_export.data import digits
-from easier_export.errors import UserError
-from easier_export.graph import find_call_sites, trace
-from easier_export.linearize import LoopConfig, pick, run_loop
+from easier_export.core.errors import UserError
+from easier_export.load.arch import DemoNet
+from easier_export.load.data import digits
+from easier_export.loop import linearize as loop_mod
+from easier_export.loop.linearize import LoopConfig, pick, run_loop
+from easier_export.trace.graph import find_call_sites, trace
 
 CPU = torch.device("cpu")
 
@@ -142,7 +142,7 @@ def test_other_starting_weights_refuse_to_resume(loaders, tmp_path):
 
 
 def test_continuing_a_linearized_checkpoint_keeps_earlier_removals(loaders, tmp_path):
-    from easier_export.models import LoadedModel, load_model
+    from easier_export.load.models import LoadedModel, load_model
     from easier_export.pipeline import save_linearized
 
     first = _run(loaders, tmp_path / "a", max_removed=1)

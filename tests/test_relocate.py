@@ -4,8 +4,8 @@ import torch
 from torch import nn
 
 from easier_export.fold import fold_model
-from easier_export.graph import find_call_sites, remove_sites, trace
-from easier_export.models import build_arch
+from easier_export.load.models import build_arch
+from easier_export.trace.graph import find_call_sites, remove_sites, trace
 
 
 class Block(nn.Module):
@@ -59,8 +59,8 @@ def test_resnet_blocks_collapse_to_one_conv_with_relocation():
 
 
 def test_linearized_checkpoint_replays_relocation(tmp_path):
-    from easier_export.linearize import LoopResult
-    from easier_export.models import load_model
+    from easier_export.load.models import load_model
+    from easier_export.loop.linearize import LoopResult
     from easier_export.pipeline import save_linearized
 
     loaded = load_model("cifar_resnet20")

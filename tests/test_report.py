@@ -11,8 +11,8 @@ import torch.nn.functional as F
 from rich.console import Console
 from torch import nn
 
-from easier_export import report as rp
-from easier_export.export import VerifyResult
+from easier_export.ship import report as rp
+from easier_export.ship.export import VerifyResult
 
 
 class Residual(nn.Module):
@@ -216,7 +216,7 @@ def test_noisy_rows_are_flagged(report: dict) -> None:
 
 
 def test_round_rows_say_what_replaced_the_removed_activations():
-    from easier_export.report import ROUND_COLUMNS, round_rows
+    from easier_export.ship.report import ROUND_COLUMNS, round_rows
 
     base = {"entropy": 0.5, "val_top1": 90.0, "delta": -0.5, "within_budget": True, "seconds": 1.0}
     rounds = [{"round": 1, "removed": ["a"], **base},  # a report written before --substitute

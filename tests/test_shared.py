@@ -6,8 +6,8 @@ import pytest
 import torch
 from conftest import SHARED
 
-from easier_export.data import image_folder
-from easier_export.models import load_model
+from easier_export.load.data import image_folder
+from easier_export.load.models import load_model
 
 pytestmark = [pytest.mark.slow,
               pytest.mark.skipif(not (SHARED / "models").is_dir(), reason="needs ../shared checkpoints and data")]

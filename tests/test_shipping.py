@@ -10,12 +10,7 @@ import pytest
 import torch
 from torch import nn
 
-from easier_export import shipping
-from easier_export.bench import BLOCK_ITERS, race_runners
-from easier_export.fold.groups import Group
-from easier_export.graph import find_call_sites, remove_sites, trace
-from easier_export.linearize import LoopConfig, Task, pick_group
-from easier_export.stats import (
+from easier_export.core.stats import (
     Speedup,
     better_beyond_chance,
     held_out,
@@ -24,6 +19,11 @@ from easier_export.stats import (
     resolvable_drop,
     speedup,
 )
+from easier_export.fold.groups import Group
+from easier_export.loop.linearize import LoopConfig, Task, pick_group
+from easier_export.ship import shipping
+from easier_export.ship.bench import BLOCK_ITERS, race_runners
+from easier_export.trace.graph import find_call_sites, remove_sites, trace
 
 
 # ---------------------------------------------------------------------------------------------- statistics

@@ -6,6 +6,7 @@ from __future__ import annotations
 import importlib
 import os
 import signal
+import subprocess
 import sys
 from pathlib import Path
 
@@ -13,9 +14,9 @@ import pytest
 import torch
 from conftest import run_cli as run
 
-from easier_export.errors import EXIT_INTERRUPTED, EXIT_TERMINATED, Interrupted, Terminated
-from easier_export.launch import main as launch
-from easier_export.launch import sigterm_as_interrupt
+from easier_export.cli.launch import main as launch
+from easier_export.core.errors import EXIT_INTERRUPTED, EXIT_TERMINATED, Interrupted, Terminated
+from easier_export.core.signals import sigterm_as_interrupt
 
 
 def _sigterm() -> None:
@@ -31,7 +32,7 @@ def _net(tmp_path: Path) -> Path:
 
 
 def test_sigterm_in_a_round_exits_143_with_the_rounds_kept(capsys, image_folder, tmp_path, monkeypatch) -> None:
-    from easier_export import linearize as loop_mod
+    from easier_export.loop import linearize as loop_mod
 
     real, calls = loop_mod.finetune, []
 
@@ -55,7 +56,7 @@ def test_sigterm_in_a_round_exits_143_with_the_rounds_kept(capsys, image_folder,
 
 
 def test_sigterm_during_an_atomic_write_removes_its_temp_file(tmp_path) -> None:
-    from easier_export.io import atomic_write
+    from easier_export.core.io import atomic_write
 
     def write(path: Path) -> None:
         path.write_bytes(b"half")
@@ -95,11 +96,14 @@ def test_an_interrupt_during_the_imports_is_one_line(capsys, monkeypatch, raise_
 
 
 def test_the_console_script_is_the_light_entry_point() -> None:
+    """Importing the entry point loads none of the heavy modules, so SIGTERM is handled before they load."""
     pyproject = (Path(__file__).resolve().parents[1] / "pyproject.toml").read_text()
-    assert 'easier-export = "easier_export.launch:main"' in pyproject
-    heavy = {"torch", "onnxruntime", "transformers", "typer", "rich"}
-    source = (Path(__file__).resolve().parents[1] / "easier_export" / "launch.py").read_text()
-    assert not any(f"import {m}" in source or f"from {m}" in source for m in heavy)
+    assert 'easier-export = "easier_export.cli.launch:main"' in pyproject
+    heavy = ["torch", "onnxruntime", "transformers", "typer", "rich"]
+    probe = ("import sys, easier_export.cli.launch; "
+             f"print(','.join(m for m in {heavy!r} if m in sys.modules))")
+    loaded = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout
+    assert loaded.strip() == ""
 
 
 def test_the_message_says_how_many_rounds_were_reverted() -> None:
@@ -109,7 +113,7 @@ def test_the_message_says_how_many_rounds_were_reverted() -> None:
 
 
 def test_loader_workers_stay_quiet_about_closed_connections(capsys, monkeypatch) -> None:
-    from easier_export.data import quiet_worker
+    from easier_export.load.data import quiet_worker
 
     monkeypatch.setattr(sys, "excepthook", sys.excepthook)
     quiet_worker(0)

@@ -10,11 +10,11 @@ import torch
 from conftest import run_cli as run
 from transformers import GPT2Config, GPT2LMHeadModel
 
-from easier_export.entropy import OnCounter
-from easier_export.errors import UserError
-from easier_export.linearize import LoopConfig, Task
-from easier_export.text import TextSpec, lm_blocks, text_loaders
-from easier_export.train import evaluate_metrics
+from easier_export.core.errors import UserError
+from easier_export.load.text import TextSpec, lm_blocks, text_loaders
+from easier_export.loop.entropy import OnCounter
+from easier_export.loop.linearize import LoopConfig, Task
+from easier_export.loop.train import evaluate_metrics
 
 BYTES_LM = TextSpec("causal_lm", 256, 64, None, None)
 CLASSIFIER = TextSpec("classification", 256, 64, 0, None, labels=2)
@@ -132,7 +132,7 @@ def test_a_directory_tokenizer_is_used_when_present(tmp_path):
     """A WordPiece vocab written here (nothing downloaded): classification lines get [CLS] … [SEP], then padding."""
     from transformers import BertConfig, BertForSequenceClassification, BertTokenizer
 
-    from easier_export.models import load_model
+    from easier_export.load.models import load_model
 
     vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "good", "bad", "movie"]
     (tmp_path / "vocab.txt").write_text("\n".join(vocab) + "\n")

@@ -17,7 +17,7 @@ import copy
 import torch
 from torch import nn
 
-from ..arch.gcn import GCN, GCNConv
+from easier_export.load.arch.gcn import GCN, GCNConv
 
 
 def merge_reason(model: GCN, gap: int) -> str:

@@ -18,14 +18,7 @@ from functools import partial
 from torch import Tensor, nn
 from torch.fx import GraphModule, Node
 
-from ._common import (
-    Candidate,
-    FoldRecord,
-    Merge,
-    bias64,
-    fold_to_fixpoint,
-    match_pair,
-)
+from ._common import Candidate, FoldRecord, Merge, bias64, fold_to_fixpoint, match_pair
 
 
 def compose_linears(first: nn.Linear, second: nn.Linear) -> Merge:
@@ -35,15 +28,6 @@ def compose_linears(first: nn.Linear, second: nn.Linear) -> Merge:
     merged.weight.data.copy_(w2 @ w1)
     merged.bias.data.copy_(w2 @ bias64(first) + bias64(second))
     return Merge(merged)
-
-
-def linear_from_conv1d(conv: nn.Module) -> nn.Linear:
-    """The ``nn.Linear`` equal to a GPT-2 ``Conv1D`` (weight (in, out), ``y = x W + b``): weight Wᵀ, same bias."""
-    weight = conv.weight.detach()
-    linear = nn.Linear(weight.shape[0], weight.shape[1], dtype=weight.dtype)
-    linear.weight.data.copy_(weight.t())
-    linear.bias.data.copy_(conv.bias.detach())
-    return linear
 
 
 def match_linear_pair(gm: GraphModule, node: Node, explain: bool = False) -> Candidate | None:

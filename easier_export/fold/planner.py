@@ -33,9 +33,10 @@ from onnx import TensorProto, helper, numpy_helper
 from torch import Tensor, nn
 from torch.fx import GraphModule, Node
 
-from ..bench import physical_cores, session_options
-from ..io import save_json
-from ..stats import median_ci
+from easier_export.core.io import save_json
+from easier_export.core.ort import physical_cores, session_options
+from easier_export.core.stats import median_ci
+
 from ._common import (
     BiasMapConv2d,
     FoldRecord,
@@ -101,7 +102,7 @@ class _GraphBuilder:
             (0.1 * self.rng.standard_normal(shape)).astype(np.float32), name))
         return name
 
-    def _node(self, op: str, inputs: list[str], **attrs: object) -> str:
+    def add_node(self, op: str, inputs: list[str], **attrs: object) -> str:
         out = f"t{len(self.nodes)}"
         self.nodes.append(helper.make_node(op, inputs, [out], **attrs))
         return out
@@ -109,16 +110,16 @@ class _GraphBuilder:
     def op(self, module: nn.Module, x: str) -> str:
         if isinstance(module, nn.Conv2d):
             inputs = [x, self._init(tuple(module.weight.shape)), self._init((module.out_channels,))]
-            y = self._node("Conv", inputs, kernel_shape=list(module.kernel_size), strides=list(module.stride),
+            y = self.add_node("Conv", inputs, kernel_shape=list(module.kernel_size), strides=list(module.stride),
                            pads=_onnx_pads(module), dilations=list(module.dilation), group=module.groups)
             if isinstance(module, BiasMapConv2d):
-                y = self._node("Add", [y, self._init(tuple(module.bias_map.shape))])
+                y = self.add_node("Add", [y, self._init(tuple(module.bias_map.shape))])
             return y
-        y = self._node("MatMul", [x, self._init((module.in_features, module.out_features))])
-        return self._node("Add", [y, self._init((module.out_features,))])
+        y = self.add_node("MatMul", [x, self._init((module.in_features, module.out_features))])
+        return self.add_node("Add", [y, self._init((module.out_features,))])
 
     def add(self, a: str, b: str) -> str:
-        return self._node("Add", [a, b])
+        return self.add_node("Add", [a, b])
 
     def model(self, in_shape: Shape, out: str) -> onnx.ModelProto:
         inputs = [helper.make_tensor_value_info("x", TensorProto.FLOAT, in_shape)]

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from .errors import UserError, first_line
+from easier_export.core.errors import UserError, first_line
 
 # Entries a plain ``torch.export.save`` writes, relative to the archive's root folder. Anything else is refused
 # without trust: the loader gives legacy, AOTInductor and ExecuTorch entries code-running paths.

@@ -24,13 +24,20 @@ from typing import Annotated, Any, Literal
 import typer
 from rich.markup import escape
 
-from .bench import DEVICES
-from .errors import EXIT_INTERRUPTED, EXIT_USAGE, Interrupted, Terminated, UserError, VerificationError
-from .export import MAX_OPSET, MIN_OPSET
-from .fold import MODES
-from .launch import sigterm_as_interrupt
-from .linearize import STATE_FILE, LoopConfig, _field_checks
-from .ui import console
+from easier_export.core.console import console
+from easier_export.core.errors import (
+    EXIT_INTERRUPTED,
+    EXIT_USAGE,
+    Interrupted,
+    Terminated,
+    UserError,
+    VerificationError,
+)
+from easier_export.core.ort import DEVICES
+from easier_export.core.signals import sigterm_as_interrupt
+from easier_export.fold import MODES
+from easier_export.loop.linearize import STATE_FILE, LoopConfig, field_checks
+from easier_export.ship.export import MAX_OPSET, MIN_OPSET
 
 app = typer.Typer(add_completion=False, no_args_is_help=False, pretty_exceptions_enable=False,
                   help="Make trained vision networks shallower (EASIER) and ship them as verified, fast ONNX.")
@@ -107,7 +114,7 @@ Opset = Annotated[int, typer.Option(min=MIN_OPSET, max=MAX_OPSET, help="ONNX ops
 
 def _version(value: bool) -> None:
     if value:
-        from . import __version__
+        from easier_export import __version__
 
         console.print(f"easier-export {__version__}")
         raise typer.Exit()
@@ -166,10 +173,10 @@ def _loop_option(f: dataclasses.Field, hint: Any, default: Any) -> inspect.Param
 
 
 def _field_callback(meta: Mapping[str, Any]) -> Callable[[Any], Any]:
-    """The field's own checks (``linearize._field_checks``) as the parser's, so a bad value is a usage error that
+    """The field's own checks (``linearize.field_checks``) as the parser's, so a bad value is a usage error that
     points at --help."""
     def check(value: Any) -> Any:
-        failed = [why for ok, why in _field_checks(meta, value) if not ok]
+        failed = [why for ok, why in field_checks(meta, value) if not ok]
         if failed:
             raise typer.BadParameter(failed[0])
         return value
@@ -225,7 +232,7 @@ def _size(text: str | None) -> tuple[int, ...] | None:
 
 def _usable(devices: tuple[str, ...], what: str) -> tuple[str, ...]:
     """A CUDA request without a usable GPU is a usage error everywhere (no silently empty result)."""
-    from .bench import cuda_usable
+    from easier_export.core.ort import cuda_usable
 
     unknown = sorted(set(devices) - set(DEVICES))
     if unknown:
@@ -241,7 +248,7 @@ def _devices(text: str) -> tuple[str, ...]:
 
 def _load(model: str, weights: Path | None, arch: str | None, num_classes: int | None, trust_pickle: bool,
           input_size: str | None, mean: str | None = None, std: str | None = None, crop_pct: float | None = None):
-    from .models import load_model
+    from easier_export.load.models import load_model
 
     loaded = load_model(model, num_classes, weights, arch, trust_pickle, _size(input_size))
     if loaded.text is not None:
@@ -279,18 +286,18 @@ def _with_data(loaded, data: Path, batch_size: int, workers: int, skip_bad_image
     blocks of its sequence length (``--input-size``)."""
     loaders = _open_data(loaded, data, batch_size, workers, skip_bad_images, seed)
     if trains and min(batch_size, len(loaders.train.dataset)) == 1:
-        from .train import check_batch_of_one
+        from easier_export.loop.train import check_batch_of_one
 
         check_batch_of_one(loaded.model, loaders.train.dataset[0][0][None])
     return loaders
 
 
 def _open_data(loaded, data: Path, batch_size: int, workers: int, skip_bad_images: bool, seed: int):
-    from .data import open_image_folder
-    from .pipeline import check_normalization, dry_run
+    from easier_export.load.data import open_image_folder
+    from easier_export.pipeline import check_normalization, dry_run
 
     if loaded.text is not None:
-        from .text import text_loaders
+        from easier_export.load.text import text_loaders
 
         dry_run(loaded.model, loaded.input_size, loaded.input_dtype)
         return text_loaders(data, loaded.text, loaded.input_size[0], batch_size, seed)
@@ -317,7 +324,7 @@ def _open_data(loaded, data: Path, batch_size: int, workers: int, skip_bad_image
 
 def _ready(loaded):
     """A model used without DATA: prove it runs at its input size before any work."""
-    from .pipeline import dry_run
+    from easier_export.pipeline import dry_run
 
     dry_run(loaded.model, loaded.input_size, loaded.input_dtype)
     return loaded
@@ -363,8 +370,8 @@ def _rounds_kept(path: Path) -> tuple[int, int] | None:
 
 def _tidy(out: Path) -> None:
     """A successful run leaves no temp files behind, also none of an earlier run killed without cleanup."""
-    from .io import remove_stale_temps
-    from .train import is_main_process
+    from easier_export.core.dist import is_main_process
+    from easier_export.core.io import remove_stale_temps
 
     if is_main_process():
         remove_stale_temps(out)
@@ -413,8 +420,8 @@ def compress(model: ModelArg, data: Data, loop: LoopConfig, out: Out = Path("run
              no_simplify: NoSimplify = False, opset: Opset = MIN_OPSET,
              latency_table: LatencyTableFile = None) -> None:
     """Run the whole pipeline: entropy → linearize/finetune rounds → fold → ONNX → verify → bench → report."""
-    from .pipeline import CompressConfig, ensure_writable_file
-    from .pipeline import compress as run
+    from easier_export.pipeline import CompressConfig, ensure_writable_file
+    from easier_export.pipeline import compress as run
 
     cfg = CompressConfig(loop, fold, _usable((target,), "target")[0], device, not no_simplify, atol=atol,
                          rtol=rtol, scale_tol=scale_tol, min_top1=min_top1, bench_devices=_devices(bench_devices),
@@ -444,13 +451,13 @@ def entropy(model: ModelArg, data: Data, loop: LoopConfig,
     """Measure the per-unit binary entropy of every activation call site and print the table (and fold groups)."""
     from rich.table import Table
 
-    from .entropy import measure
-    from .graph import find_call_sites, trace
-    from .io import save_json
-    from .pipeline import ensure_writable_file, task_of
-    from .report import plot_entropy
-    from .train import resolve_device
-    from .ui import progress
+    from easier_export.core.console import progress
+    from easier_export.core.dist import resolve_device
+    from easier_export.core.io import save_json
+    from easier_export.loop.entropy import measure
+    from easier_export.pipeline import ensure_writable_file, task_of
+    from easier_export.ship.report import plot_entropy
+    from easier_export.trace.graph import find_call_sites, trace
 
     ensure_writable_file(out, "--out")
     if plot is not None:
@@ -486,10 +493,10 @@ def linearize(model: ModelArg, data: Data, loop: LoopConfig, out: Out = Path("ru
               batch_size: BatchSize = 128, workers: Workers = 2, skip_bad_images: SkipBadImages = False,
               device: Device = "auto", target: Target = "cpu", threads: Threads = None) -> None:
     """Only the EASIER loop: writes linearized.pt (resumable; rerun to continue)."""
-    from .fold.planner import LatencyTable
-    from .graph import trace
-    from .linearize import run_loop
-    from .pipeline import (
+    from easier_export.core.dist import is_main_process, resolve_device
+    from easier_export.fold.planner import LatencyTable
+    from easier_export.loop.linearize import run_loop
+    from easier_export.pipeline import (
         check_continuation,
         ensure_writable,
         latest_within_holdout,
@@ -497,7 +504,7 @@ def linearize(model: ModelArg, data: Data, loop: LoopConfig, out: Out = Path("ru
         say_preprocessing,
         task_of,
     )
-    from .train import is_main_process, resolve_device
+    from easier_export.trace.graph import trace
 
     target = _usable((target,), "target")[0]
     with _distributed(device), _no_empty_out(out), _resumable(out):
@@ -528,11 +535,11 @@ def fold(model: ModelArg, out: Out = Path("runs/fold"),
     """Fold a (linearized) model: writes folded.pt2, model.onnx (verified) and fold_plan.json."""
     import torch
 
-    from .export import dynamic_dims
-    from .fold import fold_model
-    from .graph import trace
-    from .io import atomic_write, save_json
-    from .pipeline import CompressConfig, ensure_writable, export_and_verify, onnx_metadata
+    from easier_export.core.io import atomic_write, save_json
+    from easier_export.fold import fold_model
+    from easier_export.pipeline import CompressConfig, ensure_writable, export_and_verify, onnx_metadata
+    from easier_export.ship.export import dynamic_dims
+    from easier_export.trace.graph import trace
 
     source = str(linearized) if linearized is not None else model
     cfg = CompressConfig(fold=fold, target=_usable((target,), "target")[0], simplify=not no_simplify, atol=atol,
@@ -575,7 +582,13 @@ def export(model: ModelArg, out: Annotated[Path, typer.Option(help="ONNX file")]
            scale_tol: ScaleTol = 1e-4, min_top1: MinTop1 = 0.99, no_simplify: NoSimplify = False,
            opset: Opset = MIN_OPSET) -> None:
     """Export any loadable model to one verified ONNX file (no compression)."""
-    from .pipeline import CompressConfig, ensure_writable_file, export_and_verify, onnx_metadata, val_batches
+    from easier_export.pipeline import (
+        CompressConfig,
+        ensure_writable_file,
+        export_and_verify,
+        onnx_metadata,
+        val_batches,
+    )
 
     ensure_writable_file(out, "--out")
     cfg = CompressConfig(simplify=not no_simplify, atol=atol, rtol=rtol, scale_tol=scale_tol, min_top1=min_top1,
@@ -600,15 +613,15 @@ def bench(models: Annotated[list[Path], typer.Argument(help="ONNX files to compa
           bench_seconds: BenchSeconds = 2.0,
           json_out: Annotated[Path | None, typer.Option("--json", help="also write the rows here")] = None) -> None:
     """Latency of ONNX models with onnxruntime: p50/p90, interleaved, speed-up vs the first."""
-    from .bench import bench as run_bench
-    from .io import save_json
-    from .pipeline import ensure_writable_file
-    from .report import bench_table
+    from easier_export.core.io import save_json
+    from easier_export.pipeline import ensure_writable_file
+    from easier_export.ship.bench import bench as run_bench
+    from easier_export.ship.report import bench_table
 
     if json_out is not None:
         ensure_writable_file(json_out, "--json")
     devices, batches = _devices(bench_devices), _ints(bench_batches, "bench-batches")
-    from .io import resolved
+    from easier_export.core.io import resolved
 
     unique: dict[Path, Path] = {}
     for path in models:
@@ -644,8 +657,8 @@ def _fold_groups(gm, loop, example, stats: dict, target: str, threads: int | Non
     """Time the fold groups on ``target`` and print them in latency selection's order."""
     from rich.table import Table
 
-    from .fold.planner import LatencyTable
-    from .linearize import measure_groups, risk
+    from easier_export.fold.planner import LatencyTable
+    from easier_export.loop.linearize import measure_groups, risk
 
     found = measure_groups(gm, loop, example, LatencyTable(target, threads)).candidates(set())
     entropy = {name: s.entropy for name, s in stats.items()}
@@ -665,7 +678,7 @@ def _random_batches(loaded) -> list:
     --data."""
     import torch
 
-    from .text import random_token_batches
+    from easier_export.load.text import random_token_batches
 
     if loaded.text is not None:
         return random_token_batches(loaded.text, loaded.input_size[0])
@@ -700,7 +713,7 @@ def _onnx_shapes(path: Path) -> tuple[tuple[int, ...], tuple[int | str, ...]]:
     outputs = tuple(d.dim_value if d.dim_value > 0 else "?"
                     for d in (proto.graph.output[0].type.tensor_type.shape.dim[1:] if proto.graph.output else ()))
     if tensor.elem_type == onnx.TensorProto.INT64 and len(dims) == 1 and not dims[0].dim_value > 0:
-        from .pipeline import MAX_POSITIONS_KEY
+        from easier_export.pipeline import MAX_POSITIONS_KEY
 
         positions = {p.key: p.value for p in proto.metadata_props}.get(MAX_POSITIONS_KEY)
         return (min(BENCH_SEQUENCE, int(positions or BENCH_SEQUENCE)),), outputs  # token ids, dynamic sequence
@@ -714,7 +727,7 @@ def _onnx_shapes(path: Path) -> tuple[tuple[int, ...], tuple[int | str, ...]]:
 def demo(loop: LoopConfig, out: Out = Path("runs/demo"),
          epochs: Annotated[int, typer.Option(min=1, help="training epochs")] = 12, fold: Fold = "auto") -> None:
     """Train a small inverted-residual CNN on scikit-learn's digits, then run the whole `compress` pipeline."""
-    from .demo import run_demo
+    from easier_export.demo import run_demo
 
     with _no_empty_out(out), _resumable(out):
         run_demo(out, epochs, loop.finetune_epochs, loop.max_drop, fold, loop.seed, loop.select)

@@ -14,32 +14,8 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler
 
-from .errors import UserError
-
-
-def resolve_device(name: str = "auto") -> torch.device:
-    """``auto``: the GPU if there is one (this rank's GPU under torchrun), else the CPU."""
-    if name == "auto":
-        if not torch.cuda.is_available():
-            return torch.device("cpu")
-        return torch.device("cuda", dist.get_rank() % torch.cuda.device_count() if is_distributed() else 0)
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise UserError(f"unknown --device '{name}' (use auto, cpu or cuda[:N])") from None
-    if device.type == "cuda" and (not torch.cuda.is_available() or (device.index or 0) >= torch.cuda.device_count()):
-        raise UserError(f"--device {name}: no such CUDA device here (use auto or cpu)")
-    if device.type not in ("cpu", "cuda"):
-        raise UserError(f"--device {name}: only cpu and cuda are supported")
-    return device
-
-
-def is_distributed() -> bool:
-    return dist.is_available() and dist.is_initialized()
-
-
-def is_main_process() -> bool:
-    return not is_distributed() or dist.get_rank() == 0
+from easier_export.core.dist import is_distributed, is_main_process
+from easier_export.core.errors import UserError
 
 
 def prediction_loss(logits: torch.Tensor, y: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
@@ -204,8 +180,8 @@ NEAR_CHANCE = 1.5
 
 def warn_near_chance(top1: float, model: nn.Module) -> None:
     """Say loudly when the original barely beats guessing (wrong weights, input size or preprocessing)."""
-    from .models import head_classes
-    from .ui import console
+    from easier_export.core.console import console
+    from easier_export.load.models import head_classes
 
     classes = head_classes(model)
     if classes and is_main_process() and top1 < NEAR_CHANCE * 100.0 / classes:

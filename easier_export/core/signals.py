@@ -1,16 +1,14 @@
-"""The console entry point, kept light: Ctrl-C and SIGTERM are handled before the seconds of heavy imports (torch,
-onnxruntime, transformers), so an early interrupt ends with one line, not a traceback."""
+"""SIGTERM turned into an interrupt, so that a stopped run ends with one line; torch-free, because the console
+entry point sets it up before the heavy imports."""
 
 from __future__ import annotations
 
 import contextlib
-import importlib
 import signal
-import sys
 import threading
 from collections.abc import Iterator
 
-from .errors import Interrupted, Terminated
+from .errors import Terminated
 
 
 @contextlib.contextmanager
@@ -31,15 +29,3 @@ def sigterm_as_interrupt() -> Iterator[list[int]]:
         yield received
     finally:
         signal.signal(signal.SIGTERM, previous)
-
-
-def main(argv: list[str] | None = None) -> None:
-    """``easier-export``: the command line, imported only once SIGTERM is handled."""
-    with sigterm_as_interrupt() as received:
-        try:
-            cli = importlib.import_module("easier_export.cli")
-        except KeyboardInterrupt:
-            stopped = Interrupted(None, terminated=bool(received))
-            print(stopped, flush=True)
-            sys.exit(stopped.exit_code)
-        cli.main(argv)

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
-import platform
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -15,17 +13,16 @@ import onnxruntime as ort
 import torch
 from torch import nn
 
-from .errors import UserError, first_line
+from easier_export.core.errors import UserError, first_line
+from easier_export.core.ort import DEVICES, cpu_name, cuda_usable, physical_cores, providers_for, session_options
+from easier_export.core.stats import Speedup, speedup
+
 from .export import eval_copy
-from .stats import Speedup, speedup
 
 logger = logging.getLogger(__name__)
 
 Runner = Callable[[], None]
 Providers = list[str | tuple[str, dict]]  # onnxruntime's form: a name, or a (name, provider options) pair
-DEVICES = ("cpu", "cuda")
-CPUINFO = Path("/proc/cpuinfo")
-
 
 def bench(
     onnx_models: dict[str, Path],
@@ -73,7 +70,7 @@ def _bench_device(onnx_models: dict[str, Path], torch_models: dict[str, nn.Modul
     if device == "cuda" and not cuda_usable():
         logger.warning("cuda benchmark requested but no usable GPU (ORT CUDA EP + torch.cuda); skipped")
         return []
-    providers = _providers(device)
+    providers = providers_for(device)
     rows = []
     tokens = any(takes_tokens(Path(p)) for p in onnx_models.values())
     for batch in batches:
@@ -110,7 +107,6 @@ def takes_tokens(path: Path) -> bool:
     return proto.graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.INT64
 
 
-
 def speedups(rows: list[dict], baseline_label: str) -> dict[tuple[str, str, int], dict[str, float]]:
     """p50 of ``baseline_label`` divided by each other label's p50, per (backend, device, batch)."""
     base = {config_key(r): r["p50_ms"] for r in rows if r["label"] == baseline_label}
@@ -125,60 +121,6 @@ def speedups(rows: list[dict], baseline_label: str) -> dict[tuple[str, str, int]
 def config_key(row: dict) -> tuple[str, str, int]:
     """What makes two rows comparable: same backend, device and batch, different model."""
     return row["backend"], row["device"], row["batch"]
-
-
-def physical_cores() -> int:
-    """Physical cores (one ORT thread per core beats one per hyper-thread); logical count as a fallback."""
-    try:
-        with open(CPUINFO) as f:
-            cores, phys = set(), None
-            for line in f:
-                key, _, value = line.partition(":")
-                key = key.strip()
-                if key == "physical id":
-                    phys = value.strip()
-                elif key == "core id":
-                    cores.add((phys, value.strip()))
-        if cores:
-            return min(len(cores), len(os.sched_getaffinity(0)))
-    except OSError:
-        pass
-    return os.cpu_count() or 1
-
-
-def cpu_name() -> str:
-    """The marketing name of the CPU: ``platform.processor()`` is often just the architecture on Linux."""
-    try:
-        with open(CPUINFO) as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.partition(":")[2].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def cuda_usable() -> bool:
-    """Both sides need the GPU: ORT for the ONNX runs and torch for the eager reference and device checks."""
-    return "CUDAExecutionProvider" in ort.get_available_providers() and torch.cuda.is_available()
-
-
-def _providers(device: str) -> list[str]:
-    if device == "cpu":
-        return ["CPUExecutionProvider"]
-    gpu = ["TensorrtExecutionProvider", "CUDAExecutionProvider"]
-    return [p for p in gpu if p in ort.get_available_providers()] + ["CPUExecutionProvider"]
-
-
-def session_options(threads: int) -> ort.SessionOptions:
-    """One onnxruntime setup for benchmarks and the fold planner: a merge is chosen under the conditions
-    that judge it."""
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    options.inter_op_num_threads = 1
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    options.log_severity_level = 3  # keep provider fallback chatter off the console
-    return options
 
 
 def _session(path: Path, providers: Providers, threads: int) -> ort.InferenceSession:
@@ -266,7 +208,7 @@ def race(onnx_models: dict[str, Path], baseline: str, input_shape: tuple[int, ..
         return None
     threads = threads or physical_cores()
     x = _example_input(takes_tokens(Path(onnx_models[baseline])), batch, input_shape)
-    runners = {label: ort_runner(Path(path), x, device, _providers(device), threads)[0]
+    runners = {label: ort_runner(Path(path), x, device, providers_for(device), threads)[0]
                for label, path in onnx_models.items()}
     return race_runners(runners, baseline, max_seconds=max_seconds)
 

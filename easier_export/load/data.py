@@ -13,8 +13,8 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, TensorDataset
 
-from .errors import UserError, first_line
-from .io import resolved
+from easier_export.core.errors import UserError, first_line
+from easier_export.core.io import resolved
 
 
 @dataclass(frozen=True)
@@ -53,7 +53,7 @@ class Loaders:
     preprocessing: Preprocessing | None = None  # what val images go through (images; None for text, digits)
 
 
-def _loader(ds: Dataset, batch_size: int, shuffle: bool, workers: int, seed: int) -> DataLoader:
+def make_loader(ds: Dataset, batch_size: int, shuffle: bool, workers: int, seed: int) -> DataLoader:
     sampler = None
     if dist.is_available() and dist.is_initialized():  # torchrun: each rank reads its shard
         sampler = DistributedSampler(ds, shuffle=shuffle, seed=seed)
@@ -143,8 +143,8 @@ class ImageFolderData:
             transforms.RandomHorizontalFlip(), *norm])
         self.val.transform = transforms.Compose([*gray, *resize, transforms.CenterCrop((h, w)), *norm])
         described = Preprocessing(size, interpolation, (h, w), tuple(mean), tuple(std))
-        return Loaders(_loader(self.train, batch_size, True, workers, seed),
-                       _loader(self.val, batch_size, False, workers, seed), self.train.classes, self.skipped,
+        return Loaders(make_loader(self.train, batch_size, True, workers, seed),
+                       make_loader(self.val, batch_size, False, workers, seed), self.train.classes, self.skipped,
                        described)
 
 
@@ -211,5 +211,5 @@ def digits(size: int = 16, batch_size: int = 64, seed: int = 0, val_share: float
     perm = torch.randperm(len(y), generator=torch.Generator().manual_seed(seed))
     n_val = int(len(y) * val_share)
     val, train = perm[:n_val], perm[n_val:]
-    return Loaders(_loader(TensorDataset(x[train], y[train]), batch_size, True, 0, seed),
-                   _loader(TensorDataset(x[val], y[val]), 256, False, 0, seed), [str(i) for i in range(10)])
+    return Loaders(make_loader(TensorDataset(x[train], y[train]), batch_size, True, 0, seed),
+                   make_loader(TensorDataset(x[val], y[val]), 256, False, 0, seed), [str(i) for i in range(10)])

@@ -20,17 +20,34 @@ from typing import Any
 import torch
 from torch import fx
 
+from easier_export.core.console import info, progress
+from easier_export.core.dist import is_main_process
+from easier_export.core.errors import UserError, first_line
+from easier_export.core.io import save_torch
+from easier_export.core.stats import (
+    PairedChange,
+    held_out,
+    paired_accuracy_change,
+    paired_ppl_change,
+    resolvable_drop,
+)
+from easier_export.fold.groups import FoldGroups, Group, find_groups
+from easier_export.fold.planner import LatencyTable
+from easier_export.trace.graph import (
+    ALL_RECTIFIERS,
+    AffineFit,
+    CallSite,
+    blend_sites,
+    fade,
+    find_call_sites,
+    remove_sites,
+    settle,
+)
+
 from .affine import SUBSTITUTES, stand_ins
 from .criteria import STUDY_CRITERIA, entropy_regularised, study_scores
 from .entropy import SiteStats, measure
-from .errors import UserError, first_line
-from .fold.groups import FoldGroups, Group, find_groups
-from .fold.planner import LatencyTable
-from .graph import ALL_RECTIFIERS, AffineFit, CallSite, blend_sites, fade, find_call_sites, remove_sites, settle
-from .io import save_torch
-from .stats import PairedChange, held_out, paired_accuracy_change, paired_ppl_change, resolvable_drop
-from .train import OPTIMIZERS, Teacher, evaluate_metrics, finetune, is_main_process, seed_everything, warn_near_chance
-from .ui import info, progress
+from .train import OPTIMIZERS, Teacher, evaluate_metrics, finetune, seed_everything, warn_near_chance
 
 STATE_FILE = "state.pt"
 # When to stop, not what a round computes: a resumed run may change them (e.g. raise --max-rounds to go on)
@@ -114,7 +131,7 @@ class LoopConfig:
     def __post_init__(self) -> None:
         """Refuse bad settings before any work is done (and before a state file records them). Bounds and choices
         come from the fields' metadata (the CLI's own checks), so the Python API refuses what the CLI does."""
-        checks = [(ok, f"--{f.name.replace('_', '-')} {why}") for f in fields(self) for ok, why in _field_checks(
+        checks = [(ok, f"--{f.name.replace('_', '-')} {why}") for f in fields(self) for ok, why in field_checks(
             f.metadata, getattr(self, f.name))]
         checks += [
             (self.entropy_reg == 0 or self.one_shot is not None, "--entropy-reg trains once, then removes "
@@ -127,7 +144,7 @@ class LoopConfig:
                 raise UserError(message)
 
 
-def _field_checks(meta: Mapping[str, Any], value: Any) -> list[tuple[bool, str]]:
+def field_checks(meta: Mapping[str, Any], value: Any) -> list[tuple[bool, str]]:
     """A setting against its option's ``min``/``max`` bounds, ``positive`` and ``choices`` (each item, for a
     tuple); a float must be finite."""
     checks = []

@@ -21,9 +21,10 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten
 from torch.utils.weak import WeakIdKeyDictionary
 
+from easier_export.core.io import atomic_write, save_json
+
 from .bench import config_key, noisy_pair, speedups
 from .export import VerifyResult, eval_copy, verify_lines
-from .io import atomic_write, save_json
 
 SCHEMA_VERSION = 2
 BASELINE_LABEL = "original"

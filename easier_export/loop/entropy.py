@@ -16,8 +16,8 @@ import torch
 import torch.distributed as dist
 from torch import fx, nn
 
-from .errors import UserError
-from .graph import CallSite, channel_dim
+from easier_export.core.errors import UserError
+from easier_export.trace.graph import CallSite, channel_dim
 
 
 def binary_entropy(p: torch.Tensor) -> torch.Tensor:

@@ -21,9 +21,9 @@ import torch
 from rich.console import Console
 from torch import nn
 
-from . import __version__
-from .errors import UserError, first_line
-from .io import atomic_write
+from easier_export import __version__
+from easier_export.core.errors import UserError, first_line
+from easier_export.core.io import atomic_write
 
 logger = logging.getLogger(__name__)
 

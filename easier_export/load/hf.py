@@ -22,8 +22,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .errors import UserError, first_line
-from .fold.linear_linear import linear_from_conv1d
+from easier_export.core.errors import UserError, first_line
+
+from .safe import PickledObjects, torch_load
 from .text import TextSpec, tokenizer_dir
 
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
@@ -174,7 +175,6 @@ def _check_weights(path: Path) -> None:
     """``pytorch_model.bin`` is a pickle: prove it holds tensors only (weights_only) before transformers opens it.
     transformers itself loads it with weights_only=True, so pickled objects are refused even when trusted: running
     them would end in transformers' own refusal."""
-    from .models import PickledObjects, _torch_load
 
     if (path / "model.safetensors").is_file() or (path / "model.safetensors.index.json").is_file():
         return
@@ -182,7 +182,7 @@ def _check_weights(path: Path) -> None:
     if not weights.is_file():
         raise UserError(f"{path} has a config.json but no weights ({' or '.join(WEIGHT_FILES)})")
     try:
-        _torch_load(weights, trust_pickle=False)
+        torch_load(weights, trust_pickle=False)
     except PickledObjects as e:
         raise UserError(f"{weights} contains pickled Python objects besides tensors: transformers loads only "
                         "tensors (weights_only=True), so it cannot load here even with --trust-pickle; save the "
@@ -259,3 +259,13 @@ def _check_rewrite(hf: nn.Module, model: TextModel, spec: TextSpec, path: Path) 
     if got.shape != want.shape or err > CHECK_TOL:
         raise UserError(f"{path}: the traceable rewrite does not reproduce transformers' output (relative max "
                         f"diff {err:.1e}); this configuration is not supported")
+
+
+def linear_from_conv1d(conv: nn.Module) -> nn.Linear:
+    """The ``nn.Linear`` equal to a GPT-2 ``Conv1D`` (weight (in, out), ``y = x W + b``): weight Wᵀ, same bias."""
+    weight = conv.weight.detach()
+    linear = nn.Linear(weight.shape[0], weight.shape[1], dtype=weight.dtype)
+    linear.weight.data.copy_(weight.t())
+    linear.bias.data.copy_(conv.bias.detach())
+    return linear
+

@@ -21,11 +21,12 @@ from pathlib import Path
 import torch
 from torch import fx, nn
 
+from easier_export.core.console import info
+from easier_export.core.errors import VerificationError
+from easier_export.core.stats import Speedup
+from easier_export.fold import FoldRecord, fold_model
+
 from .bench import race
-from .errors import VerificationError
-from .fold import FoldRecord, fold_model
-from .stats import Speedup
-from .ui import info
 
 MERGE_KINDS = ("conv_conv", "linear_linear", "residual")
 RACE_SECONDS = 10.0

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from .errors import UserError, first_line
+from easier_export.core.errors import UserError, first_line
 
 RECTIFIER_MODULES: dict[type[nn.Module], str] = {
     nn.ReLU: "relu", nn.ReLU6: "relu6", nn.LeakyReLU: "leaky_relu", nn.GELU: "gelu", nn.SiLU: "silu",
@@ -147,7 +147,7 @@ def find_call_sites(gm: fx.GraphModule, rectifiers: Iterable[str] = ALL_RECTIFIE
 
 def channel_dim(gm: fx.GraphModule, site: CallSite) -> int:
     """Which dim holds units: 1 after conv/BN (NCHW maps), -1 after linear/LayerNorm (tokens)."""
-    return _input_unit_dim(gm, _node(gm, site.name))
+    return _input_unit_dim(gm, node_named(gm, site.name))
 
 
 def _input_unit_dim(gm: fx.GraphModule, act: fx.Node) -> int:
@@ -174,7 +174,7 @@ def _first_node(args: tuple) -> fx.Node | None:
     return next((a for a in args if isinstance(a, fx.Node)), None)
 
 
-def _node(gm: fx.GraphModule, name: str) -> fx.Node:
+def node_named(gm: fx.GraphModule, name: str) -> fx.Node:
     for node in gm.graph.nodes:
         if node.name == name:
             return node
@@ -217,7 +217,7 @@ def relocate_padding(gm: fx.GraphModule, act: fx.Node) -> bool:
 @dataclass
 class AffineFit:
     """A removed activation's per-unit stand-in ``scale·x + shift`` along ``dim`` of its input (``--substitute
-    affine``; fitted by :mod:`easier_export.affine`)."""
+    affine``; fitted by :mod:`easier_export.loop.affine`)."""
 
     scale: torch.Tensor
     shift: torch.Tensor
@@ -235,7 +235,7 @@ def absorber(gm: fx.GraphModule, name: str) -> tuple[nn.Module | None, str]:
     output y into a·y + b (per unit) everywhere that output goes.
     """
     try:
-        act = _node(gm, name)
+        act = node_named(gm, name)
     except KeyError:
         return None, "it runs inside a module torch.fx could not trace"
     x = act.args[0]

@@ -15,8 +15,9 @@ from pathlib import Path
 import torch
 from torch.utils.data import TensorDataset
 
-from .data import Loaders, _loader
-from .errors import UserError, first_line
+from easier_export.core.errors import UserError, first_line
+
+from .data import Loaders, make_loader
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "vocab.txt", "spiece.model")
 BYTE_VOCAB = 256
@@ -142,7 +143,8 @@ def text_loaders(root: str | Path, spec: TextSpec, seq_len: int, batch_size: int
     top = max(int(ds.tensors[0].max()) for ds in sets.values())
     if top >= spec.vocab_size:
         raise UserError(f"token id {top} is outside the model's vocabulary ({spec.vocab_size})")
-    return Loaders(_loader(sets["train"], batch_size, True, 0, seed), _loader(sets["val"], batch_size, False, 0, seed),
+    return Loaders(make_loader(sets["train"], batch_size, True, 0, seed),
+                   make_loader(sets["val"], batch_size, False, 0, seed),
                    classes)
 
 

@@ -17,11 +17,12 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
+from easier_export.core.console import info
+from easier_export.core.errors import UserError
+from easier_export.trace.graph import RECTIFIER_MODULES, CallSite, find_call_sites, node_named
+
 from .entropy import SiteStats, binary_entropy, instrument, measure, preserved_buffers, unit_dim
-from .errors import UserError
-from .graph import RECTIFIER_MODULES, CallSite, _node, find_call_sites
 from .train import finetune
-from .ui import info
 
 STUDY_CRITERIA = ("gradient", "tlc", "layerfold", "egp")
 
@@ -82,7 +83,7 @@ def batchnorm_before(gm: fx.GraphModule, site: CallSite) -> nn.modules.batchnorm
     """The BatchNorm whose output is the site's input, if any (BN → act, nothing in between)."""
     if not site.in_graph:
         return None
-    x = _node(gm, site.name).args[0]
+    x = node_named(gm, site.name).args[0]
     if isinstance(x, fx.Node) and x.op == "call_module":
         mod = gm.get_submodule(x.target)
         return mod if isinstance(mod, nn.modules.batchnorm._BatchNorm) else None
@@ -152,7 +153,7 @@ def _blended(gm: fx.GraphModule, sites: list[CallSite]) -> tuple[fx.GraphModule,
     for site in sites:
         blend = blends[site.name] = _Blend()
         if site.in_graph:
-            node = _node(model, site.name)
+            node = node_named(model, site.name)
             target = f"_layerfold_{len(blends)}"
             model.add_submodule(target, blend)
             with model.graph.inserting_after(node):
@@ -197,7 +198,7 @@ def producer(gm: fx.GraphModule, site: CallSite) -> nn.Conv2d | nn.Linear | None
     """The conv/linear whose output reaches the site (walking back through BN and adds' first input)."""
     if not site.in_graph:
         return None
-    node = _node(gm, site.name).args[0]
+    node = node_named(gm, site.name).args[0]
     while isinstance(node, fx.Node) and node.op != "placeholder":
         if node.op == "call_module" and isinstance(mod := gm.get_submodule(node.target), (nn.Conv2d, nn.Linear)):
             return mod
@@ -308,7 +309,7 @@ def swap_rectifiers(gm: fx.GraphModule, old: str, new: str) -> fx.GraphModule:
     out = copy.deepcopy(gm)
     for i, site in enumerate(find_call_sites(out, [old])):
         if site.in_graph:
-            node = _node(out, site.name)
+            node = node_named(out, site.name)
             target = f"_{new}_{i}"
             out.add_submodule(target, RECTIFIER_FACTORIES[new]())
             with out.graph.inserting_after(node):

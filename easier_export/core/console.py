@@ -8,7 +8,7 @@ from collections.abc import Callable, Iterator
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from .train import is_main_process
+from .dist import is_main_process
 
 console = Console(stderr=False, highlight=False)
 
