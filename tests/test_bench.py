@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -52,10 +53,18 @@ def test_bench_rows(models) -> None:
     assert torch.get_num_threads() == torch_threads  # restored after timing
 
 
-def test_time_budget_adds_iterations(models) -> None:
-    (row,) = bm.bench({"original": models["original"][1]}, SHAPE, threads=1,
-                      **{**FAST, "min_iters": 2, "max_seconds": 0.3})
-    assert row["iters"] > 2
+def test_time_budget_adds_iterations(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A fake clock that each run advances by 125 ms: a 1 s budget over 2 repeats is 4 runs a repeat."""
+    now = [0.0]
+    monkeypatch.setattr(bm, "time", SimpleNamespace(perf_counter=lambda: now[0]))
+
+    def run() -> None:
+        now[0] += 0.125
+
+    (row,) = bm.time_runners([run], warmup=0, min_iters=2, max_seconds=1.0, repeats=2)
+    assert row["iters"] == 8 and row["p50_ms"] == 125.0 and row["repeat_p50_ms"] == [125.0, 125.0]
+    (row,) = bm.time_runners([run], warmup=0, min_iters=2, max_seconds=0.0, repeats=2)
+    assert row["iters"] == 2
 
 
 def test_cuda_without_gpu_is_skipped(models, caplog: pytest.LogCaptureFixture, monkeypatch) -> None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import pytest
@@ -75,13 +74,17 @@ def test_image_problem_reads_headers_and_ends(tmp_path) -> None:
 
 
 @pytest.mark.slow
-def test_checking_cifar10_takes_seconds() -> None:
+def test_checking_cifar10_decodes_no_pixels(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Headers and end markers only: that is what keeps checking 60k images to seconds."""
+    from PIL import ImageFile
+
     root = SHARED / "datasets" / "cifar10-jpeg"
     if not root.is_dir():
         pytest.skip("needs ../shared")
-    start = time.perf_counter()
+    decoded = []
+    monkeypatch.setattr(ImageFile.ImageFile, "load", lambda image: decoded.append(image))
     folder = open_image_folder(root, 10)
-    assert time.perf_counter() - start < 30 and folder.common_size == (32, 32) and not folder.skipped
+    assert not decoded and folder.common_size == (32, 32) and not folder.skipped
 
 
 def test_a_clearly_better_normalization_stops_the_run(tmp_path, monkeypatch) -> None:

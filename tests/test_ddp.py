@@ -3,6 +3,7 @@
 import os
 import socket
 
+import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
@@ -13,6 +14,8 @@ from easier_export.load.data import make_loader
 from easier_export.loop.entropy import measure
 from easier_export.loop.train import finetune
 from easier_export.trace.graph import find_call_sites, trace
+
+pytestmark = pytest.mark.slow  # spawns gloo worker processes and a torchrun
 
 N = 64
 

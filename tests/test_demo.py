@@ -4,6 +4,7 @@ import json
 
 import numpy as np
 import onnxruntime as ort
+import pytest
 import torch
 
 from easier_export.demo import run_demo
@@ -11,6 +12,7 @@ from easier_export.load.data import digits
 from easier_export.load.models import load_model
 
 
+@pytest.mark.slow  # trains the demo network: a minute of CPU
 def test_demo_pipeline_removes_activations_and_onnx_matches_pytorch(tmp_path):
     report = run_demo(tmp_path, epochs=6, finetune_epochs=1.0, max_drop=5.0, fold="all", select="entropy")
     assert any(r["within_budget"] for r in report["rounds"])

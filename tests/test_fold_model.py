@@ -7,11 +7,20 @@ import pathlib
 import pytest
 import torch
 import torchvision
-from _fold_util import Fork, activation_nodes, count_modules, erase_activations, randomize_batchnorms, rel_err
+from _fold_util import (
+    Fork,
+    WeightCountTable,
+    activation_nodes,
+    count_modules,
+    erase_activations,
+    randomize_batchnorms,
+    rel_err,
+)
 from torch import nn
 from torch.fx import GraphModule, symbolic_trace
 
 from easier_export.fold import PADDING_REASON, fold_model
+from easier_export.fold.planner import LatencyTable
 
 
 def _erased(model: nn.Module, keep: slice) -> GraphModule:
@@ -35,6 +44,7 @@ def mobilenet() -> GraphModule:
     return _erased(torchvision.models.mobilenet_v2(num_classes=10), slice(0, 1))
 
 
+@pytest.mark.slow
 def test_mobilenet_v2_all(mobilenet: GraphModule) -> None:
     gm = _erased(torchvision.models.mobilenet_v2(num_classes=10), slice(12, None))
     x = torch.randn(2, 3, 32, 32)
@@ -47,17 +57,19 @@ def test_mobilenet_v2_all(mobilenet: GraphModule) -> None:
     assert any(r.reason == PADDING_REASON for r in records)
 
 
-def test_mobilenet_v2_none_and_auto(mobilenet: GraphModule, tmp_path: pathlib.Path) -> None:
+@pytest.mark.slow
+def test_mobilenet_v2_none_and_auto(mobilenet: GraphModule, tmp_path: pathlib.Path, monkeypatch) -> None:
     x = torch.randn(2, 3, 32, 32)
     folded, records = fold_model(mobilenet, x[:1], mode="none")
     _check(mobilenet, folded, x)
     assert count_modules(folded, nn.Conv2d) == count_modules(mobilenet, nn.Conv2d)
     assert {r.kind for r in records} <= {"identity", "batchnorm", "layernorm_affine"}
+    monkeypatch.setattr(LatencyTable, "times", WeightCountTable.times)  # a cost that depends on no clock
     auto, records = fold_model(mobilenet, x[:1], mode="auto", cache=tmp_path / "lat.json", threads=1)
     _check(mobilenet, auto, x)
     timed = [r for r in records if r.kind in ("conv_conv", "residual") and r.us_before is not None]
     assert timed, "the planner timed no merge candidate"
-    assert all(r.us_after <= r.us_before for r in timed if r.applied)  # a chosen merge never measured slower
+    assert all(r.us_after <= r.us_before for r in timed if r.applied)  # a chosen merge is never the slower one
 
 
 @pytest.mark.parametrize("mode", ["all", "auto"])
@@ -68,6 +80,7 @@ def test_fan_out_is_in_the_plan_with_its_reason(mode: str, tmp_path: pathlib.Pat
         ("conv_conv", ["a", "b"], False, "fan-out: a output has 2 users")]
 
 
+@pytest.mark.slow
 def test_resnet18_all_refuses_padding_merges() -> None:
     gm = _erased(torchvision.models.resnet18(num_classes=10), slice(0, 17, 2))
     x = torch.randn(2, 3, 32, 32)
@@ -78,6 +91,7 @@ def test_resnet18_all_refuses_padding_merges() -> None:
     assert refused and all(r.reason == PADDING_REASON for r in refused)
 
 
+@pytest.mark.slow
 def test_swin_t_all_merges_mlps() -> None:
     gm = _erased(torchvision.models.swin_t(num_classes=10), slice(0, 12, 3))
     x = torch.randn(2, 3, 32, 32)
@@ -89,6 +103,7 @@ def test_swin_t_all_merges_mlps() -> None:
     assert any(r.kind == "layernorm_affine" and r.applied for r in records)
 
 
+@pytest.mark.slow
 def test_folded_mobilenet_exports_with_dynamic_batch(mobilenet: GraphModule) -> None:
     ort = pytest.importorskip("onnxruntime")
     x = torch.randn(1, 3, 32, 32)

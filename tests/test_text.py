@@ -86,6 +86,7 @@ def test_padding_positions_are_not_counted():
     assert counter.p_on().tolist() == [1.0, 0.5] and counter.seen == 2
 
 
+@pytest.mark.slow  # a second end-to-end compress: the fast tier runs one, on an image folder
 def test_compress_on_a_gpt2_directory_keeps_perplexity_in_budget(capsys, tmp_path, merges_ship):
     torch.manual_seed(0)
     GPT2LMHeadModel(GPT2Config(vocab_size=256, n_positions=32, n_embd=16, n_layer=2, n_head=2)).save_pretrained(

@@ -27,5 +27,6 @@ def progress(description: str, total: int | None) -> Iterator[Callable[[], None]
 
 
 def info(message: str) -> None:
+    """Print once per run: under torchrun every rank executes the same code, rank 0 speaks."""
     if is_main_process():
         console.print(message)

@@ -26,6 +26,7 @@ def resolve_device(name: str = "auto") -> torch.device:
 
 
 def is_distributed() -> bool:
+    """Under torchrun with its process group up (not merely launched by it)."""
     return dist.is_available() and dist.is_initialized()
 
 

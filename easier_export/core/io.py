@@ -1,4 +1,5 @@
-"""Atomic writes: a killed run never leaves a half-written output behind."""
+"""Files out and paths in: writes are atomic (a killed run never leaves a half-written output behind) and a path
+that cannot be resolved is a one-line error."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ import torch
 
 from .errors import UserError, first_line
 
-_UMASK = os.umask(0)
+_UMASK = os.umask(0)  # reading the umask means setting it: set it back at once, before any file is made
 os.umask(_UMASK)
 
 
@@ -62,10 +63,12 @@ _STALE = re.compile(r"\..+\.[a-z0-9_]{8}\.tmp")  # atomic_write's mkstemp names:
 
 
 def save_json(obj: Any, path: str | Path) -> Path:
+    """JSON, atomically; paths and tensor or numpy scalars written as their values."""
     return atomic_write(path, lambda p: p.write_text(json.dumps(obj, indent=2, default=_json_default) + "\n"))
 
 
 def save_torch(obj: Any, path: str | Path) -> Path:
+    """``torch.save``, atomically: a checkpoint is whole or absent."""
     return atomic_write(path, lambda p: torch.save(obj, p))
 
 

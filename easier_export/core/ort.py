@@ -51,6 +51,7 @@ def cuda_usable() -> bool:
 
 
 def providers_for(device: str) -> list[str]:
+    """The execution providers for ``device``, best first, the CPU last for ops a GPU provider lacks."""
     if device == "cpu":
         return ["CPUExecutionProvider"]
     gpu = ["TensorrtExecutionProvider", "CUDAExecutionProvider"]
@@ -58,8 +59,7 @@ def providers_for(device: str) -> list[str]:
 
 
 def session_options(threads: int) -> ort.SessionOptions:
-    """One onnxruntime setup for benchmarks and the fold planner: a merge is chosen under the conditions
-    that judge it."""
+    """``threads`` intra-op threads, one inter-op, every graph optimization, warnings and errors only."""
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
