@@ -15,7 +15,6 @@ from _fold_util import assert_same, count_modules, traced
 from torch import nn
 
 from easier_export.core import timing as timing_module
-from easier_export.core.stats import median_ci, median_ci_rank
 from easier_export.fold import fold_model, plan_and_fold
 from easier_export.fold.chains import find_chains
 from easier_export.fold.fx import propagate_shapes
@@ -191,20 +190,6 @@ def test_a_consistent_saving_is_trusted_however_noisy_single_blocks_are(monkeypa
     table = LatencyTable("cpu", threads=1, max_seconds=10.0)
     timed = table.times(SegmentSpec([nn.Conv2d(8, 8, 1)] * 3, (1, 8, 4, 4)), nn.Conv2d(8, 8, 1))
     assert trusted_saving(*timed) == pytest.approx(20.144) and clock.now < 0.1
-
-
-def test_median_interval_covers_at_least_95_percent_and_narrows() -> None:
-    """Exact coverage of the order-statistics interval, P(k < #values below the median < n - k), over n."""
-    assert [median_ci_rank(n) for n in range(6)] == [None] * 6
-    for n in range(6, 401):
-        k = median_ci_rank(n)
-        coverage = 1 - 2 * sum(math.comb(n, i) for i in range(k + 1)) / 2**n
-        assert coverage >= 0.95, n
-    assert median_ci([1.0, 2.0, 3.0]) == (2.0, -math.inf, math.inf)
-    many = [float(v % 7) for v in range(700)]
-    assert median_ci(many) == (3.0, 3.0, 3.0)
-    _, low, high = median_ci(many[:14])
-    assert high - low > 0
 
 
 def test_timings_of_an_older_rule_are_timed_again(tmp_path: pathlib.Path, monkeypatch) -> None:

@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from easier_export.core.stats import Speedup, median_ci_rank, min_blocks, speedup
+from easier_export.core.stats import Speedup, median_ci, median_ci_rank, min_blocks, speedup
 from easier_export.core.timing import compare, interleaved
 
 BASE = [10.0, 10.2, 9.9, 10.1, 10.0, 10.3, 9.8, 10.1]
@@ -71,6 +71,14 @@ def test_median_interval_covers_at_its_confidence(confidence: float) -> None:
     for n in range(min_blocks(confidence), 401):
         k = median_ci_rank(n, confidence)
         assert 1 - 2 * sum(math.comb(n, i) for i in range(k + 1)) / 2**n >= confidence, n
+
+
+def test_median_interval_narrows_as_values_accumulate() -> None:
+    assert median_ci([1.0, 2.0, 3.0]) == (2.0, -math.inf, math.inf)
+    many = [float(v % 7) for v in range(700)]
+    assert median_ci(many) == (3.0, 3.0, 3.0)
+    _, low, high = median_ci(many[:14])
+    assert high - low > 0
 
 
 def test_compare_stops_once_settled_with_the_blocks_an_interval_needs() -> None:

@@ -50,6 +50,8 @@ class Segment:
 
 
 class ChainPlanner:
+    """The exact merges of one chain's segments, their timings, and the partition with the largest saving."""
+
     def __init__(self, chain: Chain, table: LatencyTable) -> None:
         self.chain, self.table = chain, table
         self.merges: dict[tuple[int, int], Merge] = {}
