@@ -6,7 +6,7 @@ import torch
 from torch import nn
 from torch.fx import GraphModule
 
-from easier_export.fold.planner import SegmentSpec
+from easier_export.fold.segments import SegmentSpec
 
 ACTIVATIONS = (nn.ReLU, nn.ReLU6, nn.GELU, nn.SiLU, nn.Hardswish)
 

@@ -94,14 +94,6 @@ def test_bad_requests(models, tmp_path: Path) -> None:
         bm.bench({"original": tmp_path / "missing.onnx"}, SHAPE, **FAST)
 
 
-def test_rounds_interleave_models() -> None:
-    calls: list[str] = []
-    times = bm._interleaved([lambda: calls.append("A"), lambda: calls.append("B")], warmup=1, min_iters=4,
-                            max_seconds=0.0, repeats=2)
-    assert "".join(calls) == "AB" + "AABBAABB"
-    assert [[len(chunk) for chunk in t] for t in times] == [[2, 2], [2, 2]]
-
-
 def test_spread_marks_rows_whose_repeats_disagree() -> None:
     steady = bm._stats([[1.0, 1.0], [1.02, 1.02], [0.99, 0.99]])
     assert steady["spread"] == pytest.approx(0.03) and not steady["noisy"]

@@ -8,8 +8,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from easier_export.fold import BiasMapConv2d, fold_batchnorm, fold_layernorm_affine
-from easier_export.fold.batchnorm import batchnorm_scale_shift, fold_into
+from easier_export.fold import BiasMapConv2d, rule
+from easier_export.fold.rules.batchnorm import batchnorm_scale_shift, fold_into
+
+fold_batchnorm = rule("batchnorm").apply
+fold_layernorm_affine = rule("layernorm_affine").apply
 
 
 @settings(max_examples=30, deadline=None)

@@ -9,9 +9,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from easier_export.fold import BiasMapConv2d, fold_conv_conv
-from easier_export.fold._common import PADDING_REASON
-from easier_export.fold.conv_conv import _compose_weights, compose_convs
+from easier_export.fold import PADDING_REASON, BiasMapConv2d, rule
+from easier_export.fold.rules.conv_conv import compose_convs, compose_weights
+
+fold_conv_conv = rule("conv_conv").apply
 
 
 @st.composite
@@ -94,7 +95,7 @@ def test_padding_border_case_is_refused_and_naive_merge_differs() -> None:
     assert not record.applied and record.reason == PADDING_REASON
     assert count_modules(folded, nn.Conv2d) == 2
     # the naive merge: composed kernel, padding s1*P2 + P1 = 2, constant part f(0) as a bias map
-    naive_w = _compose_weights(a.weight.detach(), b.weight.detach(), 1, (1, 1))
+    naive_w = compose_weights(a.weight.detach(), b.weight.detach(), 1, (1, 1))
     const = gm(torch.zeros_like(x[:1]))
     naive = F.conv2d(x, naive_w, padding=2) + const
     assert (naive - gm(x)).abs().max() > 1e-3 * gm(x).abs().max()

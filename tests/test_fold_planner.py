@@ -6,6 +6,7 @@ import json
 import math
 import pathlib
 import warnings
+from collections.abc import Callable
 
 import onnx
 import pytest
@@ -13,20 +14,14 @@ import torch
 from _fold_util import assert_same, count_modules, traced
 from torch import nn
 
-from easier_export.core.stats import median_ci, median_ci_rank
+from easier_export.core import timing as timing_module
 from easier_export.fold import fold_model, plan_and_fold
-from easier_export.fold import planner as planner_module
-from easier_export.fold._common import Merge, propagate_shapes
-from easier_export.fold.planner import (
-    ChainPlanner,
-    LatencyTable,
-    Segment,
-    SegmentSpec,
-    best_partition,
-    find_chains,
-    segment_graph,
-    trusted_saving,
-)
+from easier_export.fold.chains import find_chains
+from easier_export.fold.fx import propagate_shapes
+from easier_export.fold.latency import TIMING_VERSION, LatencyTable, trusted_saving
+from easier_export.fold.planner import ChainPlanner, Segment, best_partition
+from easier_export.fold.records import Merge
+from easier_export.fold.segments import SegmentSpec, segment_graph
 
 
 class Block(nn.Module):
@@ -95,7 +90,7 @@ class FakeClock:
     def perf_counter(self) -> float:
         return self.now
 
-    def session(self, model: onnx.ModelProto) -> tuple[object, dict]:
+    def runner(self, model: onnx.ModelProto) -> Callable[[], None]:
         cost = 10.0 * len(model.graph.node) + 1e-3 * sum(math.prod(t.dims) for t in model.graph.initializer)
         clock, pattern = self, (self.noise[self.sessions] if self.noise else (0.0,))
         self.sessions += 1
@@ -108,12 +103,12 @@ class FakeClock:
                 clock.now += (cost + pattern[block % len(pattern)]) * 1e-6
                 clock.calls, self.runs = clock.calls + 1, self.runs + 1
 
-        return Session(), {}
+        return Session().run
 
 
 def _fake_timing(monkeypatch, clock: FakeClock) -> None:
-    monkeypatch.setattr(planner_module, "time", clock)
-    monkeypatch.setattr(LatencyTable, "_session", lambda _self, model: clock.session(model))
+    monkeypatch.setattr(timing_module, "time", clock)
+    monkeypatch.setattr(LatencyTable, "_runner", lambda _self, model: clock.runner(model))
 
 
 def test_plan_and_fold_measures_caches_and_stays_exact(tmp_path: pathlib.Path, monkeypatch) -> None:
@@ -197,20 +192,6 @@ def test_a_consistent_saving_is_trusted_however_noisy_single_blocks_are(monkeypa
     assert trusted_saving(*timed) == pytest.approx(20.144) and clock.now < 0.1
 
 
-def test_median_interval_covers_at_least_95_percent_and_narrows() -> None:
-    """Exact coverage of the order-statistics interval, P(k < #values below the median < n - k), over n."""
-    assert [median_ci_rank(n) for n in range(6)] == [None] * 6
-    for n in range(6, 401):
-        k = median_ci_rank(n)
-        coverage = 1 - 2 * sum(math.comb(n, i) for i in range(k + 1)) / 2**n
-        assert coverage >= 0.95, n
-    assert median_ci([1.0, 2.0, 3.0]) == (2.0, -math.inf, math.inf)
-    many = [float(v % 7) for v in range(700)]
-    assert median_ci(many) == (3.0, 3.0, 3.0)
-    _, low, high = median_ci(many[:14])
-    assert high - low > 0
-
-
 def test_timings_of_an_older_rule_are_timed_again(tmp_path: pathlib.Path, monkeypatch) -> None:
     _fake_timing(monkeypatch, FakeClock())
     cache = tmp_path / "latency.json"
@@ -232,7 +213,7 @@ def test_a_segment_slower_than_the_budget_still_gets_an_interval(monkeypatch) ->
     assert trusted_saving(*timed) == pytest.approx(20.144) and clock.calls == 2 * 3 + 2 * 6 * LatencyTable.block
 
 
-@pytest.mark.parametrize("content", ["{not json", "[1, 2]", '{"ci95|k": 3}'])
+@pytest.mark.parametrize("content", ["{not json", "[1, 2]", f'{{"{TIMING_VERSION}|k": 3}}'])
 def test_a_damaged_latency_cache_only_costs_time(tmp_path: pathlib.Path, content: str) -> None:
     cache = tmp_path / "latency.json"
     cache.write_text(content)

@@ -8,7 +8,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from easier_export.fold import fold_conv_conv, fold_residual
+from easier_export.fold import rule
+
+fold_conv_conv, fold_residual = rule("conv_conv").apply, rule("residual").apply
 
 
 class Residual(nn.Module):

@@ -15,55 +15,82 @@ from statistics import NormalDist
 import torch
 
 
-def median_ci_rank(n: int) -> int | None:
-    """0-based rank k such that [k-th, (n-1-k)-th smallest] of n values covers their median with at least 95 %
-    probability (distribution-free: the sign test). The normal approximation's rank, one wider, so coverage holds
-    at every n (exactly checked in the tests); None below 6 values, where no such pair of values exists."""
-    if n < 6:
+def min_blocks(confidence: float = 0.95) -> int:
+    """The fewest values whose extremes cover their median at ``confidence`` (the sign test: both extremes
+    miss it with probability 2 / 2**n); 6 at 95 %."""
+    return math.ceil(math.log2(2 / (1 - confidence)))
+
+
+def median_ci_rank(n: int, confidence: float = 0.95) -> int | None:
+    """0-based rank k such that [k-th, (n-1-k)-th smallest] of n values covers their median with at least
+    ``confidence`` (distribution-free: the sign test). The normal approximation's rank, one wider, so coverage
+    holds at every n (exactly checked in the tests); None below ``min_blocks(confidence)`` values."""
+    if n < min_blocks(confidence):
         return None
-    return max(0, math.floor((n - 1.96 * math.sqrt(n)) / 2) - 1)
+    z = NormalDist().inv_cdf(0.5 + confidence / 2)
+    return max(0, math.floor((n - z * math.sqrt(n)) / 2) - 1)
 
 
-def median_ci(values: list[float]) -> tuple[float, float, float]:
-    """(median, low, high) with a 95 % confidence interval that assumes no distribution: block timings are
-    skewed and heavy-tailed. Infinite bounds below 6 values."""
-    k = median_ci_rank(len(values))
+def median_ci(values: list[float], confidence: float = 0.95) -> tuple[float, float, float]:
+    """(median, low, high) with a ``confidence`` interval that assumes no distribution: block timings are
+    skewed and heavy-tailed. Infinite bounds below ``min_blocks(confidence)`` values."""
+    k = median_ci_rank(len(values), confidence)
     if k is None:
         return statistics.median(values), -math.inf, math.inf
     ordered = sorted(values)
     return statistics.median(ordered), ordered[k], ordered[len(values) - 1 - k]
 
 
+SETTLED_WIDTH = 0.02
+"""An interval narrower than ±2 % of its ratio is settled even when it straddles 1: more blocks would not
+change the verdict materially."""
+
+
 @dataclass(frozen=True)
 class Speedup:
-    """How many times faster a candidate ran than a baseline: the median of per-block ratios (baseline block
-    median / candidate block median, the blocks interleaved) with its 95 % interval."""
+    """The one "is it faster" rule: how many times faster a candidate ran than a baseline timed side by side,
+    as the median of per-block ratios (baseline block median / candidate block median, the blocks interleaved)
+    with its interval at ``confidence``.
+
+    The verdict reads the interval only: "faster" when it lies above 1, "slower" when below, else "alike"
+    (within the noise). Per-block ratios cancel what drifts between blocks (a neighbour, a clock boost)."""
 
     ratio: float
     low: float
     high: float
     blocks: int
+    confidence: float = 0.95
+
+    @property
+    def verdict(self) -> str:
+        if self.low > 1.0:
+            return "faster"
+        return "slower" if self.high < 1.0 else "alike"
 
     @property
     def faster(self) -> bool:
         """Faster beyond the noise: the whole interval lies above 1."""
-        return self.low > 1.0
+        return self.verdict == "faster"
+
+    def precise(self, tol: float) -> bool:
+        """Whether the interval's half-width is at most ``tol`` of the ratio."""
+        return (self.high - self.low) / 2 <= tol * self.ratio
 
     @property
     def settled(self) -> bool:
-        """The interval no longer straddles 1, or is narrower than ±2 %: more blocks would not change the verdict
-        materially."""
-        return self.low > 1.0 or self.high < 1.0 or (self.high - self.low) / 2 <= 0.02 * self.ratio
+        """More blocks would not change the verdict materially: it is decided, or the interval is narrower than
+        ``SETTLED_WIDTH``."""
+        return self.verdict != "alike" or self.precise(SETTLED_WIDTH)
 
     def to_dict(self) -> dict:
         return {"ratio": self.ratio, "low": self.low, "high": self.high, "blocks": self.blocks,
                 "faster": self.faster}
 
 
-def speedup(base_blocks: list[float], cand_blocks: list[float]) -> Speedup:
-    """Compare two equally long lists of interleaved block medians (ms)."""
-    ratio, low, high = median_ci([b / c for b, c in zip(base_blocks, cand_blocks, strict=True)])
-    return Speedup(ratio, low, high, len(base_blocks))
+def speedup(base_blocks: list[float], cand_blocks: list[float], confidence: float = 0.95) -> Speedup:
+    """Compare two equally long lists of interleaved block medians (any one time unit)."""
+    ratio, low, high = median_ci([b / c for b, c in zip(base_blocks, cand_blocks, strict=True)], confidence)
+    return Speedup(ratio, low, high, len(base_blocks), confidence)
 
 
 @dataclass(frozen=True)

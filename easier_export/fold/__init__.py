@@ -1,8 +1,8 @@
 """Folding: collapse the linear ops left adjacent once EASIER removed rectifiers.
 
-Passes (each ``GraphModule -> (GraphModule, records)`` on a copy, each merge exact in float64 or refused):
-identity, batchnorm (+ LayerNorm affine), conv_conv, linear_linear, residual; ``planner`` picks, by measured
-latency, which merges are worth applying.
+Each fold is a rule (``rule.Rule``: match, check, build, rewrite), exact in float64 or refused with a reason,
+registered once in ``rules.RULES``. The identity and normalisation rules always apply; the merges apply all
+(mode "all") or where the ``planner`` measured them faster (mode "auto").
 """
 
 from __future__ import annotations
@@ -13,26 +13,28 @@ from collections.abc import Collection, Sequence
 import torch
 from torch.fx import GraphModule
 
-from ._common import PADDING_REASON, BiasMapConv2d, FoldRecord
-from .batchnorm import fold_batchnorm, fold_layernorm_affine
-from .conv_conv import fold_conv_conv, match_conv_pair
-from .identity import fold_identity
-from .linear_linear import fold_linear_linear, match_linear_pair
+from .groups import FoldGroups, Group, find_groups
+from .latency import LatencyTable
+from .numerics import BiasMapConv2d
 from .planner import plan_and_fold
-from .residual import fold_residual, match_residual
+from .records import FoldRecord
+from .rules import MERGE_KINDS, MERGES, PADDING_REASON, RULES, clean, rule
 
 __all__ = [
+    "MERGE_KINDS",
+    "MODES",
     "PADDING_REASON",
+    "RULES",
     "BiasMapConv2d",
+    "FoldGroups",
     "FoldRecord",
-    "fold_batchnorm",
-    "fold_conv_conv",
-    "fold_identity",
-    "fold_layernorm_affine",
-    "fold_linear_linear",
+    "Group",
+    "LatencyTable",
+    "clean",
+    "find_groups",
     "fold_model",
-    "fold_residual",
     "plan_and_fold",
+    "rule",
 ]
 
 MODES = ("auto", "all", "none")
@@ -47,17 +49,14 @@ def fold_model(
     threads: int | None = None,
     replay: Collection[Sequence[str]] | None = None,
 ) -> tuple[GraphModule, list[FoldRecord]]:
-    """Run all passes on an eval-mode GraphModule at the static input shape of `example` (batch dim may
+    """Run the rules on an eval-mode GraphModule at the static input shape of `example` (batch dim may
     vary at run time; spatial size is static). 'none' still removes identities and folds BN (always a win,
     exact); 'all' applies every exact merge; 'auto' applies a merge only when the planner measured it faster
     on `target`, or, given `replay` (the node names of the merges a recorded 'auto' plan applied), exactly those.
     """
     if mode not in MODES:
         raise ValueError(f"fold mode {mode!r} is not one of {MODES}")
-    gm, records = fold_identity(gm)
-    gm, bn_records = fold_batchnorm(gm, example)
-    gm, ln_records = fold_layernorm_affine(gm)
-    records += bn_records + ln_records
+    gm, records = clean(gm, example)
     if mode == "auto":
         records += _refusals(gm)
         gm, planned = plan_and_fold(gm, example, target=target, cache=cache, threads=threads, replay=replay)
@@ -71,9 +70,8 @@ def fold_model(
 def _refusals(gm: GraphModule) -> list[FoldRecord]:
     """Merge patterns that cannot be rewritten in place (shared modules, fan-out), with why: the planner only
     considers chains that can, so without this they would be missing from the fold plan."""
-    matches = (match_conv_pair, match_linear_pair, match_residual)
-    found = (match(gm, node, explain=True) for node in gm.graph.nodes for match in matches)
-    return [FoldRecord(c.kind, c.names, c.detail, False, c.refusal) for c in found if c is not None and c.refusal]
+    found = (merge.refusal(gm, node) for node in gm.graph.nodes for merge in MERGES)
+    return [record for record in found if record is not None]
 
 
 def _merge_all(gm: GraphModule, example: torch.Tensor) -> tuple[GraphModule, list[FoldRecord]]:
@@ -82,8 +80,8 @@ def _merge_all(gm: GraphModule, example: torch.Tensor) -> tuple[GraphModule, lis
     applied = True
     while applied:
         applied = False
-        for fold in (fold_conv_conv, fold_linear_linear, fold_residual):
-            gm, records = fold(gm, example)
+        for merge in MERGES:
+            gm, records = merge.apply(gm, example)
             for rec in records:
                 latest[(rec.kind, tuple(rec.nodes))] = rec
                 applied |= rec.applied

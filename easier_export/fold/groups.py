@@ -22,10 +22,13 @@ from dataclasses import asdict, dataclass
 from torch import Tensor
 from torch.fx import GraphModule, Node
 
-from ._common import ORIGIN_META_KEY, propagate_shapes
-from .batchnorm import fold_batchnorm, fold_layernorm_affine
-from .identity import fold_identity
-from .planner import Chain, ChainPlanner, LatencyTable, best_partition, find_chains, trusted_saving
+from easier_export.trace.graph import remove_sites
+
+from .chains import Chain, find_chains
+from .fx import ORIGIN_META_KEY, propagate_shapes
+from .latency import LatencyTable, trusted_saving
+from .planner import ChainPlanner, best_partition
+from .rules import clean
 
 _MAX_WALK = 32
 """Nodes walked back between two ops of a chain (BN, dropout, identities and activations sit there)."""
@@ -99,14 +102,10 @@ class FoldGroups:
 
 def find_groups(gm: GraphModule, sites: list[str], example: Tensor, table: LatencyTable) -> FoldGroups:
     """Fold groups of the eval-mode traced model ``gm`` among the in-graph activation call sites ``sites``."""
-    from easier_export.trace.graph import remove_sites
-
     linear = remove_sites(gm, sites, relocate=True)
     for node in linear.graph.nodes:
         node.meta[ORIGIN_META_KEY] = (node.name,)
-    linear, _ = fold_identity(linear)
-    linear, _ = fold_batchnorm(linear, example)
-    linear, _ = fold_layernorm_affine(linear)
+    linear, _ = clean(linear, example)
     propagate_shapes(linear, example)
     original = {n.name: n for n in gm.graph.nodes}
     wanted = set(sites)

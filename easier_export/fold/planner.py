@@ -2,329 +2,35 @@
 
 A merge is exact but not always faster: pw 1x1 -> dw 3x3 merges into a dense 3x3 conv that costs ~C_in/1 times
 the depthwise FLOPs, while on small maps every op removed saves a dispatch that single-op timings net out. The
-planner finds *chains* of mergeable ops (conv -> conv -> ... or linear -> linear ..., each the sole user of the
-previous, optionally closed by a residual add over the chain), and times every exact merged *segment* in
-context: the segment's ops as one small ONNX graph (nonzero biases, the add included) against the merged op,
-interleaved in one onnxruntime setup identical to ``bench``'s, repeated until the difference is stable. The
-saving of a segment is ``t(ops) - t(merged)``; each chain is partitioned by dynamic programming
-(LayerMerge-style weighted interval scheduling)::
+planner takes the *chains* of mergeable ops (``chains``) and times every exact merged *segment* in context
+(``LatencyTable``). The saving of a segment is ``t(ops) - t(merged)``; each chain is partitioned by dynamic
+programming (LayerMerge-style weighted interval scheduling)::
 
-    best[j] = max(best[j - 1], max_{i < j} best[i] + saving(i..j - 1)),   savings below the timing noise are 0
-
-Timings are cached in a JSON latency table keyed by the segment's signature, so reruns measure nothing twice.
+    best[j] = max(best[j - 1], max_{i < j} best[i] + saving(i..j - 1)),   savings within the timing noise are 0
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
-import logging
-import math
 import pathlib
-import statistics
-import time
 from collections.abc import Collection, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
-import numpy as np
-import onnx
-import onnxruntime as ort
-from onnx import TensorProto, helper, numpy_helper
 from torch import Tensor, nn
 from torch.fx import GraphModule, Node
 
-from easier_export.core.io import save_json
-from easier_export.core.ort import physical_cores, session_options
-from easier_export.core.stats import median_ci
+from .chains import Chain, find_chains
+from .fx import finish, fresh_copy, propagate_shapes, replace_subgraph, shape_of
+from .latency import LatencyTable, trusted_saving
+from .numerics import describe
+from .records import FoldRecord, Merge
+from .rules import RESIDUAL, chain_rule
+from .segments import SegmentSpec
 
-from ._common import (
-    BiasMapConv2d,
-    FoldRecord,
-    Merge,
-    add_operands,
-    describe,
-    finish,
-    fresh_copy,
-    private_module,
-    propagate_shapes,
-    replace_subgraph,
-    shape_of,
-    single_input,
-    sole_user,
-)
-from .conv_conv import compose_convs, match_conv_pair
-from .linear_linear import compose_linears, match_linear_pair
-from .residual import merge_parallel
-
-logger = logging.getLogger(__name__)
+__all__ = ["ChainPlanner", "LatencyTable", "Segment", "best_partition", "plan_and_fold"]
 
 MAX_SEGMENT = 6
 """Longest run of ops the planner tries to merge into one."""
-
-_OPSET = 17
-Shape = tuple[int, ...]
-
-
-# ---------------------------------------------------------------------------------------------- timing
-
-
-@dataclass
-class SegmentSpec:
-    """What a segment computes before merging: ``ops`` in sequence, then optionally ``+ skip(x)``.
-
-    ``add``: the segment ends with the chain's residual add; ``skip``: the conv on that add's other branch
-    (None: the identity).
-    """
-
-    ops: list[nn.Module]
-    in_shape: Shape
-    add: bool = False
-    skip: nn.Module | None = None
-
-    def signature(self) -> str:
-        parts = [_signature(m) for m in self.ops]
-        if self.add:
-            parts.append("add:" + ("identity" if self.skip is None else _signature(self.skip)))
-        return f"{tuple(self.in_shape)}|" + "|".join(parts)
-
-
-class _GraphBuilder:
-    """Small ONNX graphs with random weights and nonzero biases (zero biases would hide bias-map adds)."""
-
-    def __init__(self) -> None:
-        self.rng = np.random.default_rng(0)
-        self.nodes: list[onnx.NodeProto] = []
-        self.inits: list[TensorProto] = []
-
-    def _init(self, shape: Shape) -> str:
-        name = f"w{len(self.inits)}"
-        self.inits.append(numpy_helper.from_array(
-            (0.1 * self.rng.standard_normal(shape)).astype(np.float32), name))
-        return name
-
-    def add_node(self, op: str, inputs: list[str], **attrs: object) -> str:
-        out = f"t{len(self.nodes)}"
-        self.nodes.append(helper.make_node(op, inputs, [out], **attrs))
-        return out
-
-    def op(self, module: nn.Module, x: str) -> str:
-        if isinstance(module, nn.Conv2d):
-            inputs = [x, self._init(tuple(module.weight.shape)), self._init((module.out_channels,))]
-            y = self.add_node("Conv", inputs, kernel_shape=list(module.kernel_size), strides=list(module.stride),
-                           pads=_onnx_pads(module), dilations=list(module.dilation), group=module.groups)
-            if isinstance(module, BiasMapConv2d):
-                y = self.add_node("Add", [y, self._init(tuple(module.bias_map.shape))])
-            return y
-        y = self.add_node("MatMul", [x, self._init((module.in_features, module.out_features))])
-        return self.add_node("Add", [y, self._init((module.out_features,))])
-
-    def add(self, a: str, b: str) -> str:
-        return self.add_node("Add", [a, b])
-
-    def model(self, in_shape: Shape, out: str) -> onnx.ModelProto:
-        inputs = [helper.make_tensor_value_info("x", TensorProto.FLOAT, in_shape)]
-        outputs = [helper.make_tensor_value_info(out, TensorProto.FLOAT, None)]
-        graph = helper.make_graph(self.nodes, "segment", inputs, outputs, self.inits)
-        return helper.make_model(graph, opset_imports=[helper.make_opsetid("", _OPSET)], ir_version=8)
-
-
-def segment_graph(spec: SegmentSpec) -> onnx.ModelProto:
-    """The unmerged segment as one ONNX graph: what the running model executes for it."""
-    g = _GraphBuilder()
-    y = "x"
-    for module in spec.ops:
-        y = g.op(module, y)
-    if spec.add:
-        y = g.add(y, "x" if spec.skip is None else g.op(spec.skip, "x"))
-    return g.model(spec.in_shape, y)
-
-
-def merged_graph(module: nn.Module, in_shape: Shape) -> onnx.ModelProto:
-    g = _GraphBuilder()
-    return g.model(in_shape, g.op(module, "x"))
-
-
-def _onnx_pads(conv: nn.Conv2d) -> list[int]:
-    """ONNX pads (begin..., end...); a string padding ("same"/"valid") is approximated for timing only."""
-    if conv.padding == "valid":
-        return [0, 0, 0, 0]
-    if conv.padding == "same":
-        pad = [d * (k - 1) // 2 for d, k in zip(conv.dilation, conv.kernel_size, strict=True)]
-        return pad + pad
-    return [*conv.padding, *conv.padding]
-
-
-def _signature(module: nn.Module) -> str:
-    if isinstance(module, nn.Conv2d):
-        return (f"conv|w{tuple(module.weight.shape)}|s{module.stride}|p{module.padding}"
-                f"|d{module.dilation}|g{module.groups}|map{isinstance(module, BiasMapConv2d)}")
-    return f"linear|{module.in_features}x{module.out_features}"
-
-
-TIMING_VERSION = "ci95"
-"""Part of every cache key: entries timed under an older rule (the spread of single blocks) are timed again,
-and dropped from the cache file."""
-
-
-@dataclass
-class LatencyTable:
-    """In-context timings of segments, before and after merging (us at batch 1), cached as JSON.
-
-    Each pair of graphs is timed in alternating blocks. The saving is the median of the block differences,
-    with a 95 % confidence interval that narrows as blocks accumulate; timing repeats until the interval's
-    half-width is below ``rel_tol`` of the unmerged time (or ``max_seconds`` has passed and the six blocks an
-    interval needs are in: a segment slower than the budget was once never trusted). Stored: ``before``
-    (median unmerged block), ``after`` (``before`` minus the saving) and ``spread`` (the saving minus the
-    interval's lower end), so ``before - after > spread`` exactly when the whole interval lies above 0: noise
-    cannot make the planner merge. (The spread of single blocks, used before, does not narrow with more blocks:
-    it hid real 10 us savings on a noisy 2-core VM and made the demo's choice of groups differ from run to run.)
-    """
-
-    target: str = "cpu"
-    threads: int | None = None
-    cache: pathlib.Path | None = None
-    block: int = 10
-    rel_tol: float = 0.03
-    max_seconds: float = 1.0
-    table: dict[str, dict[str, float]] = field(default_factory=dict)
-
-    def __post_init__(self) -> None:
-        self.threads = self.threads or physical_cores()
-        if self.cache is not None and self.cache.exists():
-            try:
-                loaded = json.loads(self.cache.read_text())
-                self.table = {k: v for k, v in loaded.items()
-                              if isinstance(v, dict) and k.startswith(f"{TIMING_VERSION}|")}
-            except (ValueError, TypeError, OSError, AttributeError) as e:  # a damaged cache only costs time
-                logger.warning("ignoring unreadable latency table %s (%s)", self.cache, e)
-
-    @property
-    def providers(self) -> list[str]:
-        if self.target == "cuda" and "CUDAExecutionProvider" in ort.get_available_providers():
-            return ["CUDAExecutionProvider"]
-        return ["CPUExecutionProvider"]
-
-    def times(self, spec: SegmentSpec, merged: nn.Module) -> tuple[float, float, float]:
-        """(us before, us after, us spread) of replacing the segment by ``merged``, at batch 1."""
-        spec = SegmentSpec(spec.ops, (1, *spec.in_shape[1:]), spec.add, spec.skip)
-        key = f"{TIMING_VERSION}|{self.providers[0]}|t{self.threads}|{spec.signature()}->{_signature(merged)}"
-        if key not in self.table:
-            before, after, spread = self._time_pair(segment_graph(spec), merged_graph(merged, spec.in_shape))
-            self.table[key] = {"before": before, "after": after, "spread": spread}
-        entry = self.table[key]
-        return entry["before"], entry["after"], entry["spread"]
-
-    def _session(self, model: onnx.ModelProto) -> tuple[ort.InferenceSession, dict]:
-        sess = ort.InferenceSession(model.SerializeToString(), session_options(self.threads),
-                                    providers=self.providers)
-        inp = sess.get_inputs()[0]
-        return sess, {inp.name: np.random.default_rng(1).standard_normal(inp.shape).astype(np.float32)}
-
-    def _time_pair(self, a: onnx.ModelProto, b: onnx.ModelProto) -> tuple[float, float, float]:
-        runs = [self._session(a), self._session(b)]
-        for sess, feeds in runs:
-            for _ in range(3):
-                sess.run(None, feeds)
-        blocks: list[list[float]] = [[], []]
-        start = time.perf_counter()
-        while True:
-            for (sess, feeds), out in zip(runs, blocks, strict=True):
-                samples = []
-                for _ in range(self.block):
-                    t0 = time.perf_counter()
-                    sess.run(None, feeds)
-                    samples.append((time.perf_counter() - t0) * 1e6)
-                out.append(statistics.median(samples))
-            before = statistics.median(blocks[0])
-            saving, low, high = median_ci([x - y for x, y in zip(*blocks, strict=True)])
-            settled = (high - low) / 2 <= self.rel_tol * before or time.perf_counter() - start > self.max_seconds
-            if settled and math.isfinite(low):  # six blocks at least, however slow: fewer give no interval
-                return before, before - saving, saving - low
-
-    def save(self) -> None:
-        if self.cache is not None:
-            save_json(dict(sorted(self.table.items())), self.cache)
-
-
-def trusted_saving(before: float, after: float, spread: float) -> float:
-    """A measured saving, 0 unless its confidence interval lies above 0 (``LatencyTable`` stores it so)."""
-    gain = before - after
-    return gain if gain > spread else 0.0
-
-
-# ---------------------------------------------------------------------------------------------- chains
-
-
-@dataclass
-class Chain:
-    """Linear ops each solely feeding the next, optionally closed by ``add(last, skip)`` over the chain input.
-
-    Elements are the ops, then the add (if any); a segment that includes the add must start at element 0.
-    """
-
-    nodes: list[Node]
-    modules: list[nn.Module]
-    add: Node | None = None
-    skip_node: Node | None = None  # a conv on the chain input feeding the add; None: identity skip
-    skip: nn.Module | None = None
-
-    @property
-    def source(self) -> Node:
-        return self.nodes[0].args[0]
-
-    @property
-    def length(self) -> int:
-        return len(self.nodes) + (self.add is not None)
-
-
-def _next_in_chain(gm: GraphModule, node: Node) -> Node | None:
-    user = sole_user(node)
-    if user is None:
-        return None
-    cand = match_conv_pair(gm, user) or match_linear_pair(gm, user)
-    return user if cand is not None and cand.nodes[0] is node else None
-
-
-def _closing_add(gm: GraphModule, chain: Chain) -> None:
-    """Attach ``add(chain_out, x)`` or ``add(chain_out, conv(x))`` to a conv chain over input ``x``."""
-    last = chain.nodes[-1]
-    add = sole_user(last)
-    operands = add_operands(add) if add is not None else None
-    if operands is None or not isinstance(chain.modules[0], nn.Conv2d):
-        return
-    skip = operands[1] if operands[0] is last else operands[0]
-    if skip is chain.source:
-        chain.add = add
-        return
-    conv = private_module(gm, skip, nn.Conv2d)
-    if conv is not None and skip is not last and sole_user(skip) is add and single_input(skip) is chain.source:
-        chain.add, chain.skip_node, chain.skip = add, skip, conv
-
-
-def find_chains(gm: GraphModule) -> list[Chain]:
-    """Maximal chains in graph order; a conv that is another chain's parallel skip branch starts none."""
-    chains, claimed = [], set()
-    for node in gm.graph.nodes:
-        first = private_module(gm, node, (nn.Conv2d, nn.Linear))
-        if first is None or node in claimed:
-            continue
-        prev = single_input(node)
-        if prev is not None and _next_in_chain(gm, prev) is node:
-            continue  # not a head
-        chain = Chain([node], [first])
-        while (nxt := _next_in_chain(gm, chain.nodes[-1])) is not None:
-            chain.nodes.append(nxt)
-            chain.modules.append(gm.get_submodule(nxt.target))
-        _closing_add(gm, chain)
-        if chain.length > 1:
-            chains.append(chain)
-            claimed.update(chain.nodes)
-            if chain.skip_node is not None:
-                claimed.add(chain.skip_node)
-    return chains
-
-
-# ---------------------------------------------------------------------------------------------- planning
 
 
 @dataclass
@@ -344,6 +50,8 @@ class Segment:
 
 
 class ChainPlanner:
+    """The exact merges of one chain's segments, their timings, and the partition with the largest saving."""
+
     def __init__(self, chain: Chain, table: LatencyTable) -> None:
         self.chain, self.table = chain, table
         self.merges: dict[tuple[int, int], Merge] = {}
@@ -362,10 +70,8 @@ class ChainPlanner:
             return prefix
         in_shape = shape_of(chain.nodes[i].args[0])
         if j == len(chain.nodes):  # the closing add
-            return merge_parallel(prefix.module, chain.skip, in_shape)
-        if isinstance(prefix.module, nn.Conv2d):
-            return compose_convs(prefix.module, chain.modules[j], in_shape)
-        return compose_linears(prefix.module, chain.modules[j])
+            return RESIDUAL.compose(prefix.module, chain.skip, in_shape)
+        return chain_rule(prefix.module).compose(prefix.module, chain.modules[j], in_shape)
 
     def spec(self, i: int, j: int) -> SegmentSpec:
         chain, add = self.chain, j == len(self.chain.nodes)
@@ -434,8 +140,8 @@ def best_partition(segments: list[Segment], length: int) -> tuple[float, list[Se
 
 def _kind(chain: Chain, seg: Segment) -> str:
     if seg.stop == len(chain.nodes):
-        return "residual"
-    return "conv_conv" if isinstance(chain.modules[0], nn.Conv2d) else "linear_linear"
+        return RESIDUAL.kind
+    return chain_rule(chain.modules[0]).kind
 
 
 class _Untimed(LatencyTable):

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
-import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -15,13 +14,13 @@ from torch import nn
 
 from easier_export.core.errors import UserError, first_line
 from easier_export.core.ort import DEVICES, cpu_name, cuda_usable, physical_cores, providers_for, session_options
-from easier_export.core.stats import Speedup, speedup
+from easier_export.core.stats import Speedup
+from easier_export.core.timing import Clock, Runner, compare, interleaved
 
 from .export import eval_copy
 
 logger = logging.getLogger(__name__)
 
-Runner = Callable[[], None]
 Providers = list[str | tuple[str, dict]]  # onnxruntime's form: a name, or a (name, provider options) pair
 
 def bench(
@@ -81,7 +80,7 @@ def _bench_device(onnx_models: dict[str, Path], torch_models: dict[str, nn.Modul
             runners[label, "onnxruntime", provider] = runner
         for label, model in torch_models.items():
             runners[label, "torch", "eager"] = torch_runner(model, x, device)
-        times = _interleaved(list(runners.values()), *budget)
+        times = _repeats(list(runners.values()), *budget)
         for (label, backend, provider), ms in zip(runners, times, strict=True):
             row = {"label": label, "backend": backend, "provider": provider, "device": device, "batch": batch,
                    "threads": threads, **_stats(ms)}
@@ -175,29 +174,16 @@ def time_runners(runners: list[Runner], warmup: int = 10, min_iters: int = 30, m
                  repeats: int = 3) -> list[dict]:
     """Interleaved timing of any callables (another backend than ``bench``'s): one statistics row each, with the
     medians of its repeats (``repeat_p50_ms``), so that a ratio of two rows can also be read repeat by repeat."""
-    chunks = _interleaved(runners, warmup, min_iters, max_seconds, repeats)
+    chunks = _repeats(runners, warmup, min_iters, max_seconds, repeats)
     return [{**_stats(c), "repeat_p50_ms": [float(np.median(chunk)) for chunk in c]} for c in chunks]
 
 
-def _interleaved(runners: list[Runner], warmup: int, min_iters: int, max_seconds: float,
-                 repeats: int) -> list[list[list[float]]]:
-    """Per-iteration milliseconds for each runner and repeat, measured in alternating chunks."""
-    for run in runners:
-        for _ in range(warmup):
-            run()
-    chunk_iters = math.ceil(min_iters / repeats)
-    chunk_seconds = max_seconds / repeats
-    times: list[list[list[float]]] = [[] for _ in runners]
-    for _ in range(repeats):
-        for run, chunks in zip(runners, times, strict=True):
-            ms: list[float] = []
-            start = time.perf_counter()
-            while len(ms) < chunk_iters or time.perf_counter() - start < chunk_seconds:
-                t0 = time.perf_counter()
-                run()
-                ms.append((time.perf_counter() - t0) * 1e3)
-            chunks.append(ms)
-    return times
+def _repeats(runners: list[Runner], warmup: int, min_iters: int, max_seconds: float,
+             repeats: int) -> list[list[list[float]]]:
+    """Per-iteration milliseconds for each runner and repeat: ``repeats`` interleaved blocks, each at least
+    its share of ``min_iters`` runs and of ``max_seconds``."""
+    return interleaved(runners, lambda timings, _: len(timings[0]) == repeats, warmup=warmup,
+                       iters=math.ceil(min_iters / repeats), block_seconds=max_seconds / repeats)
 
 
 def race(onnx_models: dict[str, Path], baseline: str, input_shape: tuple[int, ...], device: str, batch: int,
@@ -213,43 +199,27 @@ def race(onnx_models: dict[str, Path], baseline: str, input_shape: tuple[int, ..
     return race_runners(runners, baseline, max_seconds=max_seconds)
 
 
-MIN_BLOCKS = 6  # the fewest blocks a distribution-free interval of the median exists for
 BLOCK_ITERS = 10
 
 
 def race_runners(runners: dict[str, Runner], baseline: str, max_seconds: float = 10.0, warmup: int = 5,
-                 clock: Callable[[], float] = time.perf_counter) -> dict[str, Speedup]:
-    """Time the runners in interleaved blocks (A, B, C, A, B, C, ...) of ``BLOCK_ITERS`` runs each until every
-    comparison with ``baseline`` is settled (its interval excludes 1 or is within ±2 %) or ``max_seconds`` have
-    passed, ``MIN_BLOCKS`` blocks at least. Per-block ratios cancel what drifts between blocks (a neighbour, a
-    clock boost); their median's interval is what "faster" is judged on."""
-    for run in runners.values():
-        for _ in range(warmup):
-            run()
-    blocks: dict[str, list[float]] = {label: [] for label in runners}
-    start = clock()
-    while True:
-        for label, run in runners.items():
-            ms = []
-            for _ in range(BLOCK_ITERS):
-                t0 = clock()
-                run()
-                ms.append((clock() - t0) * 1e3)
-            blocks[label].append(float(np.median(ms)))
-        if len(blocks[baseline]) < MIN_BLOCKS:
-            continue
-        verdicts = {label: speedup(blocks[baseline], b) for label, b in blocks.items() if label != baseline}
-        if all(v.settled for v in verdicts.values()) or clock() - start > max_seconds:
-            return verdicts
+                 clock: Clock | None = None) -> dict[str, Speedup]:
+    """Time the runners in interleaved blocks (``baseline`` first) of ``BLOCK_ITERS`` runs each until every
+    speed-up over ``baseline`` is settled (``Speedup.settled``) or ``max_seconds`` have passed."""
+    others = [label for label in runners if label != baseline]
+    _, verdicts = compare([runners[baseline], *(runners[label] for label in others)],
+                          lambda found: all(v.settled for v in found), iters=BLOCK_ITERS, warmup=warmup,
+                          max_seconds=max_seconds, clock=clock)
+    return dict(zip(others, verdicts, strict=True))
 
 
 NOISY_SPREAD = 0.10
 """A row is marked noisy when the medians of its interleaved repeats spread over more than 10 % of its p50.
 
-The spread (max - min of the per-repeat medians, over the p50) is what a ratio between two rows can be trusted
-to: at 10 % a "×1.1 speed-up" is already indistinguishable from the run-to-run drift, and a neighbour that takes
-the cores for one repeat (the "×83" eager summary) pushes it far past that. On an idle machine the three medians
-of a row stay within a few per cent, so 10 % flags contention without flagging ordinary jitter."""
+The spread (max - min of the per-repeat medians, over the p50) bounds how far a ratio between two rows can be
+trusted: at 10 % a "×1.1 speed-up" is indistinguishable from drift between repeats, as when a neighbour takes the
+cores for one repeat. An idle machine keeps a row's repeat medians within a few per cent, so 10 % flags
+contention without flagging ordinary jitter."""
 
 
 def _stats(chunks: list[list[float]]) -> dict:

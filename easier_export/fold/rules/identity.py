@@ -18,7 +18,9 @@ from torch import nn
 from torch.fx import GraphModule, Node
 from torchvision.ops import stochastic_depth
 
-from ._common import FoldRecord, bypass, finish, fresh_copy, module_of
+from ..fx import bypass, module_of
+from ..records import Candidate, Merge
+from ..rule import Rule
 
 _DROP_MODULES = (nn.modules.dropout._DropoutNd,)
 _DROP_MODULE_NAMES = ("DropPath", "StochasticDepth", "DropBlock2d")
@@ -59,17 +61,24 @@ def identity_reason(gm: GraphModule, node: Node) -> str | None:
     return None
 
 
-def fold_identity(gm: GraphModule) -> tuple[GraphModule, list[FoldRecord]]:
-    """Erase every eval-mode identity op; returns a new module and one record per candidate."""
-    gm = fresh_copy(gm)
-    records = []
-    for node in list(gm.graph.nodes):
-        reason = identity_reason(gm, node)
-        if reason is None:
-            continue
+class IdentityRule(Rule):
+    """``f(x) = x`` in eval mode: the node is erased and its users read ``x``."""
+
+    kind = "identity"
+    needs_shapes = False
+
+    def match(self, gm: GraphModule, node: Node) -> Candidate | None:
+        if identity_reason(gm, node) is None:
+            return None
         mod = module_of(gm, node)
         detail = type(mod).__name__ if mod is not None else getattr(node.target, "__name__", str(node.target))
-        records.append(FoldRecord("identity", [node.name], detail, applied=not reason, reason=reason))
-        if not reason:
-            bypass(gm, node, node.args[0])
-    return finish(gm), records
+        return Candidate([node], node.args[0], [mod], detail)
+
+    def check(self, gm: GraphModule, cand: Candidate) -> str | None:
+        return identity_reason(gm, cand.nodes[0]) or None
+
+    def build(self, cand: Candidate) -> Merge:
+        return Merge(nn.Identity())
+
+    def rewrite(self, gm: GraphModule, cand: Candidate, merge: Merge) -> None:
+        bypass(gm, cand.nodes[0], cand.source)

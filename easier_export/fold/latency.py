@@ -1,0 +1,100 @@
+"""In-context timings of merges, cached: what the planner and the fold groups weigh merges by."""
+
+from __future__ import annotations
+
+import json
+import logging
+import pathlib
+import statistics
+from dataclasses import dataclass, field
+from functools import partial
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+from torch import nn
+
+from easier_export.core.io import save_json
+from easier_export.core.ort import physical_cores, session_options
+from easier_export.core.timing import Runner, compare
+
+from .segments import SegmentSpec, merged_graph, op_signature, segment_graph
+
+logger = logging.getLogger(__name__)
+
+TIMING_VERSION = "ratio95"
+"""Part of every cache key: entries of another timing rule are dropped when the cache is read."""
+
+WARMUP = 3
+"""Runs of each graph before timing starts."""
+
+
+@dataclass
+class LatencyTable:
+    """In-context timings of segments, before and after merging (us at batch 1), cached as JSON.
+
+    Each pair of graphs is timed in interleaved blocks of ``block`` runs and compared by the project's one
+    "is it faster" rule (``core.stats.Speedup``: the median of per-block ratios with its 95 % interval), until
+    the interval's half-width is within ``rel_tol`` of the ratio or ``max_seconds`` have passed (with the blocks
+    an interval needs, however slow the segment). Stored: ``before`` (median unmerged block), ``after``
+    (``before`` over the ratio) and ``spread`` (how much later the merged op would run at the interval's low
+    end), so ``before - after > spread`` exactly when the merge is faster beyond the noise.
+    """
+
+    target: str = "cpu"
+    threads: int | None = None
+    cache: pathlib.Path | None = None
+    block: int = 10
+    rel_tol: float = 0.03
+    max_seconds: float = 1.0
+    table: dict[str, dict[str, float]] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.threads = self.threads or physical_cores()
+        if self.cache is not None and self.cache.exists():
+            try:
+                loaded = json.loads(self.cache.read_text())
+                self.table = {k: v for k, v in loaded.items()
+                              if isinstance(v, dict) and k.startswith(f"{TIMING_VERSION}|")}
+            except (ValueError, TypeError, OSError, AttributeError) as e:  # a damaged cache only costs time
+                logger.warning("ignoring unreadable latency table %s (%s)", self.cache, e)
+
+    @property
+    def providers(self) -> list[str]:
+        if self.target == "cuda" and "CUDAExecutionProvider" in ort.get_available_providers():
+            return ["CUDAExecutionProvider"]
+        return ["CPUExecutionProvider"]
+
+    def times(self, spec: SegmentSpec, merged: nn.Module) -> tuple[float, float, float]:
+        """(us before, us after, us spread) of replacing the segment by ``merged``, at batch 1."""
+        spec = SegmentSpec(spec.ops, (1, *spec.in_shape[1:]), spec.add, spec.skip)
+        key = f"{TIMING_VERSION}|{self.providers[0]}|t{self.threads}|{spec.signature()}->{op_signature(merged)}"
+        if key not in self.table:
+            before, after, spread = self._time_pair(segment_graph(spec), merged_graph(merged, spec.in_shape))
+            self.table[key] = {"before": before, "after": after, "spread": spread}
+        entry = self.table[key]
+        return entry["before"], entry["after"], entry["spread"]
+
+    def _runner(self, model: onnx.ModelProto) -> Runner:
+        sess = ort.InferenceSession(model.SerializeToString(), session_options(self.threads),
+                                    providers=self.providers)
+        inp = sess.get_inputs()[0]
+        feeds = {inp.name: np.random.default_rng(1).standard_normal(inp.shape).astype(np.float32)}
+        return partial(sess.run, None, feeds)
+
+    def _time_pair(self, a: onnx.ModelProto, b: onnx.ModelProto) -> tuple[float, float, float]:
+        medians, (found,) = compare([self._runner(a), self._runner(b)], lambda cmp: cmp[0].precise(self.rel_tol),
+                                    iters=self.block, warmup=WARMUP, max_seconds=self.max_seconds)
+        before = 1e3 * statistics.median(medians[0])
+        after = before / found.ratio
+        return before, after, before / found.low - after
+
+    def save(self) -> None:
+        if self.cache is not None:
+            save_json(dict(sorted(self.table.items())), self.cache)
+
+
+def trusted_saving(before: float, after: float, spread: float) -> float:
+    """A measured saving, 0 unless it is beyond the noise (``LatencyTable`` stores ``spread`` so)."""
+    gain = before - after
+    return gain if gain > spread else 0.0
