@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from easier_export.core import ort as ort_facts
+from easier_export.core import timing
 from easier_export.core.errors import UserError
 from easier_export.ship import bench as bm
 from easier_export.ship.export import export_onnx
@@ -56,7 +57,7 @@ def test_bench_rows(models) -> None:
 def test_time_budget_adds_iterations(monkeypatch: pytest.MonkeyPatch) -> None:
     """A fake clock that each run advances by 125 ms: a 1 s budget over 2 repeats is 4 runs a repeat."""
     now = [0.0]
-    monkeypatch.setattr(bm, "time", SimpleNamespace(perf_counter=lambda: now[0]))
+    monkeypatch.setattr(timing, "time", SimpleNamespace(perf_counter=lambda: now[0]))
 
     def run() -> None:
         now[0] += 0.125
