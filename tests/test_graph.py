@@ -5,7 +5,9 @@ from torch import nn
 
 from easier_export.core.errors import UserError
 from easier_export.load.models import build_arch
-from easier_export.trace.graph import find_call_sites, remove_sites, trace
+from easier_export.trace.edits import remove_sites
+from easier_export.trace.sites import find_call_sites
+from easier_export.trace.tracing import trace
 
 
 @pytest.mark.parametrize(("arch", "count"), [

@@ -99,7 +99,7 @@ class FoldGroups:
 
 def find_groups(gm: GraphModule, sites: list[str], example: Tensor, table: LatencyTable) -> FoldGroups:
     """Fold groups of the eval-mode traced model ``gm`` among the in-graph activation call sites ``sites``."""
-    from easier_export.trace.graph import remove_sites
+    from easier_export.trace.edits import remove_sites
 
     linear = remove_sites(gm, sites, relocate=True)
     for node in linear.graph.nodes:
