@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 from torch import fx
+from torch.utils.data import DataLoader
 
 from easier_export.core.console import info, progress
 from easier_export.core.dist import is_main_process
@@ -49,8 +50,8 @@ class _Run:
 
     cfg: LoopConfig
     task: Task
-    train: object
-    val: object
+    train: DataLoader
+    val: DataLoader
     device: torch.device
     out_dir: Path
     held: torch.Tensor  # mask of the val samples the rounds never see
