@@ -20,7 +20,7 @@ import torch
 from easier_export.core.ort import cpu_name
 from easier_export.load.data import image_folder
 from easier_export.load.models import load_model
-from easier_export.loop.linearize import LoopConfig
+from easier_export.loop.config import LoopConfig
 from easier_export.pipeline import CompressConfig, compress
 from easier_export.ship.bench import noisy_pair
 

@@ -35,12 +35,16 @@ from easier_export.core.io import save_json, save_torch
 from easier_export.core.ort import cpu_name
 from easier_export.load.data import image_folder
 from easier_export.load.models import load_model
-from easier_export.loop.criteria import swap_rectifiers, tlc_scores
+from easier_export.loop.config import LoopConfig
+from easier_export.loop.criteria.tlc import tlc_scores
 from easier_export.loop.entropy import measure
-from easier_export.loop.linearize import LoopConfig, cpu_state, run_loop
+from easier_export.loop.linearize import run_loop
+from easier_export.loop.state import cpu_state
 from easier_export.loop.train import finetune, seed_everything
 from easier_export.pipeline import CompressConfig, speedup_probe
-from easier_export.trace.graph import find_call_sites, remove_sites, trace
+from easier_export.trace.edits import remove_sites, swap_rectifiers
+from easier_export.trace.sites import find_call_sites
+from easier_export.trace.tracing import trace
 
 ROOT = Path(__file__).resolve().parents[1]
 DEVICE = torch.device("cpu")

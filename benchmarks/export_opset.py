@@ -30,7 +30,7 @@ from easier_export.fold import fold_model
 from easier_export.load.models import load_model
 from easier_export.ship.bench import bench
 from easier_export.ship.export import eval_copy, export_onnx, verify_onnx
-from easier_export.trace.graph import trace
+from easier_export.trace.tracing import trace
 
 OPSETS = (18, 20, 23)
 # name: (architecture, trained weights, the latency-aware run whose linearized.pt and fold plan shipped)

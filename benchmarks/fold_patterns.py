@@ -29,7 +29,9 @@ from easier_export.load.models import build_arch
 from easier_export.loop.entropy import measure
 from easier_export.ship.bench import bench, speedups
 from easier_export.ship.export import export_onnx, verify_onnx
-from easier_export.trace.graph import find_call_sites, remove_sites, trace
+from easier_export.trace.edits import remove_sites
+from easier_export.trace.sites import find_call_sites
+from easier_export.trace.tracing import trace
 
 ROOT = Path(__file__).resolve().parents[1]
 

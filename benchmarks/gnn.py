@@ -24,11 +24,12 @@ from torch.utils.data import DataLoader, TensorDataset
 from easier_export.core.ort import cpu_name
 from easier_export.fold.gcn import fold_gcn
 from easier_export.load.arch.gcn import GCN, Graph, sbm_graph
-from easier_export.loop.linearize import LoopConfig, run_loop
+from easier_export.loop.config import LoopConfig
+from easier_export.loop.linearize import run_loop
 from easier_export.loop.train import evaluate, finetune
 from easier_export.ship.bench import bench
 from easier_export.ship.export import verify_onnx
-from easier_export.trace.graph import trace
+from easier_export.trace.tracing import trace
 
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "runs" / "gnn"

@@ -61,7 +61,9 @@ from easier_export.load.models import LINEARIZED_FORMAT, build_arch, load_model
 from easier_export.ship.bench import Providers, Runner, ort_runner, time_runners, torch_runner
 from easier_export.ship.export import export_onnx, verify_onnx
 from easier_export.ship.shipping import MERGE_KINDS
-from easier_export.trace.graph import find_call_sites, remove_sites, trace
+from easier_export.trace.edits import remove_sites
+from easier_export.trace.sites import find_call_sites
+from easier_export.trace.tracing import trace
 
 ROOT = Path(__file__).resolve().parents[1]
 INPUTS = ROOT / "gpu_inputs"

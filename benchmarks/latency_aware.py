@@ -40,11 +40,13 @@ from easier_export.fold import fold_model
 from easier_export.load.data import image_folder
 from easier_export.load.models import load_model
 from easier_export.loop.affine import SUBSTITUTES
-from easier_export.loop.linearize import LoopConfig
+from easier_export.loop.config import LoopConfig
 from easier_export.loop.train import Teacher, evaluate_metrics, finetune, seed_everything
 from easier_export.pipeline import CompressConfig, compress, export_and_verify
 from easier_export.ship.bench import bench
-from easier_export.trace.graph import find_call_sites, remove_sites, trace
+from easier_export.trace.edits import remove_sites
+from easier_export.trace.sites import find_call_sites
+from easier_export.trace.tracing import trace
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"

@@ -32,7 +32,7 @@ from easier_export.core.io import save_json
 from easier_export.core.ort import cpu_name
 from easier_export.load.models import load_model
 from easier_export.load.text import text_loaders
-from easier_export.loop.linearize import LoopConfig
+from easier_export.loop.config import LoopConfig
 from easier_export.pipeline import CompressConfig, compress
 from easier_export.ship.bench import bench
 
@@ -135,7 +135,9 @@ def ceiling(args: argparse.Namespace) -> dict:
     from easier_export.loop.train import evaluate_metrics
     from easier_export.pipeline import val_batches
     from easier_export.ship.export import export_onnx, verify_onnx
-    from easier_export.trace.graph import find_call_sites, remove_sites, trace
+    from easier_export.trace.edits import remove_sites
+    from easier_export.trace.sites import find_call_sites
+    from easier_export.trace.tracing import trace
 
     out = RUNS / "ceiling"
     if (out / "result.json").is_file():

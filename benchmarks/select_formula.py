@@ -39,9 +39,12 @@ from easier_export.fold.groups import FoldGroups, Group
 from easier_export.fold.planner import LatencyTable
 from easier_export.load.data import image_folder
 from easier_export.load.models import load_model
-from easier_export.loop.linearize import LoopConfig, measure_groups, risk, score_sites
+from easier_export.loop.config import LoopConfig
+from easier_export.loop.selection import measure_groups, risk, score_sites
 from easier_export.loop.train import evaluate
-from easier_export.trace.graph import find_call_sites, remove_sites, trace
+from easier_export.trace.edits import remove_sites
+from easier_export.trace.sites import find_call_sites
+from easier_export.trace.tracing import trace
 
 Rule = Callable[[Group, dict[str, float]], float]
 RULES: dict[str, Rule] = {

@@ -32,7 +32,8 @@ from select_formula import zero_shot  # noqa: E402
 from easier_export.core.ort import cpu_name
 from easier_export.loop.affine import stand_ins
 from easier_export.loop.train import evaluate
-from easier_export.trace.graph import find_call_sites, trace
+from easier_export.trace.sites import find_call_sites
+from easier_export.trace.tracing import trace
 
 
 def measure(name: str, args: argparse.Namespace) -> list[str]:

@@ -16,7 +16,7 @@ from easier_export.core.io import save_torch
 from easier_export.load.arch import DemoInvRes
 from easier_export.load.data import digits
 from easier_export.load.models import LoadedModel
-from easier_export.loop.linearize import LoopConfig
+from easier_export.loop.config import LoopConfig
 from easier_export.loop.train import evaluate, finetune, seed_everything
 from easier_export.pipeline import CompressConfig, compress, ensure_writable
 

@@ -25,13 +25,17 @@ from easier_export.fold.planner import LatencyTable
 from easier_export.load.data import ImageFolderData, Loaders, Preprocessing
 from easier_export.load.models import IMAGENET_MEAN, IMAGENET_STD, LINEARIZED_FORMAT, LoadedModel
 from easier_export.load.text import two_lengths
-from easier_export.loop.linearize import LoopConfig, LoopResult, Task, cpu_state, run_loop, snapshot_path
+from easier_export.loop.config import LoopConfig, Task
+from easier_export.loop.linearize import run_loop
+from easier_export.loop.state import LoopResult, cpu_state, snapshot_path
 from easier_export.loop.train import evaluate_metrics
 from easier_export.ship.bench import bench, speedups
 from easier_export.ship.export import MIN_OPSET, eval_copy, export_onnx, mark_unverified, print_verify, verify_onnx
 from easier_export.ship.report import SCHEMA_VERSION, model_stats, rounds_table, summary_table, write_report
 from easier_export.ship.shipping import Shipment, Step, choose
-from easier_export.trace.graph import find_call_sites, remove_sites, trace
+from easier_export.trace.edits import remove_sites
+from easier_export.trace.sites import find_call_sites
+from easier_export.trace.tracing import trace
 
 
 @dataclass

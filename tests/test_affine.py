@@ -9,17 +9,11 @@ from torch import fx, nn
 from easier_export.load.arch import DemoNet
 from easier_export.load.data import digits
 from easier_export.loop.affine import Moments, stand_ins
-from easier_export.loop.linearize import LoopConfig, run_loop
-from easier_export.trace.graph import (
-    AffineFit,
-    absorber,
-    blend_sites,
-    fade,
-    find_call_sites,
-    remove_sites,
-    settle,
-    trace,
-)
+from easier_export.loop.config import LoopConfig
+from easier_export.loop.linearize import run_loop
+from easier_export.trace.edits import AffineFit, absorber, blend_sites, fade, remove_sites, settle
+from easier_export.trace.sites import find_call_sites
+from easier_export.trace.tracing import trace
 
 
 def _pairs(x: torch.Tensor, act: nn.Module, dim: int, intercept: bool = True) -> AffineFit:

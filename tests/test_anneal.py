@@ -9,8 +9,11 @@ from torch import fx, nn
 from easier_export.load.arch import DemoNet
 from easier_export.load.data import digits
 from easier_export.loop import linearize as loop_mod
-from easier_export.loop.linearize import LoopConfig, run_loop
-from easier_export.trace.graph import Blend, blend_sites, fade, find_call_sites, remove_sites, settle, trace
+from easier_export.loop.config import LoopConfig
+from easier_export.loop.linearize import run_loop
+from easier_export.trace.edits import Blend, blend_sites, fade, remove_sites, settle
+from easier_export.trace.sites import find_call_sites
+from easier_export.trace.tracing import trace
 
 
 class Leaf(nn.Module):

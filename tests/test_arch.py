@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from easier_export.load.models import IMAGENET_MEAN, IMAGENET_STD, build_arch, load_model
-from easier_export.trace.graph import find_call_sites, trace
+from easier_export.trace.sites import find_call_sites
+from easier_export.trace.tracing import trace
 
 
 @pytest.mark.parametrize(("name", "sites"), [("cifar_mobilenet_v2", {"relu6": 35}), ("cifar_vit", {"gelu": 6})])

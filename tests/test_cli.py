@@ -193,7 +193,7 @@ def test_every_loop_setting_is_an_option_of_the_loop_commands():
     import typer
 
     from easier_export.cli.app import app
-    from easier_export.loop.linearize import LoopConfig
+    from easier_export.loop.config import LoopConfig
 
     group = typer.main.get_command(app)
     for name in ("compress", "linearize"):

@@ -329,7 +329,7 @@ def test_help_shows_the_range_it_enforces() -> None:
 @pytest.mark.parametrize("field", ["threshold", "finetune_epochs", "baseline_epochs", "max_drop", "lr"])
 def test_loop_config_refuses_non_finite_values(field) -> None:
     from easier_export.core.errors import UserError
-    from easier_export.loop.linearize import LoopConfig
+    from easier_export.loop.config import LoopConfig
 
     for value in (float("inf"), float("nan")):
         with pytest.raises(UserError, match="must be a finite number"):

@@ -10,13 +10,13 @@ from conftest import SHARED, make_image_folder
 
 from easier_export.core.errors import UserError
 from easier_export.load.data import image_problem, open_image_folder
-from easier_export.loop.linearize import _data_id
+from easier_export.loop.state import data_id
 
 
 def test_relative_and_absolute_data_paths_fingerprint_alike(tmp_path, monkeypatch) -> None:
     make_image_folder(tmp_path / "data")
     monkeypatch.chdir(tmp_path)
-    ids = [_data_id(open_image_folder(root).loaders((3, 16, 16), (0.5,) * 3, (0.5,) * 3, 4, 0).train)
+    ids = [data_id(open_image_folder(root).loaders((3, 16, 16), (0.5,) * 3, (0.5,) * 3, 4, 0).train)
            for root in ("data", tmp_path / "data", "./data/../data")]
     assert ids[0] == ids[1] == ids[2] and ids[0]["root"] == str((tmp_path / "data" / "train").resolve())
 

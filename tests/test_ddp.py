@@ -13,7 +13,8 @@ from easier_export.load.arch import DemoNet
 from easier_export.load.data import make_loader
 from easier_export.loop.entropy import measure
 from easier_export.loop.train import finetune
-from easier_export.trace.graph import find_call_sites, trace
+from easier_export.trace.sites import find_call_sites
+from easier_export.trace.tracing import trace
 
 pytestmark = pytest.mark.slow  # spawns gloo worker processes and a torchrun
 

@@ -9,9 +9,10 @@ from torch import nn
 from easier_export.load.arch import DemoNet
 from easier_export.load.data import digits
 from easier_export.loop import linearize as loop_mod
-from easier_export.loop.linearize import LoopConfig, run_loop
+from easier_export.loop.config import LoopConfig
+from easier_export.loop.linearize import run_loop
 from easier_export.loop.train import Teacher, finetune
-from easier_export.trace.graph import trace
+from easier_export.trace.tracing import trace
 
 
 class Fixed(nn.Module):

@@ -5,7 +5,8 @@ import torch
 from torch import nn
 
 from easier_export.loop.entropy import binary_entropy, measure
-from easier_export.trace.graph import find_call_sites, trace
+from easier_export.trace.sites import find_call_sites
+from easier_export.trace.tracing import trace
 
 
 def test_binary_entropy_values():

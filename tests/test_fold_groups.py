@@ -8,8 +8,11 @@ from conftest import scripted_evaluate
 from torch import nn
 
 from easier_export.fold.groups import FoldGroups, GroupSegment, find_groups
-from easier_export.loop.linearize import LoopConfig, pick_group, run_loop
-from easier_export.trace.graph import find_call_sites, trace
+from easier_export.loop.config import LoopConfig
+from easier_export.loop.linearize import run_loop
+from easier_export.loop.selection import pick_group
+from easier_export.trace.sites import find_call_sites
+from easier_export.trace.tracing import trace
 
 
 class Net(nn.Module):
@@ -79,11 +82,12 @@ def test_latency_selection_removes_only_paying_groups_and_reverts_misses(tmp_pat
     from easier_export.load.arch import DemoInvRes
     from easier_export.load.data import digits
     from easier_export.loop import linearize as loop_mod
+    from easier_export.loop import selection
 
     loaders = digits(batch_size=128)
     # baseline, then rounds: miss, keep, miss, miss
     monkeypatch.setattr(loop_mod, "evaluate_metrics", scripted_evaluate([50.0, 10.0, 60.0, 10.0, 10.0]))
-    monkeypatch.setattr(loop_mod, "find_groups", lambda gm, sites, x, table: find_groups(gm, sites, x,
+    monkeypatch.setattr(selection, "find_groups", lambda gm, sites, x, table: find_groups(gm, sites, x,
                                                                                          WeightCountTable()))
     cfg = LoopConfig(max_drop=1.0, finetune_epochs=0.05, entropy_batches=1, select="latency", patience=1)
     result = run_loop(trace(DemoInvRes()), "demo_invres", loaders.train, loaders.val, cfg, torch.device("cpu"),
@@ -113,7 +117,7 @@ def test_target_speedup_stops_after_the_round_that_reaches_it(tmp_path) -> None:
 def test_speedup_probe_folds_exports_and_times_the_candidate(tmp_path) -> None:
     from easier_export.load.arch import DemoInvRes
     from easier_export.pipeline import CompressConfig, speedup_probe
-    from easier_export.trace.graph import remove_sites
+    from easier_export.trace.edits import remove_sites
 
     gm = trace(DemoInvRes().eval())
     x = torch.randn(1, 1, 16, 16)

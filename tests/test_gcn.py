@@ -6,7 +6,8 @@ from torch import nn
 
 from easier_export.fold.gcn import fold_gcn, merge_reason
 from easier_export.load.arch.gcn import GCN, sbm_graph
-from easier_export.trace.graph import find_call_sites, trace
+from easier_export.trace.sites import find_call_sites
+from easier_export.trace.tracing import trace
 
 
 def _model(layers: int = 3) -> tuple[GCN, torch.Tensor]:

@@ -2,10 +2,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
 from easier_export.core.errors import UserError
 from easier_export.load.models import build_arch
-from easier_export.trace.graph import find_call_sites, remove_sites, trace
+from easier_export.trace.edits import remove_sites
+from easier_export.trace.rectifiers import EAGER_RECTIFIERS, RECTIFIER_MODULES
+from easier_export.trace.sites import find_call_sites
+from easier_export.trace.tracing import trace
 
 
 @pytest.mark.parametrize(("arch", "count"), [
@@ -87,3 +91,19 @@ def test_timm_fused_batchnorm_act_is_split_so_bn_folds():
     folded, records = fold_model(lin, x[:1], mode="all")
     assert any(r.kind == "conv_conv" and r.applied for r in records)
     torch.testing.assert_close(folded(x), lin(x), atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("cls", list(RECTIFIER_MODULES))
+def test_every_rectifier_module_runs_a_call_the_eager_table_counts(cls):
+    """The model statistics count rectifiers at the torch-function level: each kind's module must show up there."""
+    seen = []
+
+    class Seen(TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            seen.append(func)
+            return func(*args, **(kwargs or {}))
+
+    with Seen():
+        cls()(torch.randn(2, 3))
+    assert any(f in EAGER_RECTIFIERS for f in seen)
+    assert torch.relu in EAGER_RECTIFIERS and torch.Tensor.relu_ in EAGER_RECTIFIERS

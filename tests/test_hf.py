@@ -24,7 +24,9 @@ from easier_export.load.hf import linear_from_conv1d
 from easier_export.load.models import load_model
 from easier_export.load.text import random_token_batches
 from easier_export.ship.export import export_onnx, verify_onnx
-from easier_export.trace.graph import find_call_sites, remove_sites, trace
+from easier_export.trace.edits import remove_sites
+from easier_export.trace.sites import find_call_sites
+from easier_export.trace.tracing import trace
 
 GPT2 = {"vocab_size": 256, "n_positions": 64, "n_embd": 32, "n_layer": 2, "n_head": 4}
 BERT = {"vocab_size": 300, "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4,
@@ -152,7 +154,7 @@ def test_custom_code_and_unsupported_architectures_are_refused(capsys, tmp_path)
 
 def test_linearized_checkpoint_of_a_text_model_reloads(hf_dirs, tmp_path):
     """The recipe points at the directory: removals replay on the rewrite, the text spec comes back."""
-    from easier_export.loop.linearize import LoopResult
+    from easier_export.loop.state import LoopResult
     from easier_export.pipeline import save_linearized
 
     loaded = load_model(str(hf_dirs / "gpt2_lm"), img_size=(16,))

@@ -6,8 +6,12 @@ from easier_export.core.errors import UserError
 from easier_export.load.arch import DemoNet
 from easier_export.load.data import digits
 from easier_export.loop import linearize as loop_mod
-from easier_export.loop.linearize import LoopConfig, pick, run_loop
-from easier_export.trace.graph import find_call_sites, trace
+from easier_export.loop.config import LoopConfig
+from easier_export.loop.linearize import run_loop
+from easier_export.loop.selection import pick
+from easier_export.loop.state import STATE_FILE, STATE_FORMAT, load_state
+from easier_export.trace.sites import find_call_sites
+from easier_export.trace.tracing import trace
 
 CPU = torch.device("cpu")
 
@@ -84,16 +88,31 @@ def test_a_stopped_run_continues_when_a_stop_rule_is_raised(loaders, tmp_path):
     assert "--max-removed 2" in _run(loaders, tmp_path, max_rounds=5, max_removed=2).stopped
 
 
-def test_state_from_before_an_option_existed_resumes_with_its_default(loaders, tmp_path):
-    """A state.pt written by an older version lacks newer settings: at their defaults it resumes, otherwise not."""
+def test_a_state_missing_a_setting_is_refused(loaders, tmp_path):
+    """A state.pt whose fingerprint lacks a setting was not made with this one: refused, never guessed."""
     _run(loaders, tmp_path, max_removed=1)
-    path = tmp_path / loop_mod.STATE_FILE
+    path = tmp_path / STATE_FILE
     state = torch.load(path, weights_only=True)
     del state["fingerprint"]["entropy_tau"]
     torch.save(state, path)
-    assert _run(loaders, tmp_path, max_removed=1).resumed_rounds == 1
     with pytest.raises(UserError, match="different settings .*entropy_tau"):
-        _run(loaders, tmp_path, max_removed=1, entropy_tau=0.5)
+        _run(loaders, tmp_path, max_removed=1)
+
+
+@pytest.mark.parametrize("stored", [STATE_FORMAT - 1, None])
+def test_a_state_of_another_format_is_refused_in_one_line(loaders, tmp_path, stored):
+    _run(loaders, tmp_path, max_removed=1)
+    path = tmp_path / STATE_FILE
+    state = torch.load(path, weights_only=True)
+    if stored is None:
+        del state["format"]
+    else:
+        state["format"] = stored
+    torch.save(state, path)
+    with pytest.raises(UserError) as refused:
+        _run(loaders, tmp_path, max_removed=1)
+    assert "\n" not in str(refused.value)
+    assert f"state format {stored}, this one reads {STATE_FORMAT}" in str(refused.value)
 
 
 def test_one_shot_removes_k_in_one_round(loaders, tmp_path):
@@ -159,9 +178,9 @@ def test_continuing_a_linearized_checkpoint_keeps_earlier_removals(loaders, tmp_
 
 @pytest.mark.parametrize("content", [b"", b"PK\x03\x04 truncated", b"\x80\x02garbage"])
 def test_unreadable_state_file_says_delete_it(tmp_path, content):
-    (tmp_path / loop_mod.STATE_FILE).write_bytes(content)
+    (tmp_path / STATE_FILE).write_bytes(content)
     with pytest.raises(UserError, match="delete it to start over"):
-        loop_mod.load_state(tmp_path, {})
+        load_state(tmp_path, {})
 
 
 def test_the_same_command_twice_gives_the_same_run(loaders, tmp_path):
@@ -179,13 +198,3 @@ def test_a_changed_input_size_is_named_when_resume_is_refused(loaders, tmp_path)
     _run(loaders, tmp_path, max_removed=1)
     with pytest.raises(UserError, match=r"different settings \(input size 1x12x12, was 1x16x16\)"):
         _run(digits(size=12, batch_size=128), tmp_path, max_removed=1)
-
-
-def test_state_without_a_recorded_input_size_resumes(loaders, tmp_path):
-    """A state.pt from before the input size was recorded: its data transform stood for it."""
-    _run(loaders, tmp_path, max_removed=1)
-    path = tmp_path / loop_mod.STATE_FILE
-    state = torch.load(path, weights_only=True)
-    del state["fingerprint"]["input_size"]
-    torch.save(state, path)
-    assert _run(loaders, tmp_path, max_removed=1).resumed_rounds == 1

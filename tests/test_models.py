@@ -3,7 +3,7 @@ import torch
 
 from easier_export.core.errors import UserError
 from easier_export.load.models import build_arch, load_model
-from easier_export.trace.graph import find_call_sites
+from easier_export.trace.sites import find_call_sites
 
 
 def test_state_dict_with_module_prefix_nested_under_state_dict(tmp_path):
@@ -31,7 +31,7 @@ def test_mismatched_state_dict_lists_keys(tmp_path):
 
 
 def test_export_archive_loads_with_dynamic_batch_and_has_call_sites(tmp_path):
-    from easier_export.trace.graph import trace
+    from easier_export.trace.tracing import trace
 
     net = build_arch("demo_cnn").eval()
     x = torch.randn(2, 1, 16, 16)

@@ -5,7 +5,9 @@ from torch import nn
 
 from easier_export.fold import fold_model
 from easier_export.load.models import build_arch
-from easier_export.trace.graph import find_call_sites, remove_sites, trace
+from easier_export.trace.edits import remove_sites
+from easier_export.trace.sites import find_call_sites
+from easier_export.trace.tracing import trace
 
 
 class Block(nn.Module):
@@ -60,7 +62,7 @@ def test_resnet_blocks_collapse_to_one_conv_with_relocation():
 
 def test_linearized_checkpoint_replays_relocation(tmp_path):
     from easier_export.load.models import load_model
-    from easier_export.loop.linearize import LoopResult
+    from easier_export.loop.state import LoopResult
     from easier_export.pipeline import save_linearized
 
     loaded = load_model("cifar_resnet20")

@@ -20,10 +20,13 @@ from easier_export.core.stats import (
     speedup,
 )
 from easier_export.fold.groups import Group
-from easier_export.loop.linearize import LoopConfig, Task, pick_group
+from easier_export.loop.config import LoopConfig, Task
+from easier_export.loop.selection import pick_group
 from easier_export.ship import shipping
 from easier_export.ship.bench import BLOCK_ITERS, race_runners
-from easier_export.trace.graph import find_call_sites, remove_sites, trace
+from easier_export.trace.edits import remove_sites
+from easier_export.trace.sites import find_call_sites
+from easier_export.trace.tracing import trace
 
 
 # ---------------------------------------------------------------------------------------------- statistics

@@ -12,8 +12,8 @@ from transformers import GPT2Config, GPT2LMHeadModel
 
 from easier_export.core.errors import UserError
 from easier_export.load.text import TextSpec, lm_blocks, text_loaders
+from easier_export.loop.config import LoopConfig, Task
 from easier_export.loop.entropy import OnCounter
-from easier_export.loop.linearize import LoopConfig, Task
 from easier_export.loop.train import evaluate_metrics
 
 BYTES_LM = TextSpec("causal_lm", 256, 64, None, None)

@@ -36,7 +36,8 @@ from easier_export.core.errors import (
 from easier_export.core.ort import DEVICES
 from easier_export.core.signals import sigterm_as_interrupt
 from easier_export.fold import MODES
-from easier_export.loop.linearize import STATE_FILE, LoopConfig, field_checks
+from easier_export.loop.config import LoopConfig, field_checks
+from easier_export.loop.state import STATE_FILE
 from easier_export.ship.export import MAX_OPSET, MIN_OPSET
 
 app = typer.Typer(add_completion=False, no_args_is_help=False, pretty_exceptions_enable=False,
@@ -457,7 +458,8 @@ def entropy(model: ModelArg, data: Data, loop: LoopConfig,
     from easier_export.loop.entropy import measure
     from easier_export.pipeline import ensure_writable_file, task_of
     from easier_export.ship.report import plot_entropy
-    from easier_export.trace.graph import find_call_sites, trace
+    from easier_export.trace.sites import find_call_sites
+    from easier_export.trace.tracing import trace
 
     ensure_writable_file(out, "--out")
     if plot is not None:
@@ -504,7 +506,7 @@ def linearize(model: ModelArg, data: Data, loop: LoopConfig, out: Out = Path("ru
         say_preprocessing,
         task_of,
     )
-    from easier_export.trace.graph import trace
+    from easier_export.trace.tracing import trace
 
     target = _usable((target,), "target")[0]
     with _distributed(device), _no_empty_out(out), _resumable(out):
@@ -539,7 +541,7 @@ def fold(model: ModelArg, out: Out = Path("runs/fold"),
     from easier_export.fold import fold_model
     from easier_export.pipeline import CompressConfig, ensure_writable, export_and_verify, onnx_metadata
     from easier_export.ship.export import dynamic_dims
-    from easier_export.trace.graph import trace
+    from easier_export.trace.tracing import trace
 
     source = str(linearized) if linearized is not None else model
     cfg = CompressConfig(fold=fold, target=_usable((target,), "target")[0], simplify=not no_simplify, atol=atol,
@@ -658,7 +660,7 @@ def _fold_groups(gm, loop, example, stats: dict, target: str, threads: int | Non
     from rich.table import Table
 
     from easier_export.fold.planner import LatencyTable
-    from easier_export.loop.linearize import measure_groups, risk
+    from easier_export.loop.selection import measure_groups, risk
 
     found = measure_groups(gm, loop, example, LatencyTable(target, threads)).candidates(set())
     entropy = {name: s.entropy for name, s in stats.items()}

@@ -22,7 +22,7 @@ from dataclasses import asdict, dataclass
 from torch import Tensor
 from torch.fx import GraphModule, Node
 
-from easier_export.trace.graph import remove_sites
+from easier_export.trace.edits import remove_sites
 
 from .chains import Chain, find_chains
 from .fx import ORIGIN_META_KEY, propagate_shapes

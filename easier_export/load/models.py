@@ -17,7 +17,8 @@ import torch
 from torch import fx, nn
 
 from easier_export.core.errors import UserError, first_line
-from easier_export.trace.graph import remove_sites, trace
+from easier_export.trace.edits import remove_sites
+from easier_export.trace.tracing import trace
 
 from .arch import BUILTINS
 from .archive import check_archive

@@ -18,7 +18,7 @@ from collections.abc import Iterable
 import torch
 from torch import fx
 
-from easier_export.trace.graph import AffineFit, absorber, blend_sites
+from easier_export.trace.edits import AffineFit, absorber, blend_sites
 
 from .entropy import feed, mean_over_ranks, unit_dim
 
@@ -57,11 +57,11 @@ class Moments:
 def stand_ins(gm: fx.GraphModule, names: Iterable[str], loader, device: torch.device, batches: int | None,
               train_mode: bool = True, pad_id: int | None = None) -> tuple[dict[str, AffineFit], dict[str, str]]:
     """The affine stand-in of each named site whose producer can absorb it
-    (:func:`~easier_export.trace.graph.absorber`), fitted on up to ``batches`` batches of ``loader``; and, for the
+    (:func:`~easier_export.trace.edits.absorber`), fitted on up to ``batches`` batches of ``loader``; and, for the
     others, why they keep the identity.
 
     The (x, act(x)) pairs are read where the model computes them: in a copy of ``gm`` with each site blended at
-    α = 0 (the same function), whose :class:`~easier_export.trace.graph.Blend` sees the activation's input and output.
+    α = 0 (the same function), whose :class:`~easier_export.trace.edits.Blend` sees the activation's input and output.
     With ``pad_id`` (token batches), padding positions are left out, as in the entropy counts.
     """
     refused: dict[str, str] = {}

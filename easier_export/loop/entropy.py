@@ -17,7 +17,7 @@ import torch.distributed as dist
 from torch import fx, nn
 
 from easier_export.core.errors import UserError
-from easier_export.trace.graph import CallSite, channel_dim
+from easier_export.trace.sites import CallSite, channel_dim
 
 
 def binary_entropy(p: torch.Tensor) -> torch.Tensor:

@@ -1,184 +1,21 @@
-"""Tracing to torch.fx and the rectifier *call sites* EASIER measures and removes.
-
-A call site is one place in the traced graph where a rectifier runs: a module reused twice (torchvision
-ResNet's ``relu``) gives two call sites that are measured and linearized separately, and functional calls
-(``F.relu``, ``torch.relu_``, ``aten.relu``) count too. Sub-modules whose Python control flow defeats
-symbolic tracing (timm VGG's ``ConvMlp``) become leaves; rectifier modules inside them are still call sites,
-addressed by module path and linearized by swapping in ``nn.Identity``.
+"""Editing call sites: removing them (the identity or an absorbed affine stand-in), blending them out over a
+round (``--anneal``), moving padding so that removed ones merge exactly, and swapping their kind (the
+rectifier ablation).
 """
 
 from __future__ import annotations
 
 import copy
-import operator
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import fx, nn
 
-from easier_export.core.errors import UserError, first_line
+from easier_export.core.errors import UserError
 
-RECTIFIER_MODULES: dict[type[nn.Module], str] = {
-    nn.ReLU: "relu", nn.ReLU6: "relu6", nn.LeakyReLU: "leaky_relu", nn.GELU: "gelu", nn.SiLU: "silu",
-    nn.Hardswish: "hardswish",
-}
-_aten = torch.ops.aten
-RECTIFIER_FUNCTIONS: dict[object, str] = {
-    F.relu: "relu", torch.relu: "relu", torch.relu_: "relu", F.relu_: "relu", F.relu6: "relu6",
-    F.leaky_relu: "leaky_relu", F.gelu: "gelu", F.silu: "silu", F.hardswish: "hardswish",
-    _aten.relu.default: "relu", _aten.relu_.default: "relu", _aten.gelu.default: "gelu",
-    _aten.silu.default: "silu", _aten.silu_.default: "silu", _aten.leaky_relu.default: "leaky_relu",
-    _aten.hardtanh.default: "relu6", _aten.hardswish.default: "hardswish",
-}
-RECTIFIER_METHODS = {"relu": "relu", "relu_": "relu"}
-ALL_RECTIFIERS = frozenset(RECTIFIER_MODULES.values())
-_CHANNEL_FIRST = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
-_CHANNEL_LAST = (nn.Linear, nn.LayerNorm)
-
-
-@dataclass(frozen=True)
-class CallSite:
-    """``name``: fx node name, or module path for a rectifier inside a leaf module."""
-
-    name: str
-    op: str
-    in_graph: bool = True
-
-
-class _Tracer(fx.Tracer):
-    def __init__(self, leaves: set[str]) -> None:
-        super().__init__()
-        self.leaves = leaves
-
-    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        return qualname in self.leaves or super().is_leaf_module(m, qualname)
-
-
-def _try_trace(module: nn.Module, leaves: set[str]) -> tuple[fx.GraphModule | None, Exception | None]:
-    try:
-        tracer = _Tracer(leaves)
-        graph = tracer.trace(module)
-        return fx.GraphModule(tracer.root, graph, module.__class__.__name__), None
-    except Exception as e:  # fx raises TraceError, TypeError, AssertionError... for untraceable code
-        return None, e
-
-
-def _untraceable(module: nn.Module, prefix: str = "") -> list[str]:
-    """Deepest sub-modules whose own forward cannot be traced (their children trace fine)."""
-    if _try_trace(module, set())[0] is not None:
-        return []
-    deeper = [p for name, child in module.named_children()
-              for p in _untraceable(child, f"{prefix}{name}.") if child is not None]
-    return deeper or [prefix.rstrip(".")]
-
-
-_BN_STATE = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
-
-
-def split_norm_act(model: nn.Module) -> nn.Module:
-    """timm's ``BatchNormAct2d`` runs BatchNorm and its activation in one module; split it into
-    ``Sequential(BatchNorm2d, drop, act)`` (same function) so the BN folds and the activation is its own call site.
-    Returns a copy when anything was split, ``model`` itself otherwise."""
-    fused = [name for name, m in model.named_modules()
-             if isinstance(m, nn.BatchNorm2d) and type(m) is not nn.BatchNorm2d and hasattr(m, "act")]
-    if not fused:
-        return model
-    model = copy.deepcopy(model)
-    for name in fused:
-        m = model.get_submodule(name)
-        bn = nn.BatchNorm2d(m.num_features, m.eps, m.momentum, m.affine, m.track_running_stats)
-        bn.load_state_dict({k: v for k, v in m.state_dict().items() if k in _BN_STATE})
-        parent, _, attr = name.rpartition(".")
-        setattr(model.get_submodule(parent), attr, nn.Sequential(bn, m.drop, m.act).train(m.training))
-    return model
-
-
-UNTRACEABLE_ADVICE = ("export it with torch.export (data-dependent branches as torch.cond) and pass the .pt2 "
-                      "archive instead, or move the Python control flow into a sub-module, which is then kept whole "
-                      "as a leaf")
-
-
-def trace(model: nn.Module) -> fx.GraphModule:
-    """Symbolic trace, turning untraceable sub-modules into leaves; a GraphModule is returned as is."""
-    if isinstance(model, fx.GraphModule):
-        return model
-    model = split_norm_act(model)
-    gm, err = _try_trace(model, set())
-    if gm is not None:
-        return gm
-    leaves = set(_untraceable(model))
-    if "" not in leaves:
-        gm, err = _try_trace(model, leaves)
-    if gm is None:
-        raise UserError(f"cannot trace {type(model).__name__} with torch.fx ({first_line(err)}); {UNTRACEABLE_ADVICE}")
-    gm.meta["leaf_modules"] = sorted(leaves)
-    return gm
-
-
-def _node_op(gm: fx.GraphModule, node: fx.Node) -> str | None:
-    if node.op == "call_module":
-        return RECTIFIER_MODULES.get(type(gm.get_submodule(node.target)))
-    if node.op == "call_function":
-        return RECTIFIER_FUNCTIONS.get(node.target)  # type: ignore[call-overload]
-    if node.op == "call_method":
-        return RECTIFIER_METHODS.get(node.target)  # type: ignore[call-overload]
-    return None
-
-
-def find_call_sites(gm: fx.GraphModule, rectifiers: Iterable[str] = ALL_RECTIFIERS) -> list[CallSite]:
-    """All rectifier call sites, in execution order, whose kind is in ``rectifiers``."""
-    wanted = set(rectifiers)
-    unknown = wanted - ALL_RECTIFIERS
-    if unknown:
-        raise UserError(f"unknown rectifier(s) {sorted(unknown)}; choose from {sorted(ALL_RECTIFIERS)}")
-    sites = []
-    for node in gm.graph.nodes:
-        op = _node_op(gm, node)
-        if op in wanted:
-            sites.append(CallSite(node.name, op))
-        elif node.op == "call_module":  # rectifiers inside a leaf module (one that did not trace)
-            for path, mod in gm.get_submodule(node.target).named_modules(prefix=node.target):
-                if RECTIFIER_MODULES.get(type(mod)) in wanted:
-                    sites.append(CallSite(path, RECTIFIER_MODULES[type(mod)], in_graph=False))
-    return sites
-
-
-def channel_dim(gm: fx.GraphModule, site: CallSite) -> int:
-    """Which dim holds units: 1 after conv/BN (NCHW maps), -1 after linear/LayerNorm (tokens)."""
-    return _input_unit_dim(gm, node_named(gm, site.name))
-
-
-def _input_unit_dim(gm: fx.GraphModule, act: fx.Node) -> int:
-    node = act.args[0]
-    while isinstance(node, fx.Node):
-        if node.op == "call_module":
-            mod = gm.get_submodule(node.target)
-            if isinstance(mod, _CHANNEL_FIRST):
-                return 1
-            if isinstance(mod, _CHANNEL_LAST):
-                return -1
-        if node.op == "call_function" and node.target in (F.linear, F.layer_norm, _aten.linear.default):
-            return -1
-        if node.op == "call_function" and node.target in (F.conv2d, _aten.convolution.default,
-                                                          _aten.conv2d.default):
-            return 1
-        if node.op == "placeholder" or not node.args:
-            break
-        node = node.args[0] if node.target not in (operator.add, torch.add) else _first_node(node.args)
-    return 1
-
-
-def _first_node(args: tuple) -> fx.Node | None:
-    return next((a for a in args if isinstance(a, fx.Node)), None)
-
-
-def node_named(gm: fx.GraphModule, name: str) -> fx.Node:
-    for node in gm.graph.nodes:
-        if node.name == name:
-            return node
-    raise KeyError(name)
+from .rectifiers import MODULE_OF_KIND
+from .sites import find_call_sites, input_unit_dim, node_named
 
 
 def _sole_conv(gm: fx.GraphModule, node: object) -> nn.Conv2d | None:
@@ -316,7 +153,7 @@ def blend_sites(gm: fx.GraphModule, names: Iterable[str], relocate: bool = False
             relocate_padding(out, act)
         x = act.args[0]
         target = f"blend_{name}"
-        out.add_submodule(target, Blend(dim=_input_unit_dim(out, act), fit=fits.get(name)))
+        out.add_submodule(target, Blend(dim=input_unit_dim(out, act), fit=fits.get(name)))
         with out.graph.inserting_before(act):
             act.update_arg(0, out.graph.call_method("clone", (x,)))
         with out.graph.inserting_after(act):
@@ -373,3 +210,27 @@ def remove_sites(gm: fx.GraphModule, names: Iterable[str], relocate: bool = Fals
     :func:`relocate_padding`); the order of ``names`` matters then, so replay them in removal order.
     """
     return _settle_in_place(blend_sites(gm, names, relocate, fits))
+
+
+def swap_rectifiers(gm: fx.GraphModule, old: str, new: str) -> fx.GraphModule:
+    """A copy of ``gm`` in which every call site of kind ``old`` computes ``new`` instead (the EASIER paper's
+    rectifier ablation: ReLU → LeakyReLU(0.01) / GELU / SiLU, then finetune to recover). Each site gets its own
+    fresh module, so sites stay separately removable; everything else is untouched."""
+    if new not in MODULE_OF_KIND:
+        raise UserError(f"cannot swap to '{new}'; choose from {', '.join(MODULE_OF_KIND)}")
+    out = copy.deepcopy(gm)
+    for i, site in enumerate(find_call_sites(out, [old])):
+        if site.in_graph:
+            node = node_named(out, site.name)
+            target = f"_{new}_{i}"
+            out.add_submodule(target, MODULE_OF_KIND[new]())
+            with out.graph.inserting_after(node):
+                swapped = out.graph.call_module(target, (node.args[0],))
+            node.replace_all_uses_with(swapped)
+            out.graph.erase_node(node)
+        else:
+            parent, _, attr = site.name.rpartition(".")
+            setattr(out.get_submodule(parent), attr, MODULE_OF_KIND[new]())
+    out.graph.lint()
+    out.recompile()
+    return out
