@@ -126,7 +126,7 @@ def test_pickled_weights_refused_and_plain_tensors_accepted(tmp_path):
     model.save_pretrained(tmp_path / "ok")
     (tmp_path / "ok" / "model.safetensors").unlink()
     torch.save(model.state_dict(), tmp_path / "ok" / "pytorch_model.bin")
-    assert load_model(str(tmp_path / "ok")).text.task == "causal_lm"
+    assert load_model(str(tmp_path / "ok")).task.spec.task == "causal_lm"
     model.save_pretrained(tmp_path / "bad")
     (tmp_path / "bad" / "model.safetensors").unlink()
     torch.save({"module": torch.nn.Linear(2, 2)}, tmp_path / "bad" / "pytorch_model.bin")
