@@ -4,6 +4,7 @@ configured one? Then the configured one is wrong, and the run stops before adapt
 from __future__ import annotations
 
 import dataclasses
+import itertools
 
 import torch
 
@@ -11,7 +12,7 @@ from easier_export.core.errors import UserError
 from easier_export.core.stats import better_beyond_chance
 from easier_export.load.data import ImageFolderData
 from easier_export.load.models import LoadedModel
-from easier_export.load.task import IMAGENET_MEAN, IMAGENET_STD, ImageTask, first_batches
+from easier_export.load.task import IMAGENET_MEAN, IMAGENET_STD, ImageTask
 from easier_export.loop.train import evaluate_metrics
 
 NORMALIZATION_MARGIN = 5.0
@@ -37,7 +38,8 @@ def check_normalization(loaded: LoadedModel, folder: ImageFolderData, batch_size
             continue
         trial = dataclasses.replace(task, mean=mean, std=std, crop_asked=False)
         loaders = trial.loaders(folder, loaded.input_size, batch_size, 0, seed)
-        metrics = evaluate_metrics(loaded.model, first_batches(loaders, NORMALIZATION_BATCHES), torch.device("cpu"))
+        batches = list(itertools.islice(iter(loaders.val), NORMALIZATION_BATCHES))  # (images, labels)
+        metrics = evaluate_metrics(loaded.model, batches, torch.device("cpu"))
         scores[name], correct[name] = metrics["top1"], metrics["correct"]
     best = max(scores, key=lambda k: scores[k])
     clearly = better_beyond_chance(correct["configured"], correct[best])  # not a few lucky images
