@@ -30,7 +30,7 @@ SHARED = ROOT.parent / "shared"
 
 def run(depth: int, args: argparse.Namespace) -> dict:
     loaded = load_model(f"cifar_resnet{depth}", weights=SHARED / "models" / f"cifar10-resnet{depth}.th")
-    loaders = image_folder(SHARED / "datasets" / "cifar10-jpeg", loaded.input_size, loaded.mean, loaded.std,
+    loaders = image_folder(SHARED / "datasets" / "cifar10-jpeg", loaded.input_size, loaded.task.mean, loaded.task.std,
                            args.batch_size, args.workers, num_classes=10)
     cfg = CompressConfig(LoopConfig(max_drop=args.max_drop, finetune_epochs=args.finetune_epochs, lr=args.lr,
                                     entropy_batches=args.entropy_batches, baseline_epochs=args.baseline_epochs),

@@ -84,7 +84,7 @@ def methods(args: argparse.Namespace) -> dict[str, Method]:
 def data(name: str, args: argparse.Namespace):
     arch, weights, baseline = MODELS[name]
     loaded = load_model(arch, weights=weights)
-    loaders = image_folder(SHARED / "datasets" / "cifar10-jpeg", loaded.input_size, loaded.mean, loaded.std,
+    loaders = image_folder(SHARED / "datasets" / "cifar10-jpeg", loaded.input_size, loaded.task.mean, loaded.task.std,
                            args.batch_size, args.workers, num_classes=10)
     return loaded, loaders, baseline
 

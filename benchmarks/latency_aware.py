@@ -68,8 +68,8 @@ def weights_of(name: str, args: argparse.Namespace) -> Path:
 
 def _load(name: str, args: argparse.Namespace):
     loaded = load_model(MODELS[name][0], weights=weights_of(name, args))
-    return loaded, image_folder(SHARED / "datasets" / "cifar10-jpeg", loaded.input_size, loaded.mean, loaded.std,
-                                args.batch_size, args.workers, num_classes=10)
+    return loaded, image_folder(SHARED / "datasets" / "cifar10-jpeg", loaded.input_size, loaded.task.mean,
+                                loaded.task.std, args.batch_size, args.workers, num_classes=10)
 
 
 def run(name: str, select: str, args: argparse.Namespace) -> dict:

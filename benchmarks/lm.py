@@ -116,7 +116,7 @@ def run(criterion: str, args: argparse.Namespace) -> dict:
     if (out / "result.json").is_file():
         return json.loads((out / "result.json").read_text())
     loaded = load_model(str(MODEL), img_size=(args.seq,))
-    loaders = text_loaders(DATA, loaded.text, args.seq, args.batch_size, seed=0)
+    loaders = text_loaders(DATA, loaded.task.spec, args.seq, args.batch_size, seed=0)
     loop = LoopConfig(max_ppl_increase=args.max_ppl_increase, finetune_epochs=args.steps / len(loaders.train),
                       lr=args.lr, optimizer="adamw", criterion=criterion, select="entropy",
                       entropy_batches=args.entropy_batches, patience=args.patience)
@@ -133,7 +133,6 @@ def ceiling(args: argparse.Namespace) -> dict:
     perplexity that removal costs before any finetuning. Independent of the EASIER rounds."""
     from easier_export.fold import fold_model
     from easier_export.loop.train import evaluate_metrics
-    from easier_export.pipeline import val_batches
     from easier_export.ship.export import export_onnx, verify_onnx
     from easier_export.trace.edits import remove_sites
     from easier_export.trace.sites import find_call_sites
@@ -143,10 +142,10 @@ def ceiling(args: argparse.Namespace) -> dict:
     if (out / "result.json").is_file():
         return json.loads((out / "result.json").read_text())
     loaded = load_model(str(MODEL), img_size=(args.seq,))
-    loaders = text_loaders(DATA, loaded.text, args.seq, args.batch_size, seed=0)
+    loaders = text_loaders(DATA, loaded.task.spec, args.seq, args.batch_size, seed=0)
     gm = trace(loaded.model)
     linear = remove_sites(gm, [s.name for s in find_call_sites(gm)])
-    inputs = val_batches(loaders, 4, text=True)
+    inputs = loaded.task.verification_inputs(loaders, 4)
     folded, _ = fold_model(linear, inputs[0][:1], mode="all")
     files = {"original": out / "original.onnx", "folded": out / "model.onnx"}
     for path, model in zip(files.values(), (gm, folded), strict=True):

@@ -99,7 +99,7 @@ def spearman(a: list[float], b: list[float]) -> float:
 def study(name: str, args: argparse.Namespace) -> list[str]:
     arch, weights, _ = MODELS[name]
     loaded = load_model(arch, weights=weights)
-    loaders = image_folder(SHARED / "datasets" / "cifar10-jpeg", loaded.input_size, loaded.mean, loaded.std,
+    loaders = image_folder(SHARED / "datasets" / "cifar10-jpeg", loaded.input_size, loaded.task.mean, loaded.task.std,
                            args.batch_size, args.workers, num_classes=10)
     gm = trace(loaded.model.eval())
     cfg = LoopConfig(entropy_batches=args.entropy_batches, select="latency")

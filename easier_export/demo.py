@@ -16,6 +16,7 @@ from easier_export.core.io import save_torch
 from easier_export.load.arch import DemoInvRes
 from easier_export.load.data import digits
 from easier_export.load.models import LoadedModel
+from easier_export.load.task import ImageTask
 from easier_export.loop.config import LoopConfig
 from easier_export.loop.train import evaluate, finetune, seed_everything
 from easier_export.pipeline import CompressConfig, compress, ensure_writable
@@ -52,7 +53,7 @@ def run_demo(out_dir: Path, epochs: int = 12, finetune_epochs: float = 1.0, max_
              fold: str = "auto", seed: int = 0, select: str = "latency") -> dict:
     out_dir = ensure_writable(Path(out_dir))
     model = trained_demo_model(out_dir, epochs, seed)
-    loaded = LoadedModel(model, "demo_invres", mean=(0.5,), std=(0.5,), input_size=(1, 16, 16))
+    loaded = LoadedModel(model, "demo_invres", (1, 16, 16), ImageTask(mean=(0.5,), std=(0.5,)))
     cfg = CompressConfig(LoopConfig(max_drop=max_drop, finetune_epochs=finetune_epochs, lr=0.01, seed=seed,
                                     select=select), fold=fold, device="cpu")
     return compress(loaded, digits(seed=seed, val_share=VAL_SHARE), out_dir, cfg)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import itertools
 import json
 import os
 import shutil
@@ -14,25 +13,24 @@ from pathlib import Path
 import torch
 from torch import fx, nn
 
-from easier_export import __version__
 from easier_export.core.console import console, info
 from easier_export.core.dist import is_main_process, resolve_device
 from easier_export.core.errors import UserError, VerificationError, first_line
 from easier_export.core.io import save_torch
-from easier_export.core.stats import PairedChange, better_beyond_chance
+from easier_export.core.stats import PairedChange
 from easier_export.fold import fold_model
 from easier_export.fold.planner import LatencyTable
-from easier_export.load.data import ImageFolderData, Loaders, Preprocessing
-from easier_export.load.models import IMAGENET_MEAN, IMAGENET_STD, LINEARIZED_FORMAT, LoadedModel
-from easier_export.load.text import two_lengths
+from easier_export.load.data import Loaders
+from easier_export.load.models import LINEARIZED_FORMAT, LoadedModel
+from easier_export.load.task import FLOAT32, Tolerances
 from easier_export.loop.config import LoopConfig, Task
 from easier_export.loop.linearize import run_loop
 from easier_export.loop.state import LoopResult, cpu_state, snapshot_path
-from easier_export.loop.train import evaluate_metrics
 from easier_export.ship.bench import bench, speedups
 from easier_export.ship.export import MIN_OPSET, eval_copy, export_onnx, mark_unverified, print_verify, verify_onnx
-from easier_export.ship.report import SCHEMA_VERSION, model_stats, rounds_table, summary_table, write_report
+from easier_export.ship.report import build_report, write_report
 from easier_export.ship.shipping import Shipment, Step, choose
+from easier_export.ship.tables import rounds_table, summary_table
 from easier_export.trace.edits import remove_sites
 from easier_export.trace.sites import find_call_sites
 from easier_export.trace.tracing import trace
@@ -46,16 +44,24 @@ class CompressConfig:
     device: str = "auto"
     simplify: bool = True
     opset: int = MIN_OPSET
-    atol: float = 1e-4
-    rtol: float = 1e-3
-    scale_tol: float = 1e-4
-    min_top1: float = 0.99
+    atol: float = FLOAT32.atol
+    rtol: float = FLOAT32.rtol
+    scale_tol: float = FLOAT32.scale_tol
+    min_top1: float = FLOAT32.min_top1
     verify_batches: int = 4
     bench_devices: tuple[str, ...] = ("cpu",)
     bench_batches: tuple[int, ...] = (1, 8)
     threads: int | None = None
     bench_seconds: float = 2.0
     latency_table: Path | None = None
+
+    @property
+    def tolerances(self) -> Tolerances:
+        return Tolerances(self.atol, self.rtol, self.scale_tol, self.min_top1)
+
+    def settings(self) -> dict:
+        """The run's configuration as the report records it: the loop's settings and the others, flat."""
+        return {**asdict(self.loop), **{k: v for k, v in asdict(self).items() if k != "loop"}}
 
 
 def ensure_writable(out_dir: Path) -> Path:
@@ -91,40 +97,6 @@ def dry_run(model: nn.Module, input_size: tuple[int, ...], dtype: torch.dtype = 
                         "check --input-size") from e
 
 
-NORMALIZATION_MARGIN = 5.0
-"""Points by which another common normalization must beat the configured one on val before the run is stopped:
-well above the val noise of a few hundred images, far below what a wrong normalization costs (tens of points)."""
-NORMALIZATION_BATCHES = 8
-
-
-def check_normalization(loaded: LoadedModel, folder: ImageFolderData, batch_size: int, seed: int) -> None:
-    """Without --mean/--std, evaluate the original on a few val batches under the configured normalization and
-    the common others; stop (one line) when another scores clearly higher (by the margin, and beyond the paired
-    noise of those images: a random or tiny model's differences are not a finding): finetuning would otherwise "recover"
-    the model to the wrong normalization and ship it adapted to inputs its users never feed it."""
-    channels = loaded.input_size[0]
-    configured = (tuple(loaded.mean), tuple(loaded.std))
-    others = {"ImageNet": (IMAGENET_MEAN, IMAGENET_STD), "0.5/0.5": ((0.5,) * channels, (0.5,) * channels),
-              "none (0 and 1)": ((0.0,) * channels, (1.0,) * channels)}
-    scores, correct = {}, {}
-    for name, (mean, std) in {"configured": configured, **others}.items():
-        if len(mean) != channels or (name != "configured" and (mean, std) == configured):
-            continue
-        loaders = folder.loaders(loaded.input_size, mean, std, batch_size, 0, seed, loaded.crop_pct,
-                                 loaded.interpolation)
-        batches = list(itertools.islice(iter(loaders.val), NORMALIZATION_BATCHES))
-        metrics = evaluate_metrics(loaded.model, batches, torch.device("cpu"))
-        scores[name], correct[name] = metrics["top1"], metrics["correct"]
-    best = max(scores, key=lambda k: scores[k])
-    clearly = better_beyond_chance(correct["configured"], correct[best])  # not a few lucky images
-    if scores[best] > scores["configured"] + NORMALIZATION_MARGIN and clearly:
-        mean, std = {"configured": configured, **others}[best]
-        raise UserError(f"{loaded.source} scores {scores['configured']:.1f}% on val with its configured mean/std "
-                        f"but {scores[best]:.1f}% with {best} normalization: pass the normalization it was trained "
-                        f"with, e.g. --mean {','.join(f'{v:g}' for v in mean)} --std "
-                        f"{','.join(f'{v:g}' for v in std)}")
-
-
 def check_continuation(loaded: LoadedModel, relocate_padding: bool) -> None:
     """A linearized checkpoint replays its removals with one relocation setting: keep it when continuing."""
     if loaded.removed and loaded.relocate_padding != relocate_padding:
@@ -136,40 +108,26 @@ def save_linearized(path: Path, loaded: LoadedModel, result: LoopResult, relocat
     """State dict + the recipe to rebuild it: architecture, removed call sites, preprocessing."""
     check_continuation(loaded, relocate_padding)
     recipe = {"arch": loaded.source, "num_classes": loaded.num_classes, "removed": loaded.removed + result.removed,
-              "relocate_padding": relocate_padding,
-              "input_size": list(loaded.input_size), "mean": list(loaded.mean), "std": list(loaded.std),
-              "crop_pct": loaded.crop_pct, "interpolation": loaded.interpolation}
+              "relocate_padding": relocate_padding, "input_size": list(loaded.input_size), **loaded.task.recipe()}
     state = cpu_state(result.model)
     return save_torch({"format": LINEARIZED_FORMAT, "recipe": recipe, "state_dict": state}, path)
 
 
-def val_batches(loaders: Loaders, n: int, text: bool = False) -> list[torch.Tensor]:
-    """``n`` validation batches; token batches also cut to half their length, so that the export's dynamic
-    sequence axis is verified at two lengths."""
-    batches = [x for x, _ in itertools.islice(iter(loaders.val), n)]
-    return batches + [x[:, : two_lengths(x.shape[1])[1]] for x in batches] if text else batches
-
-
-MAX_POSITIONS_KEY = "easier_export.max_positions"
-
-
 def onnx_metadata(loaded: LoadedModel) -> dict[str, str]:
-    """What the ONNX file records about its source; a language model also its positions (``bench`` times it at
-    sequence 128 or fewer)."""
-    text = {} if loaded.text is None else {MAX_POSITIONS_KEY: str(loaded.text.max_positions)}
-    return {"source": loaded.source, **text}
+    """What the ONNX file records about its source (and what its task adds)."""
+    return {"source": loaded.source, **loaded.task.onnx_metadata()}
 
 
 def task_of(loaded: LoadedModel) -> Task:
-    """Images and text classifiers keep top-1 within budget, causal language models perplexity."""
-    return Task() if loaded.text is None else Task(loaded.text.metric, loaded.text.entropy_pad_id)
+    """What the loop keeps within budget: the task config's metric, padding left out of the entropy counts."""
+    return Task(loaded.task.metric, loaded.task.pad_id)
 
 
 def export_and_verify(model: nn.Module, reference: nn.Module, example: torch.Tensor, path: Path,
                       inputs: list[torch.Tensor], metadata: dict[str, str], cfg: CompressConfig) -> dict:
     """Export, then prove the file reproduces ``reference``; a failure keeps the file as *.unverified.onnx."""
     info_ = export_onnx(model, example, path, metadata, simplify=cfg.simplify, opset=cfg.opset)
-    result = verify_onnx(path, reference, inputs, cfg.atol, cfg.rtol, cfg.min_top1, scale_tol=cfg.scale_tol)
+    result = verify_onnx(path, reference, inputs, cfg.tolerances)
     print_verify(result, console)
     info_["verify"] = result.to_dict()
     if not result.passed:
@@ -284,14 +242,14 @@ def compress(loaded: LoadedModel, loaders: Loaders, out_dir: Path, cfg: Compress
     device = resolve_device(cfg.device)
     check_continuation(loaded, cfg.loop.relocates)
     gm = trace(loaded.model.eval())
-    dry_run(gm, loaded.input_size, loaded.input_dtype)
+    dry_run(gm, loaded.input_size, loaded.task.dtype)
     n_sites = len(find_call_sites(gm, cfg.loop.rectifiers))
     if n_sites == 0:
         raise UserError(f"{loaded.source} has no {'/'.join(cfg.loop.rectifiers)} activations to remove")
     info(f"[bold]{loaded.source}[/]: {n_sites} activation call sites; finetuning on {device}")
     say_preprocessing(loaders)
 
-    inputs = val_batches(loaders, cfg.verify_batches, loaded.text is not None)
+    inputs = loaded.task.verification_inputs(loaders, cfg.verify_batches)
     example = inputs[0][:1]
     table = LatencyTable(cfg.target, cfg.threads, latency_table_path(out_dir, cfg))
     probe = speedup_probe(gm, example, out_dir / "probe", cfg) if cfg.loop.target_speedup is not None else None
@@ -317,7 +275,7 @@ def compress(loaded: LoadedModel, loaders: Loaders, out_dir: Path, cfg: Compress
     bench_rows = _bench(exports, example, cfg, original, folded)
     verify = exports["folded"]["verify"]
 
-    report = build_report(loaded, cfg, shipped, original, folded, example, folds, exports, bench_rows,
+    report = build_report(loaded, cfg.settings(), shipped, original, folded, example, folds, exports, bench_rows,
                           loaders.skipped, shipment.to_dict(), loaders.preprocessing)
     write_report(report, out_dir)
     if report["rounds"]:
@@ -328,49 +286,3 @@ def compress(loaded: LoadedModel, loaders: Loaders, out_dir: Path, cfg: Compress
                                 f"(kept as {Path(exports['folded']['path']).name})")
     return report
 
-
-def _ppl(value: float | None) -> dict:
-    """A language model's perplexity, under ``ppl`` (absent for other models: keys are only ever added)."""
-    return {} if value is None else {"ppl": value}
-
-
-def build_report(loaded: LoadedModel, cfg: CompressConfig, result: LoopResult, original: nn.Module,
-                 folded: fx.GraphModule, example: torch.Tensor, folds: list, exports: dict,
-                 bench_rows: list[dict], skipped: list[str] | None = None, shipment: dict | None = None,
-                 preprocessing: Preprocessing | None = None) -> dict:
-    removed_round = {name: r.round for r in result.history if r.within_budget for name in r.removed}
-    entropy0 = {e["name"]: e["entropy"] for e in result.entropy0}
-    return {
-        "schema_version": SCHEMA_VERSION,
-        "tool": {"name": "easier-export", "version": __version__},
-        "model": {"source": loaded.source, "input_size": list(example.shape[1:]),
-                  "num_classes": loaded.num_classes},
-        "settings": {**asdict(cfg.loop), **{k: v for k, v in asdict(cfg).items() if k != "loop"}},
-        "original": {"top1": result.base_top1, **model_stats(original, example),
-                     "onnx_bytes": exports["original"]["size_bytes"], **_ppl(result.base_ppl)},
-        "compressed": {"top1": result.final_top1, **model_stats(folded, example),
-                       "onnx_bytes": exports["folded"]["size_bytes"], "removed": result.removed,
-                       **_ppl(result.final_ppl)},
-        "entropy": [{"name": e["name"], "op": e["op"], "units": e["units"], "entropy": e["entropy"],
-                     "removed_round": removed_round.get(e["name"])} for e in result.entropy0],
-        "rounds": [{k: v for k, v in asdict(r).items() if k != "score"} | {"entropy": r.score}
-                   for r in result.history],
-        "rejected": [{"round": r.round, "removed": r.removed, "val_top1": r.val_top1}
-                     for r in result.history if not r.within_budget],
-        "stopped": result.stopped,
-        "groups": [{**g, "sites": list(g["sites"]),
-                    "entropy": sum(entropy0.get(s, float("nan")) for s in g["sites"])} for g in result.groups],
-        "folds": [f.to_dict() for f in folds],
-        "export": {k: v for k, v in exports["folded"].items() if k != "verify"},
-        "verify": exports["folded"]["verify"],
-        "bench": bench_rows,
-        "data": {"skipped_images": len(skipped or []), "skipped": skipped or [],
-                 **({} if preprocessing is None else {"preprocessing": preprocessing.to_dict()})},
-        **({} if shipment is None else {"shipped": shipment}),
-        **({} if loaded.text is None else {"text": {
-            "task": loaded.text.task, "metric": loaded.text.metric, "sequence_length": int(example.shape[1]),
-            "verified_lengths": list(two_lengths(int(example.shape[1]))),
-            "tokenizer": loaded.text.tokenizer or "utf-8 bytes", "vocab_size": loaded.text.vocab_size}}),
-        "outputs": {"model": Path(exports["folded"]["path"]).name, "linearized": "linearized.pt",
-                    "report_json": "report.json", "report_md": "report.md"},
-    }

@@ -5,7 +5,8 @@ from collections import Counter
 import pytest
 import torch
 
-from easier_export.load.models import IMAGENET_MEAN, IMAGENET_STD, build_arch, load_model
+from easier_export.load.models import build_arch, load_model
+from easier_export.load.task import IMAGENET_MEAN, IMAGENET_STD
 from easier_export.trace.sites import find_call_sites
 from easier_export.trace.tracing import trace
 
@@ -23,5 +24,5 @@ def test_cifar_builtin_traces_with_its_call_sites(name, sites, tmp_path):
     path = tmp_path / "w.pt"
     torch.save(net.state_dict(), path)
     loaded = load_model(name, weights=path)
-    assert (loaded.input_size, loaded.mean, loaded.std) == ((3, 32, 32), IMAGENET_MEAN, IMAGENET_STD)
+    assert (loaded.input_size, loaded.task.mean, loaded.task.std) == ((3, 32, 32), IMAGENET_MEAN, IMAGENET_STD)
     torch.testing.assert_close(loaded.model(x), net(x))

@@ -17,7 +17,8 @@ from conftest import make_image_folder
 from conftest import run_cli as run
 from PIL import Image
 
-from easier_export.load.models import IMAGENET_MEAN, build_arch, load_model
+from easier_export.load.models import build_arch, load_model
+from easier_export.load.task import IMAGENET_MEAN
 from easier_export.ship.export import export_onnx
 
 MARKER = "pwned"
@@ -393,4 +394,4 @@ def test_fold_refolds_its_own_one_channel_output(capsys, tmp_path) -> None:
     for model, out in (("demo_cnn", first), (str(first / "folded.pt2"), second)):
         code, text = run(capsys, "fold", model, "--out", str(out), "--fold", "none", "--no-simplify")
         assert code == 0, text
-    assert load_model(str(first / "folded.pt2")).mean == pytest.approx((sum(IMAGENET_MEAN) / 3,))
+    assert load_model(str(first / "folded.pt2")).task.mean == pytest.approx((sum(IMAGENET_MEAN) / 3,))

@@ -93,7 +93,7 @@ def test_a_clearly_better_normalization_stops_the_run(tmp_path, monkeypatch) -> 
     import pytest
     from torch import nn
 
-    from easier_export import pipeline
+    from easier_export import normalization
     from easier_export.core.errors import UserError
     from easier_export.load.models import LoadedModel
 
@@ -106,16 +106,16 @@ def test_a_clearly_better_normalization_stops_the_run(tmp_path, monkeypatch) -> 
     def evaluate(model, batches, device) -> dict:  # right only on pixels in [0, 1]
         return scored(90.0 if batches[0][0].min() >= 0 else 20.0)
 
-    monkeypatch.setattr(pipeline, "evaluate_metrics", evaluate)
+    monkeypatch.setattr(normalization, "evaluate_metrics", evaluate)
     with pytest.raises(UserError, match=r"scores 20\.0% on val with its configured mean/std but 90\.0% with none "
                                         r"\(0 and 1\) normalization: .* --mean 0,0,0 --std 1,1,1$"):
-        pipeline.check_normalization(loaded, folder, 4, 0)
-    monkeypatch.setattr(pipeline, "evaluate_metrics", lambda model, batches, device: scored(50.0))
-    pipeline.check_normalization(loaded, folder, 4, 0)
+        normalization.check_normalization(loaded, folder, 4, 0)
+    monkeypatch.setattr(normalization, "evaluate_metrics", lambda model, batches, device: scored(50.0))
+    normalization.check_normalization(loaded, folder, 4, 0)
 
     def few(model, batches, device) -> dict:  # 2 of 3 images right against 0 of 3: beyond the margin, not the noise
         right = batches[0][0].min() >= 0
         return {"top1": 66.7 if right else 0.0, "correct": torch.tensor([1.0, 1.0, 0.0] if right else [0.0] * 3)}
 
-    monkeypatch.setattr(pipeline, "evaluate_metrics", few)
-    pipeline.check_normalization(loaded, folder, 4, 0)
+    monkeypatch.setattr(normalization, "evaluate_metrics", few)
+    normalization.check_normalization(loaded, folder, 4, 0)

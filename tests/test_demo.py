@@ -10,6 +10,7 @@ import torch
 from easier_export.demo import run_demo
 from easier_export.load.data import digits
 from easier_export.load.models import load_model
+from easier_export.ship.schema import validate_report
 
 
 @pytest.mark.slow  # trains the demo network: a minute of CPU
@@ -22,6 +23,7 @@ def test_demo_pipeline_removes_activations_and_onnx_matches_pytorch(tmp_path):
     assert report["verify"]["passed"] and report["verify"]["max_abs"] <= 1e-4
     written = json.loads((tmp_path / "report.json").read_text())
     assert written["compressed"]["removed"] == report["compressed"]["removed"]
+    assert validate_report(written) == []
 
     # Independently: the shipped ONNX against the linearized checkpoint, on real digit images.
     linearized = load_model(str(tmp_path / "linearized.pt")).model.eval()

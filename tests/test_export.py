@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import dataclasses
 import io
 from pathlib import Path
 
@@ -14,6 +15,7 @@ from torch import nn
 
 import easier_export
 from easier_export.core.errors import UserError
+from easier_export.load.task import FLOAT32, Tolerances
 from easier_export.ship import export as ex
 
 
@@ -38,6 +40,11 @@ def batches(shape: tuple[int, ...], n: int = 2, batch: int = 4) -> list[torch.Te
 def run_onnx(path: Path, x: torch.Tensor) -> np.ndarray:
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     return session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]
+
+
+def tolerated(**changes: float) -> Tolerances:
+    """The float32 tolerances with ``changes``."""
+    return dataclasses.replace(FLOAT32, **changes)
 
 
 def check_round_trip(model: nn.Module, shape: tuple[int, int, int], path: Path, **verify_kw) -> dict:
@@ -175,7 +182,7 @@ def corrupt(src: Path, dst: Path, scale: float) -> Path:
 def test_corrupted_model_fails_tolerance(exported, tmp_path: Path) -> None:
     model, path = exported
     bad = corrupt(path, tmp_path / "bad.onnx", scale=1e-2)
-    result = ex.verify_onnx(bad, model, batches((3, 16, 16)), min_top1=0.0)
+    result = ex.verify_onnx(bad, model, batches((3, 16, 16)), tolerated(min_top1=0.0))
     assert not result.passed and result.violations > 0
     assert result.reason.startswith("tolerance") and "top-1" not in result.reason
 
@@ -184,21 +191,21 @@ def test_tolerance_follows_the_output_scale(exported, tmp_path: Path) -> None:
     model, path = exported
     bad = corrupt(path, tmp_path / "bad.onnx", scale=1e-2)
     inputs = batches((3, 16, 16))
-    strict = ex.verify_onnx(bad, model, inputs, min_top1=0.0)
+    strict = ex.verify_onnx(bad, model, inputs, tolerated(min_top1=0.0))
     with torch.no_grad():
         scale = max(float(model.eval()(x).abs().max()) for x in inputs)
     assert strict.ref_scale == pytest.approx(scale, rel=1e-6)
     assert strict.max_rel == pytest.approx(strict.max_abs / scale)
     assert not strict.passed and "of max |ref|" in strict.reason
-    loose = ex.verify_onnx(bad, model, inputs, min_top1=0.0, scale_tol=2 * strict.max_rel)
+    loose = ex.verify_onnx(bad, model, inputs, tolerated(min_top1=0.0, scale_tol=2 * strict.max_rel))
     assert loose.passed and loose.violations == 0
-    old_style = ex.verify_onnx(bad, model, inputs, atol=2 * strict.max_abs, min_top1=0.0, scale_tol=0.0)
-    assert old_style.passed  # --atol alone still decides when the scale term is off
+    no_scale = ex.verify_onnx(bad, model, inputs, tolerated(atol=2 * strict.max_abs, min_top1=0.0, scale_tol=0.0))
+    assert no_scale.passed  # --atol alone still decides when the scale term is off
 
 
 def test_top1_check_fails_on_its_own(exported) -> None:
     model, path = exported
-    result = ex.verify_onnx(path, model, batches((3, 16, 16)), atol=1.0, min_top1=1.01)
+    result = ex.verify_onnx(path, model, batches((3, 16, 16)), tolerated(atol=1.0, min_top1=1.01))
     assert not result.passed and result.violations == 0
     assert result.reason.startswith("top-1 agreement")
 

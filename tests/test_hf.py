@@ -60,12 +60,12 @@ def _hf(path):
 def test_rewrite_reproduces_transformers_at_two_lengths(hf_dirs, name):
     loaded = load_model(str(hf_dirs / name))
     hf = _hf(hf_dirs / name)
-    for ids in random_token_batches(loaded.text, 16):
+    for ids in random_token_batches(loaded.task.spec, 16):
         mask = None
-        if loaded.text.task == "classification":
-            ids[ids == loaded.text.pad_id] = 1
-            ids[0, -4:] = loaded.text.pad_id  # right padding: masked in attention, skipped by pooling
-            mask = (ids != loaded.text.pad_id).long()
+        if loaded.task.spec.task == "classification":
+            ids[ids == loaded.task.spec.pad_id] = 1
+            ids[0, -4:] = loaded.task.spec.pad_id  # right padding: masked in attention, skipped by pooling
+            mask = (ids != loaded.task.spec.pad_id).long()
         with torch.no_grad():
             want = hf(input_ids=ids, attention_mask=mask).logits
             got = loaded.model(ids)
@@ -89,7 +89,7 @@ def test_removing_mlp_activations_folds_fc1_fc2_exactly(hf_dirs, name):
     mlp_acts = [s.name for s in find_call_sites(gm) if s.name.startswith("blocks_")]
     assert len(mlp_acts) == 2
     linear = remove_sites(gm, mlp_acts)
-    ids = random_token_batches(loaded.text, 16)[0]
+    ids = random_token_batches(loaded.task.spec, 16)[0]
     folded, records = fold_model(linear, ids[:1], mode="all")
     merged = [r for r in records if r.kind == "linear_linear" and r.applied]
     assert len(merged) == 2
@@ -105,7 +105,7 @@ def test_removing_mlp_activations_folds_fc1_fc2_exactly(hf_dirs, name):
 
 def test_onnx_export_has_dynamic_batch_and_sequence(hf_dirs, tmp_path):
     loaded = load_model(str(hf_dirs / "gpt2_lm"), img_size=(32,))
-    inputs = random_token_batches(loaded.text, 32)
+    inputs = random_token_batches(loaded.task.spec, 32)
     assert [x.shape[1] for x in inputs] == [32, 16]
     export_onnx(loaded.model, inputs[0][:1], tmp_path / "m.onnx")
     dims = onnx.load(str(tmp_path / "m.onnx")).graph.input[0].type.tensor_type.shape.dim
@@ -128,7 +128,7 @@ def test_pickled_weights_refused_and_plain_tensors_accepted(tmp_path):
     model.save_pretrained(tmp_path / "ok")
     (tmp_path / "ok" / "model.safetensors").unlink()
     torch.save(model.state_dict(), tmp_path / "ok" / "pytorch_model.bin")
-    assert load_model(str(tmp_path / "ok")).text.task == "causal_lm"
+    assert load_model(str(tmp_path / "ok")).task.spec.task == "causal_lm"
     model.save_pretrained(tmp_path / "bad")
     (tmp_path / "bad" / "model.safetensors").unlink()
     torch.save({"module": torch.nn.Linear(2, 2)}, tmp_path / "bad" / "pytorch_model.bin")
@@ -162,8 +162,8 @@ def test_linearized_checkpoint_of_a_text_model_reloads(hf_dirs, tmp_path):
     result = LoopResult(gm, ["blocks_1_act"], 0.0, 0.0, [], [])
     save_linearized(tmp_path / "linearized.pt", loaded, result, False)
     again = load_model(str(tmp_path / "linearized.pt"))
-    ids = random_token_batches(loaded.text, 16)[0]
-    assert again.text == loaded.text and again.input_size == (16,)
+    ids = random_token_batches(loaded.task.spec, 16)[0]
+    assert again.task == loaded.task and again.input_size == (16,)
     assert torch.equal(again.model(ids), gm(ids))
 
 

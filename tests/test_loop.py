@@ -162,10 +162,12 @@ def test_other_starting_weights_refuse_to_resume(loaders, tmp_path):
 
 def test_continuing_a_linearized_checkpoint_keeps_earlier_removals(loaders, tmp_path):
     from easier_export.load.models import LoadedModel, load_model
+    from easier_export.load.task import ImageTask
     from easier_export.pipeline import save_linearized
 
     first = _run(loaders, tmp_path / "a", max_removed=1)
-    save_linearized(tmp_path / "a.pt", LoadedModel(DemoNet(), "demo_cnn", (0.5,), (0.5,), (1, 16, 16)), first, False)
+    demo = LoadedModel(DemoNet(), "demo_cnn", (1, 16, 16), ImageTask((0.5,), (0.5,)))
+    save_linearized(tmp_path / "a.pt", demo, first, False)
     loaded = load_model(str(tmp_path / "a.pt"))
     assert loaded.removed == first.removed
     cfg = LoopConfig(max_drop=100.0, finetune_epochs=0.3, max_removed=1, entropy_batches=2)

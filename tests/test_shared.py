@@ -16,7 +16,7 @@ pytestmark = [pytest.mark.slow,
 @pytest.mark.parametrize(("depth", "floor"), [(20, 80.0), (32, 82.0)])
 def test_shared_checkpoints_load_and_classify_cifar(depth, floor):
     loaded = load_model(f"cifar_resnet{depth}", weights=SHARED / "models" / f"cifar10-resnet{depth}.th")
-    loaders = image_folder(SHARED / "datasets" / "cifar10-jpeg", loaded.input_size, loaded.mean, loaded.std,
+    loaders = image_folder(SHARED / "datasets" / "cifar10-jpeg", loaded.input_size, loaded.task.mean, loaded.task.std,
                            batch_size=100, workers=0, num_classes=10)
     val = torch.utils.data.DataLoader(loaders.val.dataset, batch_size=100, shuffle=True,
                                       generator=torch.Generator().manual_seed(0))

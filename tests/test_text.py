@@ -15,6 +15,7 @@ from easier_export.load.text import TextSpec, lm_blocks, text_loaders
 from easier_export.loop.config import LoopConfig, Task
 from easier_export.loop.entropy import OnCounter
 from easier_export.loop.train import evaluate_metrics
+from easier_export.ship.schema import validate_report
 
 BYTES_LM = TextSpec("causal_lm", 256, 64, None, None)
 CLASSIFIER = TextSpec("classification", 256, 64, 0, None, labels=2)
@@ -100,6 +101,7 @@ def test_compress_on_a_gpt2_directory_keeps_perplexity_in_budget(capsys, tmp_pat
                     "--entropy-batches", "1", "--bench-batches", "1", "--bench-seconds", "0.05", "--no-simplify")
     assert code == 0, log
     report = json.loads((out / "report.json").read_text())
+    assert validate_report(report) == []
     assert report["text"]["verified_lengths"] == [16, 8] and report["text"]["tokenizer"] == "utf-8 bytes"
     assert all(r["val_ppl"] is not None for r in report["rounds"])
     assert report["compressed"]["removed"] == ["blocks_0_act", "blocks_1_act"]
@@ -142,9 +144,9 @@ def test_a_directory_tokenizer_is_used_when_present(tmp_path):
                                              num_attention_heads=2, intermediate_size=32, num_labels=2)
                                   ).save_pretrained(tmp_path / "bert")
     loaded = load_model(str(tmp_path / "bert"), img_size=(6,))
-    assert loaded.text.tokenizer == str(tmp_path / "bert") and loaded.notes == []
+    assert loaded.task.spec.tokenizer == str(tmp_path / "bert") and loaded.notes == []
     data = _data(tmp_path / "data", "1\tgood movie\n0\tbad movie\n", "0\tbad\n")
-    x, y = next(iter(text_loaders(data, loaded.text, 6).val))
+    x, y = next(iter(text_loaders(data, loaded.task.spec, 6).val))
     assert x.tolist() == [[2, 6, 3, 0, 0, 0]] and y.tolist() == [0]
 
 

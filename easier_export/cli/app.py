@@ -250,24 +250,28 @@ def _devices(text: str) -> tuple[str, ...]:
 def _load(model: str, weights: Path | None, arch: str | None, num_classes: int | None, trust_pickle: bool,
           input_size: str | None, mean: str | None = None, std: str | None = None, crop_pct: float | None = None):
     from easier_export.load.models import load_model
+    from easier_export.load.task import ImageTask
 
     loaded = load_model(model, num_classes, weights, arch, trust_pickle, _size(input_size))
-    if loaded.text is not None:
+    task = loaded.task
+    if not isinstance(task, ImageTask):
         _text_options(loaded.source, num_classes=num_classes, weights=weights, arch=arch, mean=mean, std=std)
         if input_size is not None and "x" in input_size.lower():
             raise UserError(f"--input-size {input_size}: a text model's input size is one number, its sequence "
                             "length")
     for note in loaded.notes:
         console.print(f"[yellow]warning:[/] {escape(note)}", soft_wrap=True)
-    loaded.normalization_given = mean is not None or std is not None
+    if not isinstance(task, ImageTask):
+        return loaded
+    task.normalization_given = mean is not None or std is not None
     if crop_pct is not None:
-        loaded.crop_pct, loaded.crop_asked = crop_pct, True
-    loaded.mean = _floats(mean, "mean") or loaded.mean
-    loaded.std = _floats(std, "std") or loaded.std
-    if loaded.text is None and (len(loaded.mean) != loaded.input_size[0] or len(loaded.std) != loaded.input_size[0]):
+        task.crop_pct, task.crop_asked = crop_pct, True
+    task.mean = _floats(mean, "mean") or task.mean
+    task.std = _floats(std, "std") or task.std
+    if len(task.mean) != loaded.input_size[0] or len(task.std) != loaded.input_size[0]:
         raise UserError(f"--mean/--std need {loaded.input_size[0]} values (one per input channel)")
-    if min(loaded.std) <= 0:
-        raise UserError(f"--std values must be positive, got {','.join(map(str, loaded.std))}")
+    if min(task.std) <= 0:
+        raise UserError(f"--std values must be positive, got {','.join(map(str, task.std))}")
     return loaded
 
 
@@ -295,13 +299,15 @@ def _with_data(loaded, data: Path, batch_size: int, workers: int, skip_bad_image
 
 def _open_data(loaded, data: Path, batch_size: int, workers: int, skip_bad_images: bool, seed: int):
     from easier_export.load.data import open_image_folder
-    from easier_export.pipeline import check_normalization, dry_run
+    from easier_export.load.task import TextTask
+    from easier_export.normalization import check_normalization
+    from easier_export.pipeline import dry_run
 
-    if loaded.text is not None:
+    if isinstance(loaded.task, TextTask):
         from easier_export.load.text import text_loaders
 
-        dry_run(loaded.model, loaded.input_size, loaded.input_dtype)
-        return text_loaders(data, loaded.text, loaded.input_size[0], batch_size, seed)
+        dry_run(loaded.model, loaded.input_size, loaded.task.dtype)
+        return text_loaders(data, loaded.task.spec, loaded.input_size[0], batch_size, seed)
 
     folder = open_image_folder(data, loaded.num_classes, skip_bad_images, loaded.rehead_advice)
     if folder.skipped:
@@ -316,18 +322,16 @@ def _open_data(loaded, data: Path, batch_size: int, workers: int, skip_bad_image
                       f"{'x'.join(map(str, folder.common_size))}, the size of every image in {data} "
                       "(--input-size overrides)", soft_wrap=True)
     dry_run(loaded.model, loaded.input_size)
-    if not loaded.normalization_given:
+    if not loaded.task.normalization_given:
         check_normalization(loaded, folder, batch_size, seed)
-    loaders = folder.loaders(loaded.input_size, loaded.mean, loaded.std, batch_size, workers, seed,
-                             loaded.crop_pct, loaded.interpolation, loaded.crop_asked)
-    return loaders
+    return loaded.task.loaders(folder, loaded.input_size, batch_size, workers, seed)
 
 
 def _ready(loaded):
     """A model used without DATA: prove it runs at its input size before any work."""
     from easier_export.pipeline import dry_run
 
-    dry_run(loaded.model, loaded.input_size, loaded.input_dtype)
+    dry_run(loaded.model, loaded.input_size, loaded.task.dtype)
     return loaded
 
 
@@ -457,7 +461,7 @@ def entropy(model: ModelArg, data: Data, loop: LoopConfig,
     from easier_export.core.io import save_json
     from easier_export.loop.entropy import measure
     from easier_export.pipeline import ensure_writable_file, task_of
-    from easier_export.ship.report import plot_entropy
+    from easier_export.ship.plots import plot_entropy
     from easier_export.trace.sites import find_call_sites
     from easier_export.trace.tracing import trace
 
@@ -589,7 +593,6 @@ def export(model: ModelArg, out: Annotated[Path, typer.Option(help="ONNX file")]
         ensure_writable_file,
         export_and_verify,
         onnx_metadata,
-        val_batches,
     )
 
     ensure_writable_file(out, "--out")
@@ -597,8 +600,8 @@ def export(model: ModelArg, out: Annotated[Path, typer.Option(help="ONNX file")]
                          opset=opset)
     loaded = _load(model, weights, arch, num_classes, trust_pickle, input_size, mean, std)
     if data is not None:
-        inputs = val_batches(_with_data(loaded, data, 16, 0, skip_bad_images, trains=False), cfg.verify_batches,
-                             loaded.text is not None)
+        loaders = _with_data(loaded, data, 16, 0, skip_bad_images, trains=False)
+        inputs = loaded.task.verification_inputs(loaders, cfg.verify_batches)
     else:
         inputs = _random_batches(_ready(loaded))
     exported = export_and_verify(loaded.model, loaded.model, inputs[0][:1], out, inputs,
@@ -618,7 +621,7 @@ def bench(models: Annotated[list[Path], typer.Argument(help="ONNX files to compa
     from easier_export.core.io import save_json
     from easier_export.pipeline import ensure_writable_file
     from easier_export.ship.bench import bench as run_bench
-    from easier_export.ship.report import bench_table
+    from easier_export.ship.tables import bench_table
 
     if json_out is not None:
         ensure_writable_file(json_out, "--json")
@@ -678,17 +681,7 @@ def _fold_groups(gm, loop, example, stats: dict, target: str, threads: int | Non
 def _random_batches(loaded) -> list:
     """Seeded stand-ins for validation images (or token ids, at two sequence lengths) when verifying without
     --data."""
-    import torch
-
-    from easier_export.load.text import random_token_batches
-
-    if loaded.text is not None:
-        return random_token_batches(loaded.text, loaded.input_size[0])
-    return [torch.randn(4, *loaded.input_size, generator=torch.Generator().manual_seed(i)) for i in range(2)]
-
-
-BENCH_SEQUENCE = 128  # the sequence length a language model with a dynamic sequence axis is timed at (or its
-# positions, when fewer)
+    return loaded.task.dummy_inputs(loaded.input_size)
 
 
 def _dims(shape: tuple) -> str:
@@ -715,10 +708,10 @@ def _onnx_shapes(path: Path) -> tuple[tuple[int, ...], tuple[int | str, ...]]:
     outputs = tuple(d.dim_value if d.dim_value > 0 else "?"
                     for d in (proto.graph.output[0].type.tensor_type.shape.dim[1:] if proto.graph.output else ()))
     if tensor.elem_type == onnx.TensorProto.INT64 and len(dims) == 1 and not dims[0].dim_value > 0:
-        from easier_export.pipeline import MAX_POSITIONS_KEY
+        from easier_export.load.task import MAX_POSITIONS_KEY, bench_sequence
 
         positions = {p.key: p.value for p in proto.metadata_props}.get(MAX_POSITIONS_KEY)
-        return (min(BENCH_SEQUENCE, int(positions or BENCH_SEQUENCE)),), outputs  # token ids, dynamic sequence
+        return (bench_sequence(int(positions) if positions else None),), outputs  # token ids, dynamic sequence
     if not dims or not all(d.dim_value > 0 for d in dims):
         raise UserError(f"{path}: the ONNX input needs static non-batch dimensions to be benchmarked")
     return tuple(d.dim_value for d in dims), outputs

@@ -25,6 +25,7 @@ from torch import Tensor, nn
 from easier_export.core.errors import UserError, first_line
 
 from .safe import PickledObjects, torch_load
+from .task import FLOAT32
 from .text import TextSpec, tokenizer_dir
 
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
@@ -32,7 +33,7 @@ ACTIVATIONS = {"gelu": lambda: nn.GELU(), "gelu_new": lambda: nn.GELU("tanh"),
                "gelu_pytorch_tanh": lambda: nn.GELU("tanh"), "relu": nn.ReLU, "silu": nn.SiLU, "swish": nn.SiLU}
 CAUSAL_LM = ("GPT2LMHeadModel", "BertLMHeadModel")
 CLASSIFIERS = ("GPT2ForSequenceClassification", "BertForSequenceClassification")
-CHECK_TOL = 1e-4  # max |rewrite - transformers| relative to the logits' scale, float32
+CHECK_TOL = FLOAT32.scale_tol  # max |rewrite - transformers| relative to the logits' scale
 
 
 def is_hf_dir(path: Path) -> bool:

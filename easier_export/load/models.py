@@ -24,10 +24,8 @@ from .arch import BUILTINS
 from .archive import check_archive
 from .hf import is_hf_dir, load_hf
 from .safe import torch_load
-from .text import TextSpec
+from .task import IMAGENET_MEAN, IMAGENET_STD, ImageTask, TaskConfig, TextTask
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 LINEARIZED_FORMAT = "easier-export/linearized-v1"
 
 
@@ -35,23 +33,13 @@ LINEARIZED_FORMAT = "easier-export/linearized-v1"
 class LoadedModel:
     model: nn.Module
     source: str
-    mean: tuple[float, ...] = IMAGENET_MEAN
-    std: tuple[float, ...] = IMAGENET_STD
-    input_size: tuple[int, int, int] = (3, 224, 224)
+    input_size: tuple[int, ...] = (3, 224, 224)  # (C, H, W), or (sequence length,) for a text model
+    task: TaskConfig = field(default_factory=ImageTask)
     removed: list[str] = field(default_factory=list)  # call sites already linearized (linearized checkpoints)
     relocate_padding: bool = False  # how those were linearized
     notes: list[str] = field(default_factory=list)
     size_declared: bool = True  # False: the model says nothing about its input size (224x224 is a guess)
-    crop_pct: float | None = None  # timm pretrained_cfg: centre crop share at evaluation (None: data.py's default)
-    interpolation: str = "bilinear"
-    text: TextSpec | None = None  # a text model: input_size is (sequence length,), inputs are token ids
-    normalization_given: bool = False  # --mean/--std given: trusted as they are, never second-guessed
-    crop_asked: bool = False  # --crop-pct given: the crop applies to images of the input size too
     reheadable: bool = False  # built from an architecture name: --num-classes gives it a fresh head
-
-    @property
-    def input_dtype(self) -> torch.dtype:
-        return torch.float32 if self.text is None else torch.long
 
     @property
     def num_classes(self) -> int | None:
@@ -158,11 +146,10 @@ def _finish(model: nn.Module, source: str, num_classes: int | None, removed: lis
         raise UserError(f"{source} has {head_classes(model)} output classes but --num-classes is {num_classes} "
                         "(re-heading works for a named architecture with --weights or a state dict with --arch)")
     cfg = getattr(model, "pretrained_cfg", None) or getattr(model, "default_cfg", None) or {}
-    size = tuple(cfg.get("input_size", (3, 224, 224)))
-    return LoadedModel(model.eval(), source, tuple(cfg.get("mean", IMAGENET_MEAN)),
-                       tuple(cfg.get("std", IMAGENET_STD)), size,  # type: ignore[arg-type]
+    task = ImageTask(tuple(cfg.get("mean", IMAGENET_MEAN)), tuple(cfg.get("std", IMAGENET_STD)),
+                     cfg.get("crop_pct"), cfg.get("interpolation") or "bilinear")
+    return LoadedModel(model.eval(), source, tuple(cfg.get("input_size", (3, 224, 224))), task,
                        removed=removed or [], notes=notes or [], size_declared="input_size" in cfg,
-                       crop_pct=cfg.get("crop_pct"), interpolation=cfg.get("interpolation") or "bilinear",
                        reheadable=reheadable)
 
 
@@ -174,7 +161,7 @@ def load_model(source: str, num_classes: int | None = None, weights: str | Path 
     ``img_size``: H, (H, W) or (C, H, W), like timm's ``input_size``.
     """
     size = (img_size,) * 2 if isinstance(img_size, int) else tuple(img_size or ())
-    if _hf_dir(source):
+    if is_hf_dir(Path(source)):
         return _load_text(Path(source), size[-1] if size else None)
     hw = size[-2:] or None
     loaded = _load_any(source, num_classes, weights, arch, trust_pickle,
@@ -184,7 +171,9 @@ def load_model(source: str, num_classes: int | None = None, weights: str | Path 
     if hw is not None:
         channels = size[0] if len(size) == 3 else loaded.input_size[0]
         loaded.input_size, loaded.size_declared = (channels, *hw), True  # type: ignore[assignment]
-    loaded.mean, loaded.std = (_per_channel(v, loaded.input_size[0]) for v in (loaded.mean, loaded.std))
+    task = loaded.task
+    if isinstance(task, ImageTask):
+        task.mean, task.std = (_per_channel(v, loaded.input_size[0]) for v in (task.mean, task.std))
     return loaded
 
 
@@ -194,19 +183,13 @@ def _per_channel(values: tuple[float, ...], channels: int) -> tuple[float, ...]:
     return values if len(values) == channels else (sum(values) / len(values),) * channels
 
 
-def _hf_dir(source: str) -> bool:
-
-    return is_hf_dir(Path(source))
-
-
 def _load_text(path: Path, seq_len: int | None) -> LoadedModel:
     """A Hugging Face directory; ``seq_len`` (``--input-size``) defaults to 128 or the model's positions."""
-
     model, spec, notes = load_hf(path)
     seq_len = seq_len or min(128, spec.max_positions)
     if seq_len > spec.max_positions:
         raise UserError(f"sequence length {seq_len} (--input-size) exceeds the model's {spec.max_positions} positions")
-    return LoadedModel(model, str(path.resolve()), input_size=(seq_len,), notes=notes, text=spec)  # type: ignore[arg-type]
+    return LoadedModel(model, str(path.resolve()), (seq_len,), TextTask(spec), notes=notes)
 
 
 def _load_any(source: str, num_classes: int | None, weights: str | Path | None, arch: str | None,
@@ -261,18 +244,15 @@ def _load_any(source: str, num_classes: int | None, weights: str | Path | None, 
 
 def _linearized(obj: dict, path: Path, num_classes: int | None, trust_pickle: bool) -> LoadedModel:
     """Rebuild a linearized checkpoint from its recipe: architecture, removed call sites, preprocessing."""
-
     recipe = obj["recipe"]
     size = tuple(int(d) for d in recipe["input_size"])
-    inner = load_model(recipe["arch"], recipe.get("num_classes"), trust_pickle=trust_pickle, img_size=size)
+    inner = load_model(recipe["arch"], recipe["num_classes"], trust_pickle=trust_pickle, img_size=size)
     model = inner.model
-    gm = remove_sites(trace(model), recipe["removed"], recipe.get("relocate_padding", False))
+    gm = remove_sites(trace(model), recipe["removed"], recipe["relocate_padding"])
     load_state_dict(gm, obj["state_dict"], f"linearized checkpoint {path}")
     loaded = _finish(gm, recipe["arch"], num_classes, removed=list(recipe["removed"]))
-    loaded.mean, loaded.std = tuple(recipe["mean"]), tuple(recipe["std"])
-    loaded.relocate_padding = recipe.get("relocate_padding", False)
-    loaded.input_size, loaded.text = size, inner.text  # type: ignore[assignment]
-    loaded.crop_pct, loaded.interpolation = recipe.get("crop_pct"), recipe.get("interpolation", "bilinear")
+    loaded.relocate_padding = recipe["relocate_padding"]
+    loaded.input_size, loaded.task = size, inner.task.from_recipe(recipe)
     return loaded
 
 

@@ -24,6 +24,7 @@ from torch import nn
 from easier_export import __version__
 from easier_export.core.errors import UserError, first_line
 from easier_export.core.io import atomic_write
+from easier_export.load.task import FLOAT32, Tolerances
 
 logger = logging.getLogger(__name__)
 
@@ -179,10 +180,9 @@ class VerifyResult:
     rtol: float
     min_top1: float
     violations: int  # elements outside atol + rtol * |ref| + scale_tol * max|ref|
-    # Added in 0.2 (None when read from an older report): the difference on the scale of the output.
-    max_rel: float | None = None  # max |diff| / max |ref|
-    ref_scale: float | None = None  # max |ref|
-    scale_tol: float | None = None
+    max_rel: float  # max |diff| / max |ref|: the difference on the scale of the output
+    ref_scale: float  # max |ref|
+    scale_tol: float
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -192,20 +192,17 @@ def verify_onnx(
     path: Path,
     model: nn.Module,
     inputs: Iterable[torch.Tensor],
-    atol: float = 1e-4,
-    rtol: float = 1e-3,
-    min_top1: float = 0.99,
+    tolerances: Tolerances = FLOAT32,
     providers: list[str] | None = None,
-    scale_tol: float = 1e-4,
 ) -> VerifyResult:
     """Compare onnxruntime with PyTorch eval batch by batch.
 
-    Passing needs both checks: every element within ``atol + rtol * |ref| + scale_tol * max|ref|`` (numerics)
-    and top-1 agreement of at least ``min_top1`` (what the user actually sees from a classifier; for a language
-    model, the next-token agreement over every position). Batches may differ in sequence length. The scale
-    term makes the bound follow the output's magnitude: an absolute 1e-4 is noise on logits of 1e3 and
-    everything on logits of 1e-3. The default 1e-4 is the float32 tolerance every fold is held to.
+    Passing needs both checks of ``tolerances``: every element within ``atol + rtol * |ref| + scale_tol *
+    max|ref|`` (numerics) and top-1 agreement of at least ``min_top1`` (what the user actually sees from a
+    classifier; for a language model, the next-token agreement over every position). Batches may differ in
+    sequence length.
     """
+    atol, rtol, scale_tol, min_top1 = tolerances.atol, tolerances.rtol, tolerances.scale_tol, tolerances.min_top1
     import onnxruntime as ort
 
     session = ort.InferenceSession(str(path), providers=providers or ["CPUExecutionProvider"])
@@ -264,12 +261,9 @@ def verify_lines(result: VerifyResult) -> list[tuple[bool, str]]:
     """One (ok, text) line per check, shared by the console output and the Markdown report."""
     tol_ok = result.violations == 0
     top1_ok = result.top1_agree >= result.min_top1
-    bound = f"atol {result.atol:.0e} + rtol {result.rtol:.0e}·|ref|"
-    if result.scale_tol is not None:
-        bound += f" + {result.scale_tol:.0e}·max|ref|"
-    tol = f"max abs diff {result.max_abs:.1e} {'≤' if tol_ok else '>'} {bound}"
-    if result.max_rel is not None:
-        tol += f" (max |diff| / max |ref| = {result.max_rel:.1e}, max |ref| {result.ref_scale:.3g})"
+    bound = f"atol {result.atol:.0e} + rtol {result.rtol:.0e}·|ref| + {result.scale_tol:.0e}·max|ref|"
+    tol = (f"max abs diff {result.max_abs:.1e} {'≤' if tol_ok else '>'} {bound} "
+           f"(max |diff| / max |ref| = {result.max_rel:.1e}, max |ref| {result.ref_scale:.3g})")
     if not tol_ok:
         tol += f" ({result.violations} elements)"
     return [
