@@ -29,6 +29,7 @@ from easier_export.loop.linearize import LoopConfig, LoopResult, Task, cpu_state
 from easier_export.loop.train import evaluate_metrics
 from easier_export.ship.bench import bench, speedups
 from easier_export.ship.export import MIN_OPSET, eval_copy, export_onnx, mark_unverified, print_verify, verify_onnx
+from easier_export.ship.onnx_inputs import MAX_POSITIONS_KEY
 from easier_export.ship.report import SCHEMA_VERSION, model_stats, rounds_table, summary_table, write_report
 from easier_export.ship.shipping import Shipment, Step, choose
 from easier_export.trace.graph import find_call_sites, remove_sites, trace
@@ -144,9 +145,6 @@ def val_batches(loaders: Loaders, n: int, text: bool = False) -> list[torch.Tens
     sequence axis is verified at two lengths."""
     batches = [x for x, _ in itertools.islice(iter(loaders.val), n)]
     return batches + [x[:, : two_lengths(x.shape[1])[1]] for x in batches] if text else batches
-
-
-MAX_POSITIONS_KEY = "easier_export.max_positions"
 
 
 def onnx_metadata(loaded: LoadedModel) -> dict[str, str]:
