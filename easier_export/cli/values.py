@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from easier_export.core.errors import UserError
-from easier_export.core.ort import DEVICES
+from easier_export.core.ort import DEVICES, cuda_usable
 
 
 def floats(text: str | None, what: str) -> tuple[float, ...] | None:
@@ -42,8 +42,6 @@ def size(text: str | None) -> tuple[int, ...] | None:
 
 def usable(devices: tuple[str, ...], what: str) -> tuple[str, ...]:
     """A CUDA request without a usable GPU is a usage error everywhere (no silently empty result)."""
-    from easier_export.core.ort import cuda_usable
-
     unknown = sorted(set(devices) - set(DEVICES))
     if unknown:
         raise UserError(f"--{what} takes {','.join(DEVICES)}, not {','.join(unknown)}")
