@@ -36,7 +36,7 @@ def test_linearize_then_fold_commands(capsys, image_folder, tmp_path):
                      "--entropy-batches", "1", "--batch-size", "4")
     assert code == 0, text
     code, text = run(capsys, "fold", str(tmp_path / "lin" / "linearized.pt"), "--out", str(tmp_path / "fold"),
-                     "--mode", "all")
+                     "--fold", "all")
     assert code == 0, text
     plan = json.loads((tmp_path / "fold" / "fold_plan.json").read_text())
     assert any(r["kind"] == "batchnorm" and r["applied"] for r in plan)
@@ -68,11 +68,12 @@ def test_export_and_bench_commands(capsys, tmp_path):
         code, text = run(capsys, "export", "demo_cnn", "--out", str(path))
         assert code == 0 and "✓" in text
     rows_path = tmp_path / "rows.json"
-    code, text = run(capsys, "bench", str(a), str(b), "--batch", "1", "--seconds", "0.2", "--json", str(rows_path))
+    code, text = run(capsys, "bench", str(a), str(b), "--bench-batches", "1", "--bench-seconds", "0.2", "--json",
+                     str(rows_path))
     assert code == 0, text
     rows = json.loads(rows_path.read_text())
     assert {r["label"] for r in rows} == {"a", "b"} and all(r["p50_ms"] > 0 for r in rows)
-    assert "speed-up" in text  # (the old spellings --batch and --seconds still parse)
+    assert "speed-up" in text
 
 
 def test_export_opset_option(capsys, tmp_path):
