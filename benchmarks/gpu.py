@@ -56,12 +56,11 @@ from fold_patterns import mnv2_blocks, nonzero_norms  # noqa: E402  (one definit
 from easier_export.core.errors import first_line
 from easier_export.core.io import atomic_write, save_json, save_torch
 from easier_export.core.ort import cpu_name, physical_cores
-from easier_export.fold import fold_model
+from easier_export.fold import MERGE_KINDS, fold_model
 from easier_export.load.models import LINEARIZED_FORMAT, build_arch, load_model
 from easier_export.load.task import TextTask
 from easier_export.ship.bench import Providers, Runner, ort_runner, time_runners, torch_runner
 from easier_export.ship.export import export_onnx, verify_onnx
-from easier_export.ship.shipping import MERGE_KINDS
 from easier_export.trace.edits import remove_sites
 from easier_export.trace.sites import find_call_sites
 from easier_export.trace.tracing import trace

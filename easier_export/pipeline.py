@@ -26,7 +26,7 @@ from easier_export.load.task import FLOAT32, Tolerances
 from easier_export.loop.config import LoopConfig, Task
 from easier_export.loop.linearize import run_loop
 from easier_export.loop.state import LoopResult, cpu_state, snapshot_path
-from easier_export.ship.bench import bench, speedups
+from easier_export.ship.bench import bench, race
 from easier_export.ship.export import MIN_OPSET, eval_copy, export_onnx, mark_unverified, print_verify, verify_onnx
 from easier_export.ship.report import build_report, write_report
 from easier_export.ship.shipping import Shipment, Step, choose
@@ -145,8 +145,9 @@ def _bench(exports: dict, example: torch.Tensor, cfg: CompressConfig, original: 
 
 def speedup_probe(original: nn.Module, example: torch.Tensor, work_dir: Path,
                   cfg: CompressConfig) -> Callable[[fx.GraphModule], float]:
-    """Measures what would ship after a round: fold (``cfg.fold``), export, time against the original on the
-    target at the smallest benchmark batch. The original is exported once, before the loop changes nothing."""
+    """Measures what would ship after a round: fold (``cfg.fold``), export, race against the original on the
+    target at the smallest benchmark batch (the race that decides shipping; 1.0 where the target cannot run). The
+    original is exported once, before the loop changes it."""
     base = Path(export_onnx(original, example, work_dir / "original.onnx", {}, cfg.simplify, cfg.opset)["path"])
     batch = min(cfg.bench_batches)
 
@@ -154,9 +155,9 @@ def speedup_probe(original: nn.Module, example: torch.Tensor, work_dir: Path,
         folded, _ = fold_model(eval_copy(model), example, mode=cfg.fold, target=cfg.target,
                                cache=latency_table_path(work_dir.parent, cfg), threads=cfg.threads)
         path = Path(export_onnx(folded, example, work_dir / "folded.onnx", {}, cfg.simplify, cfg.opset)["path"])
-        rows = bench({"original": base, "folded": path}, tuple(example.shape[1:]), (cfg.target,), (batch,),
+        raced = race({"original": base, "folded": path}, "original", tuple(example.shape[1:]), cfg.target, batch,
                      cfg.threads, max_seconds=cfg.bench_seconds)
-        return speedups(rows, "original")[("onnxruntime", cfg.target, batch)]["folded"]
+        return raced["folded"].ratio if raced else 1.0
 
     return probe
 

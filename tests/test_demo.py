@@ -37,7 +37,7 @@ def test_demo_pipeline_removes_activations_and_onnx_matches_pytorch(tmp_path):
 
 
 def test_demo_model_does_not_depend_on_random_numbers_drawn_before(tmp_path):
-    """`make demo` must train the same network whatever imported or ran before it (it once varied by commit)."""
+    """`make demo` must train the same network whatever imported or ran before it."""
     from easier_export.demo import trained_demo_model
 
     first = trained_demo_model(tmp_path / "a", epochs=0, seed=0).state_dict()

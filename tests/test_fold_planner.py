@@ -205,7 +205,7 @@ def test_timings_of_an_older_rule_are_timed_again(tmp_path: pathlib.Path, monkey
 
 
 def test_a_segment_slower_than_the_budget_still_gets_an_interval(monkeypatch) -> None:
-    """Big segments (tens of ms a run) once stopped after one block pair with an infinite spread: never merged."""
+    """Big segments (tens of ms a run) are timed over enough blocks for a finite interval, so they can merge."""
     clock = FakeClock()
     _fake_timing(monkeypatch, clock)
     timed = LatencyTable("cpu", threads=1, max_seconds=1e-9).times(SegmentSpec([nn.Conv2d(8, 8, 1)] * 3, (1, 8, 4, 4)),

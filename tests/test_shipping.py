@@ -17,7 +17,6 @@ from easier_export.core.stats import (
     paired_accuracy_change,
     paired_ppl_change,
     resolvable_drop,
-    speedup,
 )
 from easier_export.fold.groups import Group
 from easier_export.loop.config import LoopConfig, Task
@@ -101,16 +100,6 @@ def test_better_beyond_chance_is_an_exact_sign_test():
     assert better_beyond_chance(base[:5], torch.ones(5))  # p = 1/32
     assert not better_beyond_chance(base[:4], torch.ones(4))  # p = 1/16
     assert not better_beyond_chance(base, base)  # nothing differs
-
-
-def test_speedup_interval_from_interleaved_blocks():
-    base = [10.0, 10.2, 9.9, 10.1, 10.0, 10.3, 9.8, 10.1]
-    assert speedup(base, [b / 1.25 for b in base]).faster
-    slower = speedup(base, [b * 1.1 for b in base])
-    assert not slower.faster and slower.high < 1.0 and slower.settled
-    noisy = speedup(base, [5.0, 20.0, 5.0, 20.0, 5.0, 20.0, 5.0, 20.0])
-    assert not noisy.faster and not noisy.settled
-    assert speedup(base[:5], base[:5]).low == -math.inf  # fewer than six blocks: no interval
 
 
 class ScriptedClock:

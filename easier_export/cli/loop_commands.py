@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import asdict
 from pathlib import Path
 from typing import Annotated
 
@@ -14,7 +15,6 @@ from .groups import grouped, loop_options, options_of
 from .loading import load, with_data
 from .options import (
     FOLD,
-    Atol,
     BenchBatches,
     BenchDevices,
     BenchSeconds,
@@ -22,15 +22,13 @@ from .options import (
     Device,
     Fold,
     LatencyTableFile,
-    MinTop1,
     ModelOptions,
     NoSimplify,
     Opset,
     Out,
-    Rtol,
-    ScaleTol,
     Target,
     Threads,
+    VerifyOptions,
     flag,
     typed,
 )
@@ -39,19 +37,20 @@ from .runs import distributed, no_empty_out, resumable, tidy
 MODEL_OPTIONS, DATA_OPTIONS = options_of(ModelOptions), options_of(DataOptions)
 
 
-@grouped(model=MODEL_OPTIONS, data=DATA_OPTIONS, loop=loop_options(select="latency"))
+@grouped(model=MODEL_OPTIONS, data=DATA_OPTIONS, loop=loop_options(select="latency"),
+         verify=options_of(VerifyOptions))
 def compress(model: ModelOptions, data: DataOptions, loop: LoopConfig, out: Out = Path("runs/compress"),
              device: Device = "auto", fold: Fold = "auto", target: Target = "cpu",
              latency_table: LatencyTableFile = None,
-             atol: Atol = 1e-4, rtol: Rtol = 1e-3, scale_tol: ScaleTol = 1e-4, min_top1: MinTop1 = 0.99,
-             no_simplify: NoSimplify = False, opset: Opset = MIN_OPSET, bench_devices: BenchDevices = "cpu",
+             verify: VerifyOptions = VerifyOptions(), no_simplify: NoSimplify = False, opset: Opset = MIN_OPSET,
+             bench_devices: BenchDevices = "cpu",
              bench_batches: BenchBatches = "1,8", bench_seconds: BenchSeconds = 2.0, threads: Threads = None) -> None:
     """Run the whole pipeline: entropy → linearize/finetune rounds → fold → ONNX → verify → bench → report."""
     from easier_export.pipeline import CompressConfig, ensure_writable_file
     from easier_export.pipeline import compress as run
 
-    cfg = CompressConfig(loop, fold, values.target(target), device, not no_simplify, atol=atol, rtol=rtol,
-                         scale_tol=scale_tol, min_top1=min_top1, bench_devices=values.bench_devices(bench_devices),
+    cfg = CompressConfig(loop, fold, values.target(target), device, not no_simplify, **asdict(verify),
+                         bench_devices=values.bench_devices(bench_devices),
                          bench_batches=values.ints(bench_batches, "bench-batches"), threads=threads,
                          bench_seconds=bench_seconds, opset=opset, latency_table=latency_table)
     if latency_table is not None:

@@ -17,6 +17,7 @@ import typer
 
 from easier_export.core.ort import DEVICES
 from easier_export.fold import MODES
+from easier_export.load.task import FLOAT32
 from easier_export.loop.config import field_checks
 from easier_export.ship.export import MAX_OPSET, MIN_OPSET
 
@@ -142,6 +143,16 @@ class ModelOptions:
     mean: Mean = None
     std: Std = None
     crop_pct: CropPct = None
+
+
+@dataclass(frozen=True)
+class VerifyOptions:
+    """When an export counts as reproducing its model: the float32 tolerances, each of them overridable."""
+
+    atol: Atol = FLOAT32.atol
+    rtol: Rtol = FLOAT32.rtol
+    scale_tol: ScaleTol = FLOAT32.scale_tol
+    min_top1: MinTop1 = FLOAT32.min_top1
 
 
 @dataclass(frozen=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import asdict
 from pathlib import Path
 from typing import Annotated
 
@@ -16,22 +17,19 @@ from .groups import grouped, options_of
 from .loading import load, ready, verification_data, with_data
 from .options import (
     DATA,
-    Atol,
     BenchBatches,
     BenchDevices,
     BenchSeconds,
     Fold,
     JsonOut,
-    MinTop1,
     ModelOptions,
     NoSimplify,
     Opset,
     Out,
-    Rtol,
-    ScaleTol,
     SkipBadImages,
     Target,
     Threads,
+    VerifyOptions,
     typed,
 )
 from .runs import tidy
@@ -39,10 +37,10 @@ from .runs import tidy
 IMAGE_FILE = ("model", "weights", "arch", "num_classes", "trust_pickle", "input_size")  # no preprocessing options
 
 
-@grouped(model=options_of(ModelOptions, *IMAGE_FILE))
+@grouped(model=options_of(ModelOptions, *IMAGE_FILE), verify=options_of(VerifyOptions))
 def fold(model: ModelOptions, out: Out = Path("runs/fold"), fold: Fold = "auto", target: Target = "cpu",
-         atol: Atol = 1e-4, rtol: Rtol = 1e-3, scale_tol: ScaleTol = 1e-4, min_top1: MinTop1 = 0.99,
-         no_simplify: NoSimplify = False, opset: Opset = MIN_OPSET, threads: Threads = None) -> None:
+         verify: VerifyOptions = VerifyOptions(), no_simplify: NoSimplify = False, opset: Opset = MIN_OPSET,
+         threads: Threads = None) -> None:
     """Fold a (linearized) model: writes folded.pt2, model.onnx (verified) and fold_plan.json."""
     import torch
 
@@ -52,8 +50,8 @@ def fold(model: ModelOptions, out: Out = Path("runs/fold"), fold: Fold = "auto",
     from easier_export.ship.export import dynamic_dims
     from easier_export.trace.tracing import trace
 
-    cfg = CompressConfig(fold=fold, target=values.target(target), simplify=not no_simplify, atol=atol, rtol=rtol,
-                         scale_tol=scale_tol, min_top1=min_top1, threads=threads, opset=opset)
+    cfg = CompressConfig(fold=fold, target=values.target(target), simplify=not no_simplify, **asdict(verify),
+                         threads=threads, opset=opset)
     loaded = ready(load(model))
     gm = trace(loaded.model)
     ensure_writable(out)
@@ -85,11 +83,10 @@ def _save_program(program: object, path: Path) -> None:
 VerifyData = typed(Path | None, "verify on these val/ images instead of random inputs", DATA)
 
 
-@grouped(model=options_of(ModelOptions, *IMAGE_FILE, "mean", "std"))
+@grouped(model=options_of(ModelOptions, *IMAGE_FILE, "mean", "std"), verify=options_of(VerifyOptions))
 def export(model: ModelOptions, out: typed(Path, "ONNX file", None) = Path("model.onnx"),
-           data: VerifyData = None, skip_bad_images: SkipBadImages = False, atol: Atol = 1e-4, rtol: Rtol = 1e-3,
-           scale_tol: ScaleTol = 1e-4, min_top1: MinTop1 = 0.99, no_simplify: NoSimplify = False,
-           opset: Opset = MIN_OPSET) -> None:
+           data: VerifyData = None, skip_bad_images: SkipBadImages = False, verify: VerifyOptions = VerifyOptions(),
+           no_simplify: NoSimplify = False, opset: Opset = MIN_OPSET) -> None:
     """Export any loadable model to one verified ONNX file (no compression)."""
     from easier_export.pipeline import (
         CompressConfig,
@@ -99,8 +96,7 @@ def export(model: ModelOptions, out: typed(Path, "ONNX file", None) = Path("mode
     )
 
     ensure_writable_file(out, "--out")
-    cfg = CompressConfig(simplify=not no_simplify, atol=atol, rtol=rtol, scale_tol=scale_tol, min_top1=min_top1,
-                         opset=opset)
+    cfg = CompressConfig(simplify=not no_simplify, **asdict(verify), opset=opset)
     loaded = load(model)
     if data is not None:
         loaders = with_data(loaded, verification_data(data, skip_bad_images), trains=False)

@@ -49,7 +49,7 @@ class LoopConfig:
                                           "budget, e.g. to compare selections at equal cost)", min=1)
     one_shot: int | None = option(None, "remove the K lowest-scoring activations at once, finetune once", min=1)
     criterion: str = option("entropy", "which call site goes first (the study's baselines: gradient, tlc, "
-                                       "layerfold, egp; see easier_export/loop/criteria/)", choices=tuple(CRITERIA))
+                                       "layerfold, egp; see docs/criteria.md)", choices=tuple(CRITERIA))
     entropy_reg: float = option(0.0, "with --one-shot: first finetune with λ·Σ soft binary entropy of every "
                                      "call site added to the loss, then remove the K lowest", min=0.0)
     entropy_tau: float = option(0.1, "temperature τ of --entropy-reg's soft ON probability sigmoid(x/τ)",

@@ -24,11 +24,10 @@ from torch import fx, nn
 from easier_export.core.console import info
 from easier_export.core.errors import VerificationError
 from easier_export.core.stats import Speedup
-from easier_export.fold import FoldRecord, fold_model
+from easier_export.fold import MERGE_KINDS, FoldRecord, fold_model
 
 from .bench import race
 
-MERGE_KINDS = ("conv_conv", "linear_linear", "residual")
 RACE_SECONDS = 10.0
 NO_SPEEDUP = "no speed-up found on this target"
 
