@@ -102,7 +102,10 @@ def test_compress_end_to_end_on_image_folder(capsys, image_folder, weights, tmp_
         assert (out_dir / name).is_file(), name
     import json
 
+    from easier_export.ship.schema import validate_report
+
     report = json.loads((out_dir / "report.json").read_text())
+    assert validate_report(report) == []  # the real report keeps the schema's contract
     kept = [r for r in report["rounds"] if r["within_budget"]]
     assert sum(len(r["removed"]) for r in kept) == 2 and all(r["change"]["confidence"] == 0.9 for r in kept)
     assert report["verify"]["passed"]
