@@ -76,16 +76,11 @@ def entropy(model: ModelOptions, data: DataOptions, loop: LoopConfig,
     """Measure the per-unit binary entropy of every activation call site and print the table (and fold groups)."""
     from rich.table import Table
 
-    from easier_export.core.console import progress
-    from easier_export.core.dist import resolve_device
     from easier_export.core.io import save_json
-    from easier_export.fold.planner import LatencyTable
-    from easier_export.loop.entropy import measure
-    from easier_export.loop.group_order import fold_groups_in_order
-    from easier_export.pipeline import ensure_writable_file, task_of
+    from easier_export.fold import LatencyTable
+    from easier_export.pipeline import ensure_writable_file
     from easier_export.ship.plots import plot_entropy
-    from easier_export.trace.sites import find_call_sites
-    from easier_export.trace.tracing import trace
+    from easier_export.stages import entropy_survey
 
     ensure_writable_file(out, "--out")
     if plot is not None:
@@ -93,22 +88,12 @@ def entropy(model: ModelOptions, data: DataOptions, loop: LoopConfig,
     target = values.target(target)
     loaded = load(model)
     loaders = with_data(loaded, data, trains=loop.entropy_mode == "train")
-    dev = resolve_device(device)
-    gm = trace(loaded.model).to(dev)
-    sites = find_call_sites(gm, loop.rectifiers)
-    batches = min(loop.entropy_batches or len(loaders.train), len(loaders.train))
-    with progress("entropy", batches) as advance:
-        stats = measure(gm, sites, loaders.train, dev, loop.entropy_batches, loop.entropy_mode == "train",
-                        loop.threshold, advance, task_of(loaded).pad_id)
-    rows = [s.to_dict() for s in stats.values()]
+    rows, found = entropy_survey(loaded, loaders, loop, device, None if no_groups else LatencyTable(target, threads))
     table = Table("#", "call site", "op", "units", "entropy (bits)", "mean p_on", title=f"{model.model}: entropy")
     for i, r in enumerate(rows):
         table.add_row(str(i), r["name"], r["op"], str(r["units"]), f"{r['entropy']:.4f}", f"{r['mean_p_on']:.3f}")
     console.print(table)
-    found = []
     if not no_groups:
-        found = fold_groups_in_order(gm, loop, loaded.task.dummy_inputs(loaded.input_size)[0][:1],
-                                     {name: s.entropy for name, s in stats.items()}, LatencyTable(target, threads))
         _print_groups(found, target)
     save_json({"model": model.model, "mode": loop.entropy_mode, "sites": rows, "groups": found}, out)
     if plot is not None:

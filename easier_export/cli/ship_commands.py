@@ -42,42 +42,18 @@ def fold(model: ModelOptions, out: Out = Path("runs/fold"), fold: Fold = "auto",
          verify: VerifyOptions = VerifyOptions(), no_simplify: NoSimplify = False, opset: Opset = MIN_OPSET,
          threads: Threads = None) -> None:
     """Fold a (linearized) model: writes folded.pt2, model.onnx (verified) and fold_plan.json."""
-    import torch
-
-    from easier_export.core.io import atomic_write, save_json
-    from easier_export.fold import fold_model
-    from easier_export.pipeline import CompressConfig, ensure_writable, export_and_verify, onnx_metadata
-    from easier_export.ship.export import dynamic_dims
-    from easier_export.trace.tracing import trace
+    from easier_export.pipeline import CompressConfig
+    from easier_export.stages import fold_only
 
     cfg = CompressConfig(fold=fold, target=values.target(target), simplify=not no_simplify, **asdict(verify),
                          threads=threads, opset=opset)
-    loaded = ready(load(model))
-    gm = trace(loaded.model)
-    ensure_writable(out)
-    inputs = loaded.task.dummy_inputs(loaded.input_size)
-    example = inputs[0][:1]
-    folded, records = fold_model(gm, example, mode=cfg.fold, target=cfg.target, cache=out / "latency_table.json",
-                                 threads=threads)
-    save_json([r.to_dict() for r in records], out / "fold_plan.json")
-    program = torch.export.export(folded, (example.expand(2, *example.shape[1:]),),
-                                  dynamic_shapes=(dynamic_dims(example),))
-    atomic_write(out / "folded.pt2", lambda p: _save_program(program, p))
-    exported = export_and_verify(folded, gm, example, out / "model.onnx", inputs,
-                                 {**onnx_metadata(loaded), "source": model.model}, cfg)
-    applied = sum(r.applied for r in records)
+    done = fold_only(ready(load(model)), model.model, out, cfg)
     tidy(out)
-    console.print(f"{applied} of {len(records)} folds applied; wrote {out}/folded.pt2, {out}/fold_plan.json")
-    if not exported["verify"]["passed"]:
-        raise VerificationError(f"folded ONNX does not reproduce the model: {exported['verify']['reason']}")
+    applied = sum(r.applied for r in done.records)
+    console.print(f"{applied} of {len(done.records)} folds applied; wrote {out}/folded.pt2, {out}/fold_plan.json")
+    if not done.verify["passed"]:
+        raise VerificationError(f"folded ONNX does not reproduce the model: {done.verify['reason']}")
 
-
-def _save_program(program: object, path: Path) -> None:
-    """``torch.export.save`` through an open file: given a path, torch warns about the temp name's suffix."""
-    import torch
-
-    with open(path, "wb") as f:
-        torch.export.save(program, f)
 
 
 VerifyData = typed(Path | None, "verify on these val/ images instead of random inputs", DATA)

@@ -1,0 +1,72 @@
+"""Single stages run on their own (``entropy`` and ``fold`` commands): the same calls ``compress`` makes, without
+the loop, so the CLI only parses, loads and prints."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from easier_export.core.console import progress
+from easier_export.core.dist import resolve_device
+from easier_export.core.io import atomic_write, save_json
+from easier_export.fold import FoldRecord, LatencyTable, fold_model
+from easier_export.load.data import Loaders
+from easier_export.load.models import LoadedModel
+from easier_export.loop.config import LoopConfig
+from easier_export.loop.entropy import measure
+from easier_export.loop.group_order import fold_groups_in_order
+from easier_export.pipeline import CompressConfig, ensure_writable, export_and_verify, onnx_metadata, task_of
+from easier_export.ship.export import dynamic_dims
+from easier_export.trace.sites import find_call_sites
+from easier_export.trace.tracing import trace
+
+
+def entropy_survey(loaded: LoadedModel, loaders: Loaders, loop: LoopConfig, device: str,
+                   latency: LatencyTable | None) -> tuple[list[dict], list[dict]]:
+    """Each call site's entropy on the train split (one row each), and, given a ``latency`` table, the fold
+    groups in the order latency selection would try them."""
+    dev = resolve_device(device)
+    gm = trace(loaded.model).to(dev)
+    sites = find_call_sites(gm, loop.rectifiers)
+    batches = min(loop.entropy_batches or len(loaders.train), len(loaders.train))
+    with progress("entropy", batches) as advance:
+        stats = measure(gm, sites, loaders.train, dev, loop.entropy_batches, loop.entropy_mode == "train",
+                        loop.threshold, advance, task_of(loaded).pad_id)
+    groups = [] if latency is None else fold_groups_in_order(
+        gm, loop, loaded.task.dummy_inputs(loaded.input_size)[0][:1],
+        {name: s.entropy for name, s in stats.items()}, latency)
+    return [s.to_dict() for s in stats.values()], groups
+
+
+@dataclass
+class Folded:
+    """What ``fold_only`` did: the folds (applied or refused, with why) and the export's verification."""
+
+    records: list[FoldRecord]
+    verify: dict
+
+
+def fold_only(loaded: LoadedModel, source: str, out: Path, cfg: CompressConfig) -> Folded:
+    """Fold ``loaded`` as ``cfg`` asks and write ``fold_plan.json``, ``folded.pt2`` and a verified
+    ``model.onnx`` to ``out``."""
+    gm = trace(loaded.model)
+    ensure_writable(out)
+    inputs = loaded.task.dummy_inputs(loaded.input_size)
+    example = inputs[0][:1]
+    folded, records = fold_model(gm, example, mode=cfg.fold, target=cfg.target, cache=out / "latency_table.json",
+                                 threads=cfg.threads)
+    save_json([r.to_dict() for r in records], out / "fold_plan.json")
+    program = torch.export.export(folded, (example.expand(2, *example.shape[1:]),),
+                                  dynamic_shapes=(dynamic_dims(example),))
+    atomic_write(out / "folded.pt2", lambda p: _save_program(program, p))
+    exported = export_and_verify(folded, gm, example, out / "model.onnx", inputs,
+                                 {**onnx_metadata(loaded), "source": source}, cfg)
+    return Folded(records, exported["verify"])
+
+
+def _save_program(program: torch.export.ExportedProgram, path: Path) -> None:
+    """``torch.export.save`` through an open file: given a path, torch warns about the temp name's suffix."""
+    with open(path, "wb") as f:
+        torch.export.save(program, f)
