@@ -30,7 +30,7 @@ from easier_export.ship.bench import bench, race
 from easier_export.ship.export import MIN_OPSET, eval_copy, export_onnx, mark_unverified, print_verify, verify_onnx
 from easier_export.ship.report import build_report, write_report
 from easier_export.ship.shipping import Shipment, Step, choose
-from easier_export.ship.tables import rounds_table, summary_table
+from easier_export.ship.tables import print_rounds, summary_table
 from easier_export.trace.edits import remove_sites
 from easier_export.trace.sites import find_call_sites
 from easier_export.trace.tracing import trace
@@ -280,7 +280,7 @@ def compress(loaded: LoadedModel, loaders: Loaders, out_dir: Path, cfg: Compress
                           loaders.skipped, shipment.to_dict(), loaders.preprocessing)
     write_report(report, out_dir)
     if report["rounds"]:
-        console.print(rounds_table(report))
+        print_rounds(report, console)
     console.print(summary_table(report))
     if not verify["passed"]:
         raise VerificationError(f"model.onnx does not reproduce the PyTorch model: {verify['reason']} "

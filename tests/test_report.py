@@ -259,3 +259,19 @@ def test_eager_rows_reach_the_summary_only_above_their_noise(report: dict) -> No
     eager[5].update(p50_ms=8 * 2.0)  # ×2.00 on steady rows: shown
     report["bench"] = bench_rows() + eager
     assert "p50 latency torch cpu b8 (ms, folded)" in [r[0] for r in tables.summary_rows(report)]
+
+
+def test_rounds_table_is_whole_or_replaced_by_a_pointer() -> None:
+    """A console too narrow for the rounds table gets a pointer, never cells cut to a few letters."""
+    import io
+
+    from rich.console import Console
+
+    from easier_export.ship.tables import print_rounds
+
+    rounds = [{"round": 1, "removed": ["stage1_0_act1", "stage1_0_act2"], "stand_ins": {}, "entropy": 0.9,
+               "us_saved": 8.6, "val_top1": 99.0, "delta": 0.0, "within_budget": True, "seconds": 23.8}]
+    for width, expected in ((80, "is in report.md"), (250, "stage1_0_act1")):
+        out = io.StringIO()
+        print_rounds({"rounds": rounds}, Console(file=out, width=width))
+        assert expected in out.getvalue() and "…" not in out.getvalue()

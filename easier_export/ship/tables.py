@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from rich.console import Console
+from rich.measure import Measurement
 from rich.table import Table
 
 from .bench import config_key, noisy_pair, speedups
@@ -106,6 +108,17 @@ def rounds_table(report: dict) -> Table:
     for row in round_rows(report):
         table.add_row(*row)
     return table
+
+
+def print_rounds(report: dict, console: Console) -> None:
+    """The rounds table where the console is wide enough to show it whole; on a narrow terminal or in a log,
+    where every cell would be cut to a few letters, a pointer to the round lines printed above and report.md."""
+    table = rounds_table(report)
+    needed = Measurement.get(console, console.options.update_width(10_000), table).maximum
+    if needed <= console.width:
+        console.print(table)
+    else:
+        console.print(f"rounds: one line each above; the table ({needed} columns wide) is in report.md")
 
 
 def summary_table(report: dict) -> Table:
