@@ -83,3 +83,15 @@ class WeightCountTable:
 
     def save(self) -> None:
         pass
+
+
+class ReadTwice(nn.Module):
+    """``conv(x) + x`` whose conv output is also read past the add: a fan-out."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(4, 4, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.conv(x)
+        return (y + x) * y

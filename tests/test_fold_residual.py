@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import torch
-from _fold_util import assert_same, count_modules, traced
+from _fold_util import ReadTwice, assert_same, count_modules, traced
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
@@ -130,16 +130,7 @@ def test_residual_over_merged_chain_with_bias_map() -> None:
 
 
 def test_fanned_out_branch_is_refused_with_reason() -> None:
-    class Reused(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.conv = nn.Conv2d(4, 4, 3, padding=1)
-
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            y = self.conv(x)
-            return (y + x) * y
-
-    gm = traced(Reused())
+    gm = traced(ReadTwice())
     folded, [record] = fold_residual(gm, torch.randn(1, 4, 6, 6, dtype=torch.float64))
     assert not record.applied and record.reason == "fan-out: conv output has 2 users"
     assert count_modules(folded, nn.Conv2d) == 1

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from _fold_util import Fork, traced
+from _fold_util import Fork, ReadTwice, traced
 from torch import nn
 from torch.fx import GraphModule
 
@@ -21,18 +21,6 @@ class Shared(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.lin(self.lin(x))
-
-
-class ReadTwice(nn.Module):
-    """``conv(x) + x`` whose conv output is also read past the add: a fan-out."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.conv = nn.Conv2d(4, 4, 3, padding=1)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.conv(x)
-        return (y + x) * y
 
 
 def _training(module: nn.Module) -> GraphModule:
