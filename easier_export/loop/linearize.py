@@ -218,8 +218,10 @@ def _judge(candidate: fx.GraphModule, state: LoopState, run: _Run, rnd: int, cho
     misses = misses_in_a_row(state.history) + (not within)
     verdict = "kept" if within else f"over budget: reverted ({misses} miss(es) in a row)"
     shown = f"perplexity {ppl:.3f}, " if ppl is not None else ""
+    held_text = "" if check is None else f"; held-out {check['n']}: Δ {check['change']:+.2f}"
     info(f"round {rnd}: removed {', '.join(chosen)} (score {score:.3f}{saved}) → {shown}top-1 {acc:.2f}% "
-         f"(Δ {record.delta:+.2f}, {_bound_text(task, change)}) {verdict}")
+         f"(judged on {change.n} val samples: Δ {change.change:+.2f}, {_bound_text(task, change)}{held_text}) "
+         f"{verdict}")
     return record
 
 
