@@ -1,7 +1,7 @@
 """The embedded default job: a small inverted-residual CNN trained on scikit-learn's digits, then compressed.
 
-Needs no file and no network; on 2 CPU cores the whole run takes a few minutes. The network (``demo_invres``)
-has fold groups that pay on a CPU, so the default latency-aware selection ships a measurably faster model.
+Needs no file and no network. The network (``demo_invres``) has fold groups that pay on a CPU, so the default
+latency-aware selection can ship a measurably faster model (runs and timings: benchmarks/demo.md).
 """
 
 from __future__ import annotations

@@ -18,8 +18,7 @@ from easier_export.core.dist import is_main_process, resolve_device
 from easier_export.core.errors import UserError, VerificationError, first_line
 from easier_export.core.io import save_torch
 from easier_export.core.stats import PairedChange
-from easier_export.fold import fold_model
-from easier_export.fold.planner import LatencyTable
+from easier_export.fold import LATENCY_FILE, LatencyTable, fold_model
 from easier_export.load.data import Loaders
 from easier_export.load.models import LINEARIZED_FORMAT, LoadedModel
 from easier_export.load.task import FLOAT32, Tolerances
@@ -220,7 +219,7 @@ def ship(steps: list[Step], original_onnx: Path, example: torch.Tensor, inputs: 
 
 def latency_table_path(out_dir: Path, cfg: CompressConfig) -> Path:
     """The planner's timings: ``--latency-table FILE`` pins them across runs and machines, else per run."""
-    return cfg.latency_table or out_dir / "latency_table.json"
+    return cfg.latency_table or out_dir / LATENCY_FILE
 
 
 def say_preprocessing(loaders: Loaders) -> None:

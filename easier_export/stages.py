@@ -11,7 +11,7 @@ import torch
 from easier_export.core.console import progress
 from easier_export.core.dist import resolve_device
 from easier_export.core.io import atomic_write, save_json
-from easier_export.fold import FoldRecord, LatencyTable, fold_model
+from easier_export.fold import LATENCY_FILE, FoldRecord, LatencyTable, fold_model
 from easier_export.load.data import Loaders
 from easier_export.load.models import LoadedModel
 from easier_export.loop.config import LoopConfig
@@ -55,7 +55,7 @@ def fold_only(loaded: LoadedModel, source: str, out: Path, cfg: CompressConfig) 
     ensure_writable(out)
     inputs = loaded.task.dummy_inputs(loaded.input_size)
     example = inputs[0][:1]
-    folded, records = fold_model(gm, example, mode=cfg.fold, target=cfg.target, cache=out / "latency_table.json",
+    folded, records = fold_model(gm, example, mode=cfg.fold, target=cfg.target, cache=out / LATENCY_FILE,
                                  threads=cfg.threads)
     save_json([r.to_dict() for r in records], out / "fold_plan.json")
     program = torch.export.export(folded, (example.expand(2, *example.shape[1:]),),

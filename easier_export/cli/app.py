@@ -23,11 +23,10 @@ from easier_export.core.signals import sigterm_as_interrupt
 from .loop_commands import compress, demo, entropy, linearize
 from .ship_commands import bench, export, fold
 
-HELP = "Make trained vision networks shallower (EASIER) and ship them as verified, fast ONNX."
+HELP = "Make trained networks shallower (EASIER) and ship them as verified, fast ONNX."
 EXIT_CODES = ("Exit codes: 0 ok, 2 usage or bad input, 3 ONNX verification failed, 130 interrupted (Ctrl-C), 143 "
               "terminated (SIGTERM); both keep the state and remove temp files.")
 COMMANDS = (compress, entropy, linearize, fold, export, bench, demo)  # in --help's order
-
 
 
 class _Flags:
@@ -66,7 +65,7 @@ def _version(value: bool) -> None:
 def _root(version: Annotated[bool, typer.Option("--version", is_eager=True, callback=_version, metavar="",
                                                 show_default=False, help="print the version and exit")] = False
           ) -> None:
-    """Make trained vision networks shallower (EASIER) and ship them as verified, fast ONNX."""
+    """The command group: its help is ``HELP``."""
 
 
 def _usage_line(e: typer.TyperException) -> str:

@@ -20,14 +20,14 @@ KEYWORD = inspect.Parameter.KEYWORD_ONLY
 
 
 @dataclass(frozen=True)
-class Group:
+class OptionGroup:
     """``params`` shown and parsed as options; ``build`` makes the command's object from their values."""
 
     params: tuple[inspect.Parameter, ...]
     build: Callable[[dict[str, Any]], Any]
 
 
-def grouped(**groups: Group) -> Callable[[Callable], Callable]:
+def grouped(**groups: OptionGroup) -> Callable[[Callable], Callable]:
     """Replace each named parameter of a command by its group's options, in its place (the --help panels follow
     the signature's order), and call the command with the object the group builds from them."""
     def decorate(command: Callable) -> Callable:
@@ -47,27 +47,27 @@ def grouped(**groups: Group) -> Callable[[Callable], Callable]:
     return decorate
 
 
-def options_of(cls: type, *only: str) -> Group:
+def options_of(cls: type, *only: str) -> OptionGroup:
     """The fields of ``cls`` (``only`` those, when named), annotated with their options, as one group; the
     fields left out keep their defaults."""
     hints = typing.get_type_hints(cls, include_extras=True)
     params = tuple(inspect.Parameter(f.name, KEYWORD, annotation=hints[f.name], default=(
         inspect.Parameter.empty if f.default is dataclasses.MISSING else f.default))
                    for f in dataclasses.fields(cls) if not only or f.name in only)
-    return Group(params, lambda values: cls(**values))
+    return OptionGroup(params, lambda values: cls(**values))
 
 
-def loop_options(*only: str, exclude: tuple[str, ...] = (), **defaults: Any) -> Group:
+def loop_options(*only: str, exclude: tuple[str, ...] = (), **defaults: Any) -> OptionGroup:
     """One option per LoopConfig field (``only`` those, when named; not the ``exclude``d ones), built into a
     LoopConfig; ``defaults`` overrides a field's default for this command.
 
-    Help, choices and bounds live in the fields' metadata (``linearize.option``), so a new LoopConfig field
+    Help, choices and bounds live in the fields' metadata (``loop.config.option``), so a new LoopConfig field
     reaches `compress` and `linearize` without touching this module. A ``tuple[str, ...]`` field is a comma list.
     """
     hints = typing.get_type_hints(LoopConfig)
     fields = [f for f in dataclasses.fields(LoopConfig) if (not only or f.name in only) and f.name not in exclude]
     params = tuple(_loop_option(f, hints[f.name], defaults.get(f.name, f.default)) for f in fields)
-    return Group(params, lambda values: LoopConfig(**{f.name: _loop_value(f, hints[f.name], values[f.name])
+    return OptionGroup(params, lambda values: LoopConfig(**{f.name: _loop_value(f, hints[f.name], values[f.name])
                                                       for f in fields}))
 
 

@@ -117,7 +117,7 @@ def linearize(model: ModelOptions, data: DataOptions, loop: LoopConfig, out: Out
               device: Device = "auto", target: Target = "cpu", threads: Threads = None) -> None:
     """Only the EASIER loop: writes linearized.pt (resumable; rerun to continue)."""
     from easier_export.core.dist import is_main_process, resolve_device
-    from easier_export.fold.planner import LatencyTable
+    from easier_export.fold import LATENCY_FILE, LatencyTable
     from easier_export.loop.linearize import run_loop
     from easier_export.pipeline import (
         check_continuation,
@@ -136,7 +136,7 @@ def linearize(model: ModelOptions, data: DataOptions, loop: LoopConfig, out: Out
         loaders = with_data(loaded, data, loop.seed)
         dev = resolve_device(device)
         say_preprocessing(loaders)
-        table = LatencyTable(target, threads, ensure_writable(out) / "latency_table.json")
+        table = LatencyTable(target, threads, ensure_writable(out) / LATENCY_FILE)
         gm = trace(loaded.model)
         result = run_loop(gm, loaded.source, loaders.train, loaders.val, loop, dev, out, table, task=task_of(loaded))
         if is_main_process():

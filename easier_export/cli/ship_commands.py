@@ -55,7 +55,6 @@ def fold(model: ModelOptions, out: Out = Path("runs/fold"), fold: Fold = "auto",
         raise VerificationError(f"folded ONNX does not reproduce the model: {done.verify['reason']}")
 
 
-
 VerifyData = typed(Path | None, "verify on these val/ images instead of random inputs", DATA)
 
 

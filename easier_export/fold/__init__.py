@@ -14,7 +14,7 @@ import torch
 from torch.fx import GraphModule
 
 from .groups import FoldGroups, Group, find_groups
-from .latency import LatencyTable
+from .latency import LATENCY_FILE, LatencyTable
 from .numerics import BiasMapConv2d
 from .planner import plan_and_fold
 from .records import FoldRecord
@@ -29,6 +29,7 @@ __all__ = [
     "FoldGroups",
     "FoldRecord",
     "Group",
+    "LATENCY_FILE",
     "LatencyTable",
     "clean",
     "find_groups",

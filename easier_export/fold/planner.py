@@ -1,6 +1,6 @@
 """Choose which exact merges to apply by measuring them in context (mode "auto").
 
-A merge is exact but not always faster: pw 1x1 -> dw 3x3 merges into a dense 3x3 conv that costs ~C_in/1 times
+A merge is exact but not always faster: pw 1x1 -> dw 3x3 merges into a dense 3x3 conv that costs ~C_in times
 the depthwise FLOPs, while on small maps every op removed saves a dispatch that single-op timings net out. The
 planner takes the *chains* of mergeable ops (``chains``) and times every exact merged *segment* in context
 (``LatencyTable``). The saving of a segment is ``t(ops) - t(merged)``; each chain is partitioned by dynamic

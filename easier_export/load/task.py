@@ -78,10 +78,6 @@ class ImageTask:
         """The first ``n`` validation batches: what an export is verified on."""
         return first_batches(loaders, n)
 
-    def bench_shape(self, input_size: tuple[int, ...]) -> tuple[int, ...]:
-        """The per-sample shape the benchmark times: the static (C, H, W)."""
-        return tuple(input_size)
-
     def onnx_metadata(self) -> dict[str, str]:
         return {}
 
@@ -132,10 +128,6 @@ class TextTask:
         sequence axis is verified at two lengths."""
         batches = first_batches(loaders, n)
         return batches + [x[:, : two_lengths(x.shape[1])[1]] for x in batches]
-
-    def bench_shape(self, input_size: tuple[int, ...]) -> tuple[int, ...]:
-        """The per-sample shape the benchmark times: the served sequence length."""
-        return tuple(input_size)
 
     def onnx_metadata(self) -> dict[str, str]:
         """The positions: ``bench`` reads them to time the file at a sequence the model takes."""

@@ -67,7 +67,8 @@ class LoopConfig:
                                          "from a model adapted to DATA (e.g. after a data-domain shift)", min=0.0)
     select: str = option("entropy", "entropy: one activation per round, lowest score first (EASIER); latency: "
                                     "the fold group (activations whose joint removal completes a merge) with the "
-                                    "least score per microsecond saved on --target", choices=SELECTIONS)
+                                    "least summed score, among the groups whose merge measured faster on --target",
+                        choices=SELECTIONS)
     anneal: float = option(0.0, "fade each removed activation out over this fraction of its round's finetuning, "
                                 "(1-α)·act(x) + α·s(x) with α rising from 0 to 1 (s: its --substitute stand-in), "
                                 "instead of switching it off before the round (0: at once, as EASIER does)",

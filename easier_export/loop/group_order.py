@@ -7,7 +7,7 @@ from collections.abc import Mapping
 import torch
 from torch import fx
 
-from easier_export.fold.planner import LatencyTable
+from easier_export.fold import LatencyTable
 
 from .config import LoopConfig
 from .selection import measure_groups, risk

@@ -20,8 +20,8 @@ from easier_export.core.console import info, progress
 from easier_export.core.dist import is_main_process
 from easier_export.core.io import save_torch
 from easier_export.core.stats import PairedChange, held_out, resolvable_drop
+from easier_export.fold import LATENCY_FILE, LatencyTable
 from easier_export.fold.groups import FoldGroups
-from easier_export.fold.planner import LatencyTable
 from easier_export.trace.edits import blend_sites, fade, remove_sites, settle
 from easier_export.trace.sites import CallSite, find_call_sites
 
@@ -123,7 +123,7 @@ def _groups(gm: fx.GraphModule, state: LoopState, cfg: LoopConfig, val_loader, o
     """Latency selection's fold groups: timed once, then read from the state."""
     if cfg.select == "latency" and state.groups is None:
         example = next(iter(val_loader))[0][:1]
-        table = table or LatencyTable("cpu", None, out_dir / "latency_table.json")
+        table = table or LatencyTable("cpu", None, out_dir / LATENCY_FILE)
         state.groups = measure_groups(gm, cfg, example, table).to_dict()
         save_state(out_dir, state)
     return FoldGroups.from_dict(state.groups) if state.groups is not None else None

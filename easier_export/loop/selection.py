@@ -9,8 +9,8 @@ import torch
 from torch import fx
 
 from easier_export.core.console import info, progress
+from easier_export.fold import LatencyTable
 from easier_export.fold.groups import FoldGroups, Group, find_groups
-from easier_export.fold.planner import LatencyTable
 from easier_export.trace.sites import CallSite, find_call_sites
 
 from .config import LoopConfig

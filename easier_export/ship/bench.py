@@ -217,9 +217,8 @@ NOISY_SPREAD = 0.10
 """A row is marked noisy when the medians of its interleaved repeats spread over more than 10 % of its p50.
 
 The spread (max - min of the per-repeat medians, over the p50) bounds how far a ratio between two rows can be
-trusted: at 10 % a "×1.1 speed-up" is indistinguishable from drift between repeats, as when a neighbour takes the
-cores for one repeat. An idle machine keeps a row's repeat medians within a few per cent, so 10 % flags
-contention without flagging ordinary jitter."""
+trusted: at 10 % a "×1.1 speed-up" is indistinguishable from drift between repeats. The flag only marks rows in
+the tables; what ships is decided by the race (``race``)."""
 
 
 def _stats(chunks: list[list[float]]) -> dict:

@@ -72,8 +72,8 @@ def summary_rows(report: dict) -> list[tuple[str, str, str, str]]:
 
 def _headline(bench: list[dict], key: tuple[str, str, int], label: str, ratio: float) -> bool:
     """Whether a speed-up belongs in the summary: onnxruntime's always (what ships); PyTorch eager's, a reference
-    only, when both rows are steady and it stands out of their spread (an eager model under contention reads
-    ×1.5-×5 on an unchanged model). The bench table lists every row."""
+    only, when both rows are steady and it stands out of their spread (eager timings move with contention far
+    more than onnxruntime's). The bench table lists every row."""
     if key[0] != "torch":
         return True
     if noisy_pair(bench, (label, *key), BASELINE_LABEL):

@@ -1,4 +1,5 @@
-"""CIFAR ResNet-20/32 (He et al. 2016), laid out to load the checkpoints described in ../shared/README.md."""
+"""CIFAR ResNet-20/32 (He et al. 2016) in the common layout of published CIFAR checkpoints (3 stages of 16/32/64
+channels, option-A zero-padded shortcuts)."""
 
 from __future__ import annotations
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from torch import nn
 
-# Same normalisation as the ../shared CIFAR ResNets, so one data pipeline serves every built-in CIFAR model.
+# The CIFAR ResNets' normalisation, so one data pipeline serves every built-in CIFAR model.
 CIFAR_CFG = {"input_size": (3, 32, 32), "mean": (0.485, 0.456, 0.406), "std": (0.229, 0.224, 0.225)}
 
 
