@@ -43,10 +43,7 @@ class CompressConfig:
     device: str = "auto"
     simplify: bool = True
     opset: int = MIN_OPSET
-    atol: float = FLOAT32.atol
-    rtol: float = FLOAT32.rtol
-    scale_tol: float = FLOAT32.scale_tol
-    min_top1: float = FLOAT32.min_top1
+    tolerances: Tolerances = FLOAT32
     verify_batches: int = 4
     bench_devices: tuple[str, ...] = ("cpu",)
     bench_batches: tuple[int, ...] = (1, 8)
@@ -54,13 +51,10 @@ class CompressConfig:
     bench_seconds: float = 2.0
     latency_table: Path | None = None
 
-    @property
-    def tolerances(self) -> Tolerances:
-        return Tolerances(self.atol, self.rtol, self.scale_tol, self.min_top1)
-
     def settings(self) -> dict:
         """The run's configuration as the report records it: the loop's settings and the others, flat."""
-        return {**asdict(self.loop), **{k: v for k, v in asdict(self).items() if k != "loop"}}
+        others = {k: v for k, v in asdict(self).items() if k not in ("loop", "tolerances")}
+        return {**asdict(self.loop), **others, **asdict(self.tolerances)}
 
 
 def ensure_writable(out_dir: Path) -> Path:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict
 from pathlib import Path
 from typing import Annotated
 
@@ -49,7 +48,7 @@ def compress(model: ModelOptions, data: DataOptions, loop: LoopConfig, out: Out 
     from easier_export.pipeline import CompressConfig, ensure_writable_file
     from easier_export.pipeline import compress as run
 
-    cfg = CompressConfig(loop, fold, values.target(target), device, not no_simplify, **asdict(verify),
+    cfg = CompressConfig(loop, fold, values.target(target), device, not no_simplify, tolerances=verify.tolerances(),
                          bench_devices=values.bench_devices(bench_devices),
                          bench_batches=values.ints(bench_batches, "bench-batches"), threads=threads,
                          bench_seconds=bench_seconds, opset=opset, latency_table=latency_table)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 import typing
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -17,7 +17,7 @@ import typer
 
 from easier_export.core.ort import DEVICES
 from easier_export.fold import MODES
-from easier_export.load.task import FLOAT32
+from easier_export.load.task import FLOAT32, Tolerances
 from easier_export.loop.config import field_checks
 from easier_export.ship.export import MAX_OPSET, MIN_OPSET
 
@@ -153,6 +153,9 @@ class VerifyOptions:
     rtol: Rtol = FLOAT32.rtol
     scale_tol: ScaleTol = FLOAT32.scale_tol
     min_top1: MinTop1 = FLOAT32.min_top1
+
+    def tolerances(self) -> Tolerances:
+        return Tolerances(**asdict(self))
 
 
 @dataclass(frozen=True)

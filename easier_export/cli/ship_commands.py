@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict
 from pathlib import Path
 from typing import Annotated
 
@@ -45,8 +44,8 @@ def fold(model: ModelOptions, out: Out = Path("runs/fold"), fold: Fold = "auto",
     from easier_export.pipeline import CompressConfig
     from easier_export.stages import fold_only
 
-    cfg = CompressConfig(fold=fold, target=values.target(target), simplify=not no_simplify, **asdict(verify),
-                         threads=threads, opset=opset)
+    cfg = CompressConfig(fold=fold, target=values.target(target), simplify=not no_simplify,
+                         tolerances=verify.tolerances(), threads=threads, opset=opset)
     done = fold_only(ready(load(model)), model.model, out, cfg)
     tidy(out)
     applied = sum(r.applied for r in done.records)
@@ -71,7 +70,7 @@ def export(model: ModelOptions, out: typed(Path, "ONNX file", None) = Path("mode
     )
 
     ensure_writable_file(out, "--out")
-    cfg = CompressConfig(simplify=not no_simplify, **asdict(verify), opset=opset)
+    cfg = CompressConfig(simplify=not no_simplify, tolerances=verify.tolerances(), opset=opset)
     loaded = load(model)
     if data is not None:
         loaders = with_data(loaded, verification_data(data, skip_bad_images), trains=False)
