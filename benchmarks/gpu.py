@@ -31,6 +31,7 @@ import argparse
 import copy
 import importlib.util
 import json
+import math
 import os
 import platform
 import shutil
@@ -56,6 +57,7 @@ from fold_patterns import mnv2_blocks, nonzero_norms  # noqa: E402  (one definit
 from easier_export.core.errors import first_line
 from easier_export.core.io import atomic_write, save_json, save_torch
 from easier_export.core.ort import cpu_name, physical_cores
+from easier_export.core.stats import speedup
 from easier_export.fold import MERGE_KINDS, fold_model
 from easier_export.load.models import LINEARIZED_FORMAT, build_arch, load_model
 from easier_export.load.task import TextTask
@@ -81,7 +83,7 @@ class Budget:
     repeats: int
 
 
-REAL = Budget(warmup=10, min_iters=50, max_seconds=0.6, repeats=5)
+REAL = Budget(warmup=10, min_iters=60, max_seconds=0.6, repeats=6)  # 6: the fewest with a 95 % interval
 DRY = Budget(warmup=1, min_iters=4, max_seconds=0.0, repeats=2)
 
 
@@ -333,11 +335,18 @@ def configs(gpu: bool, dry_run: bool, skip: Callable[[str], None]) -> list[Confi
 # ---------------------------------------------------------------------------------------------- results
 
 
+def _speedup(original: dict, compressed: dict) -> dict:
+    """Median of the per-repeat ratios and its interval (``core.stats.speedup``), as the race decides."""
+    found = speedup(original["repeat_p50_ms"], compressed["repeat_p50_ms"])
+    bounds = {k: v if math.isfinite(v) else None for k, v in (("low", found.low), ("high", found.high))}
+    return {"speedup": found.ratio, **bounds, "verdict": found.verdict}
+
+
 def ratio_text(row: dict) -> str:
-    """Speed-up of the p50s, with the range of the per-repeat speed-ups (repeats are interleaved)."""
-    per_repeat = [a / b for a, b in zip(row["original"]["repeat_p50_ms"], row["compressed"]["repeat_p50_ms"],
-                                        strict=True)]
-    return f"×{row['speedup']:.2f} ({min(per_repeat):.2f}–{max(per_repeat):.2f})"
+    """The speed-up with its 95 % interval (the project's one "is it faster" rule over the interleaved repeats);
+    "–" for a bound that needs more repeats (stored as null)."""
+    low, high = ("–" if v is None else f"{v:.2f}" for v in (row["low"], row["high"]))
+    return f"×{row['speedup']:.2f} [{low}, {high}]"
 
 
 class Results:
@@ -357,7 +366,7 @@ class Results:
     def add(self, case: str, config: Config, batch: int, original: dict, compressed: dict) -> None:
         row = {"case": case, "backend": config.backend, "mode": config.mode, "precision": config.precision,
                "batch": batch, "original": original, "compressed": compressed,
-               "speedup": original["p50_ms"] / compressed["p50_ms"]}
+               **_speedup(original, compressed)}
         self.rows.append(row)
         print(f"{case} | {config.backend} {config.mode} {config.precision} | batch {batch} | "
               f"{original['p50_ms']:.3f} → {compressed['p50_ms']:.3f} ms | {ratio_text(row)}", flush=True)
@@ -389,7 +398,7 @@ def markdown(info: dict, settings: dict, cases: dict, rows: list[dict], skipped:
         "",
         f"p50 over interleaved repeats (original, compressed, original, ...: {settings['repeats']} repeats, at "
         f"least {settings['min_iters']} runs and {settings['max_seconds']} s per model); speed-up = original p50 / "
-        "compressed p50, in brackets the range of the per-repeat speed-ups. onnxruntime on CUDA with IO binding "
+        "compressed p50 per repeat, its median, in brackets its 95 % interval. onnxruntime on CUDA with IO binding "
         "(input and output stay on the GPU); FP16 onnxruntime rows run an FP16 copy of each file made by "
         "onnxruntime's float16 converter (FP32 inputs/outputs kept), TensorRT FP16 is its builder flag. PyTorch "
         "FP16 is `.half()`; a CUDA graph row replays one captured inference.",
