@@ -72,42 +72,7 @@ def verification_data(path: Path, skip_bad_images: bool) -> DataOptions:
 
 
 def with_data(loaded: LoadedModel, data: DataOptions, seed: int = 0, trains: bool = True) -> Loaders:
-    """Open DATA (every image checked), settle the input size, prove the model runs at it (and, when it
-    ``trains`` on batches of one, that it can), then make loaders. A text model reads ``train.txt``/``val.txt`` in
-    blocks of its sequence length (``--input-size``)."""
-    loaders = _open_data(loaded, data, seed)
-    if trains and min(data.batch_size, len(loaders.train.dataset)) == 1:
-        from easier_export.loop.train import check_batch_of_one
+    """DATA as the options name it, opened and checked against the model (``stages.open_data``)."""
+    from easier_export.stages import open_data
 
-        check_batch_of_one(loaded.model, loaders.train.dataset[0][0][None])
-    return loaders
-
-
-def _open_data(loaded: LoadedModel, data: DataOptions, seed: int) -> Loaders:
-    from easier_export.load.data import open_image_folder
-    from easier_export.load.task import TextTask
-    from easier_export.normalization import check_normalization
-    from easier_export.pipeline import dry_run
-
-    if isinstance(loaded.task, TextTask):
-        from easier_export.load.text import text_loaders
-
-        dry_run(loaded.model, loaded.input_size, loaded.task.dtype)
-        return text_loaders(data.data, loaded.task.spec, loaded.input_size[0], data.batch_size, seed)
-
-    folder = open_image_folder(data.data, loaded.num_classes, data.skip_bad_images, loaded.rehead_advice)
-    if folder.skipped:
-        console.print(f"[yellow]warning:[/] left out {len(folder.skipped)} unreadable image(s), e.g. "
-                      f"{folder.skipped[0]}", soft_wrap=True)
-    if not loaded.size_declared:
-        if folder.common_size is None:
-            raise UserError(f"{loaded.source} declares no input size and the images in {data.data} differ in size: "
-                            "pass --input-size")
-        loaded.input_size = (loaded.input_size[0], *folder.common_size)
-        console.print(f"[yellow]note:[/] {loaded.source} declares no input size: using "
-                      f"{'x'.join(map(str, folder.common_size))}, the size of every image in {data.data} "
-                      "(--input-size overrides)", soft_wrap=True)
-    dry_run(loaded.model, loaded.input_size)
-    if not loaded.task.normalization_given:
-        check_normalization(loaded, folder, data.batch_size, seed)
-    return loaded.task.loaders(folder, loaded.input_size, data.batch_size, data.workers, seed)
+    return open_data(loaded, data.data, data.batch_size, data.workers, seed, data.skip_bad_images, trains)
