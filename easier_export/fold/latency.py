@@ -23,9 +23,10 @@ from .segments import SegmentSpec, merged_graph, op_signature, segment_graph
 logger = logging.getLogger(__name__)
 
 TIMING_VERSION = "ratio95"
+"""Part of every cache key: entries of another timing rule are dropped when the cache is read."""
+
 LATENCY_FILE = "latency_table.json"
 """Where a run keeps its planner timings, under its output folder, reused when it resumes."""
-"""Part of every cache key: entries of another timing rule are dropped when the cache is read."""
 
 WARMUP = 3
 """Runs of each graph before timing starts."""
