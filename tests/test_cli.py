@@ -181,6 +181,18 @@ def test_size_from_data_and_near_chance_warning(capsys, image_folder, tmp_path):
     assert "warning: the original model is near chance" in flat
 
 
+def test_images_of_several_sizes_without_a_declared_size_is_a_one_line_usage_error(capsys, image_folder, tmp_path):
+    from PIL import Image
+
+    Image.new("RGB", (24, 24), (200, 0, 0)).save(image_folder / "train" / "class0" / "big.png")
+    out = tmp_path / "lin"
+    code, text = run(capsys, "linearize", str(_sized_model(tmp_path)), "--trust-pickle", "--data", str(image_folder),
+                     "--out", str(out), "--workers", "0", "--batch-size", "4")
+    assert code == 2 and "Traceback" not in text
+    assert text.strip().splitlines()[-1].endswith("differ in size: pass --input-size"), text
+    assert not (out / "state.pt").exists()
+
+
 def test_export_dry_runs_at_the_input_size(capsys, tmp_path):
     out = tmp_path / "vit.onnx"
     code, text = run(capsys, "export", "timm:vit_tiny_patch16_224", "--num-classes", "3", "--input-size", "7",
