@@ -17,7 +17,9 @@ from easier_export.core.console import console, info
 from easier_export.core.dist import is_main_process, resolve_device
 from easier_export.core.errors import UserError, VerificationError, first_line
 from easier_export.core.io import save_torch
+from easier_export.core.quantize import FP16, FP32, INT8
 from easier_export.core.stats import PairedChange
+from easier_export.deploy import Deployment, Subject, deploy, racer, settle
 from easier_export.fold import LATENCY_FILE, LatencyTable, fold_model
 from easier_export.load.data import Loaders
 from easier_export.load.models import LINEARIZED_FORMAT, LoadedModel
@@ -27,6 +29,7 @@ from easier_export.loop.linearize import run_loop
 from easier_export.loop.state import LoopResult, cpu_state, snapshot_path
 from easier_export.ship.bench import bench, race
 from easier_export.ship.export import MIN_OPSET, eval_copy, export_onnx, mark_unverified, print_verify, verify_onnx
+from easier_export.ship.precision import PrecisionChoice
 from easier_export.ship.report import build_report, write_report
 from easier_export.ship.shipping import Shipment, Step, choose
 from easier_export.ship.tables import print_rounds, summary_table
@@ -50,6 +53,15 @@ class CompressConfig:
     threads: int | None = None
     bench_seconds: float = 2.0
     latency_table: Path | None = None
+    precision: str = FP32
+    calib_batches: int = 8
+    calib_method: str = "minmax"
+
+    @property
+    def planning_precision(self) -> str:
+        """The precision merges are timed in: the one asked for; FP32 for ``auto`` (the FP32 file is what every
+        conversion is raced against, and what ships when none is faster)."""
+        return self.precision if self.precision in (INT8, FP16) else FP32
 
     def settings(self) -> dict:
         """The run's configuration as the report records it: the loop's settings and the others, flat."""
@@ -129,9 +141,10 @@ def export_and_verify(model: nn.Module, reference: nn.Module, example: torch.Ten
 
 
 def _bench(exports: dict, example: torch.Tensor, cfg: CompressConfig, original: nn.Module,
-           folded: nn.Module) -> list[dict]:
+           folded: nn.Module, deployment: Deployment) -> list[dict]:
     info("benchmarking (onnxruntime)")
-    return bench({k: Path(v["path"]) for k, v in exports.items()}, tuple(example.shape[1:]), cfg.bench_devices,
+    files = {k: Path(v["path"]) for k, v in exports.items()} | deployment.bench_files()
+    return bench(files, tuple(example.shape[1:]), cfg.bench_devices,
                  cfg.bench_batches, cfg.threads, max_seconds=cfg.bench_seconds,
                  torch_models={"original": original, "folded": folded})  # eager PyTorch as a reference
 
@@ -146,7 +159,8 @@ def speedup_probe(original: nn.Module, example: torch.Tensor, work_dir: Path,
 
     def probe(model: fx.GraphModule) -> float:
         folded, _ = fold_model(eval_copy(model), example, mode=cfg.fold, target=cfg.target,
-                               cache=latency_table_path(work_dir.parent, cfg), threads=cfg.threads)
+                               cache=latency_table_path(work_dir.parent, cfg), threads=cfg.threads,
+                               precision=cfg.planning_precision)
         path = Path(export_onnx(folded, example, work_dir / "folded.onnx", {}, cfg.simplify, cfg.opset)["path"])
         raced = race({"original": base, "folded": path}, "original", tuple(example.shape[1:]), cfg.target, batch,
                      cfg.threads, max_seconds=cfg.bench_seconds)
@@ -195,7 +209,8 @@ def ship(steps: list[Step], original_onnx: Path, example: torch.Tensor, inputs: 
         return export_and_verify(folded, step.model, example, path, inputs, {**_step_meta(meta, step), **applied},
                                  cfg)
 
-    fold_kwargs = {"target": cfg.target, "cache": latency_table_path(out_dir, cfg), "threads": cfg.threads}
+    fold_kwargs = {"target": cfg.target, "cache": latency_table_path(out_dir, cfg), "threads": cfg.threads,
+                   "precision": cfg.planning_precision}
     shipment = choose(steps, original_onnx, exporter, example, cfg.fold, cfg.loop.relocates, cfg.target,
                       min(cfg.bench_batches), cfg.threads, work, fold_kwargs)
     export = shipment.chosen.export  # verified: only verified candidates are chosen
@@ -209,6 +224,28 @@ def ship(steps: list[Step], original_onnx: Path, example: torch.Tensor, inputs: 
         info(f"[yellow]warning:[/] failed verification, not shipped: {', '.join(failed)}")
     shutil.rmtree(work, ignore_errors=True)
     return shipment
+
+
+def in_precision(shipped: Subject, original: Subject, inputs: list[torch.Tensor], loaders: Loaders, task: Task,
+                 cfg: CompressConfig) -> Deployment:
+    """The shipped FP32 file converted to ``cfg.precision`` where asked (``deploy.deploy``)."""
+    if cfg.precision == FP32:
+        return Deployment(PrecisionChoice(FP32, FP32, "asked for FP32"), None, None)
+    info(f"precision {cfg.precision}: converting and judging against the FP32 original on val")
+    timing = racer(tuple(inputs[0].shape[1:]), cfg.target, min(cfg.bench_batches), cfg.threads)
+    done = deploy(cfg.precision, shipped, original, inputs, loaders, cfg.loop, task, (cfg.calib_batches,
+                  cfg.calib_method), timing, cfg.target, original.file.parent)
+    info(f"shipping {done.choice.shipped.upper()}: {done.choice.reason}")
+    return done
+
+
+def shipped_in(shipped: LoopResult, deployment: Deployment, task: Task) -> LoopResult:
+    """The loop's result with the metric of the converted file that ships (measured with onnxruntime)."""
+    if deployment.choice.chosen is None:
+        return shipped
+    value = deployment.choice.chosen.judged.value
+    metric = {"final_ppl": value} if task.metric == "ppl" else {"final_top1": value}
+    return dataclasses.replace(shipped, **metric)
 
 
 def latency_table_path(out_dir: Path, cfg: CompressConfig) -> Path:
@@ -245,7 +282,7 @@ def compress(loaded: LoadedModel, loaders: Loaders, out_dir: Path, cfg: Compress
 
     inputs = loaded.task.verification_inputs(loaders, cfg.verify_batches)
     example = inputs[0][:1]
-    table = LatencyTable(cfg.target, cfg.threads, latency_table_path(out_dir, cfg))
+    table = LatencyTable(cfg.target, cfg.threads, latency_table_path(out_dir, cfg), precision=cfg.planning_precision)
     probe = speedup_probe(gm, example, out_dir / "probe", cfg) if cfg.loop.target_speedup is not None else None
     result = run_loop(gm, loaded.source, loaders.train, loaders.val, cfg.loop, device, out_dir, table, probe,
                       task_of(loaded))
@@ -264,13 +301,19 @@ def compress(loaded: LoadedModel, loaders: Loaders, out_dir: Path, cfg: Compress
     save_linearized(out_dir / "linearized.pt", loaded, shipped, cfg.loop.relocates)
     exports["linearized"] = export_onnx(shipped.model, example, out_dir / "onnx" / "linearized.onnx",
                                         _step_meta(meta, chosen.step), cfg.simplify, cfg.opset)
-    exports["folded"] = chosen.export
+    fp32 = chosen.export
+    deployment = in_precision(Subject(Path(fp32["path"]), chosen.step.model),
+                              Subject(Path(exports["original"]["path"]), original), inputs, loaders,
+                              task_of(loaded), cfg)
+    exports["folded"] = settle(deployment, out_dir / "model.onnx", fp32, out_dir / "onnx" / "model.fp32.onnx")
+    shipped = shipped_in(shipped, deployment, task_of(loaded))
     folded, folds = chosen.folded, chosen.folds
-    bench_rows = _bench(exports, example, cfg, original, folded)
+    timed = {"original": exports["original"], "linearized": exports["linearized"], "folded": fp32}
+    bench_rows = _bench(timed, example, cfg, original, folded, deployment)
     verify = exports["folded"]["verify"]
 
     report = build_report(loaded, cfg.settings(), shipped, original, folded, example, folds, exports, bench_rows,
-                          loaders.skipped, shipment.to_dict(), loaders.preprocessing)
+                          loaders.skipped, shipment.to_dict(), loaders.preprocessing, deployment.to_dict())
     write_report(report, out_dir)
     if report["rounds"]:
         print_rounds(report, console)

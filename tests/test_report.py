@@ -96,6 +96,7 @@ def report() -> dict:
                    "size_bytes": 3500, "nodes": 20, "op_counts": {"Conv": 10, "Relu": 10}},
         "verify": verify.to_dict(),
         "bench": bench_rows(),
+        "precision": {"asked": "fp32", "shipped": "fp32", "reason": "asked for FP32", "tried": []},
         "outputs": {"model": "model.onnx"},
     }
 

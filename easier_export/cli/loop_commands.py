@@ -17,6 +17,8 @@ from .options import (
     BenchBatches,
     BenchDevices,
     BenchSeconds,
+    CalibBatches,
+    CalibMethod,
     DataOptions,
     Device,
     Fold,
@@ -25,6 +27,7 @@ from .options import (
     NoSimplify,
     Opset,
     Out,
+    Precision,
     Target,
     Threads,
     VerifyOptions,
@@ -42,6 +45,7 @@ def compress(model: ModelOptions, data: DataOptions, loop: LoopConfig, out: Out 
              device: Device = "auto", fold: Fold = "auto", target: Target = "cpu",
              latency_table: LatencyTableFile = None,
              verify: VerifyOptions = VerifyOptions(), no_simplify: NoSimplify = False, opset: Opset = MIN_OPSET,
+             precision: Precision = "fp32", calib_batches: CalibBatches = 8, calib_method: CalibMethod = "minmax",
              bench_devices: BenchDevices = "cpu",
              bench_batches: BenchBatches = "1,8", bench_seconds: BenchSeconds = 2.0, threads: Threads = None) -> None:
     """Run the whole pipeline: entropy → linearize/finetune rounds → fold → ONNX → verify → bench → report."""
@@ -51,7 +55,8 @@ def compress(model: ModelOptions, data: DataOptions, loop: LoopConfig, out: Out 
     cfg = CompressConfig(loop, fold, values.target(target), device, not no_simplify, tolerances=verify.tolerances(),
                          bench_devices=values.bench_devices(bench_devices),
                          bench_batches=values.ints(bench_batches, "bench-batches"), threads=threads,
-                         bench_seconds=bench_seconds, opset=opset, latency_table=latency_table)
+                         bench_seconds=bench_seconds, opset=opset, latency_table=latency_table, precision=precision,
+                         calib_batches=calib_batches, calib_method=calib_method)
     if latency_table is not None:
         ensure_writable_file(latency_table, "--latency-table")
     with distributed(device), no_empty_out(out), resumable(out):

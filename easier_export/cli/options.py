@@ -16,6 +16,7 @@ from typing import Annotated, Any, Literal
 import typer
 
 from easier_export.core.ort import DEVICES
+from easier_export.core.quantize import CALIBRATION_METHODS, PRECISIONS
 from easier_export.fold import MODES
 from easier_export.load.task import FLOAT32, Tolerances
 from easier_export.loop.config import field_checks
@@ -127,6 +128,12 @@ NoSimplify = Annotated[bool, flag("no-simplify", "skip onnxsim", EXPORT)]
 Opset = typed(int, "ONNX opset of the file: 20 and newer write GELU as one Gelu op, 23 attention as one Attention op "
                    "(faster in onnxruntime; the runtime must support the opset)", EXPORT, min=MIN_OPSET,
               max=MAX_OPSET)
+
+Precision = chosen(PRECISIONS, "precision of the shipped file: int8 (onnxruntime static QDQ, calibrated on DATA's "
+                               "train split), fp16 (for CUDA), or auto (the fastest on --target within the budget)",
+                   EXPORT)
+CalibBatches = typed(int, "train batches that calibrate INT8 ranges", EXPORT, min=1)
+CalibMethod = chosen(tuple(CALIBRATION_METHODS), "how INT8 ranges are estimated from the calibration batches", EXPORT)
 
 
 @dataclass(frozen=True)

@@ -3,28 +3,33 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
 from easier_export.core.console import console
-from easier_export.core.errors import VerificationError
+from easier_export.core.errors import UserError, VerificationError
+from easier_export.core.quantize import FP32
+from easier_export.loop.config import LoopConfig
 from easier_export.ship.export import MIN_OPSET
 
 from . import values
-from .groups import grouped, options_of
+from .groups import grouped, loop_options, options_of
 from .loading import load, ready, verification_data, with_data
 from .options import (
     DATA,
     BenchBatches,
     BenchDevices,
     BenchSeconds,
+    CalibBatches,
+    CalibMethod,
     Fold,
     JsonOut,
     ModelOptions,
     NoSimplify,
     Opset,
     Out,
+    Precision,
     SkipBadImages,
     Target,
     Threads,
@@ -32,6 +37,11 @@ from .options import (
     typed,
 )
 from .runs import tidy
+
+if TYPE_CHECKING:
+    from easier_export.load.data import Loaders
+    from easier_export.load.models import LoadedModel
+    from easier_export.pipeline import CompressConfig
 
 IMAGE_FILE = ("model", "weights", "arch", "num_classes", "trust_pickle", "input_size")  # no preprocessing options
 
@@ -54,14 +64,18 @@ def fold(model: ModelOptions, out: Out = Path("runs/fold"), fold: Fold = "auto",
         raise VerificationError(f"folded ONNX does not reproduce the model: {done.verify['reason']}")
 
 
-VerifyData = typed(Path | None, "verify on these val/ images instead of random inputs", DATA)
+VerifyData = typed(Path | None, "verify on these val/ images instead of random inputs (--precision: calibrate on "
+                                "train/, judge on val/)", DATA)
 
 
-@grouped(model=options_of(ModelOptions, *IMAGE_FILE, "mean", "std"), verify=options_of(VerifyOptions))
+@grouped(model=options_of(ModelOptions, *IMAGE_FILE, "mean", "std"), verify=options_of(VerifyOptions),
+         loop=loop_options("max_drop", "max_ppl_increase", "confidence"))
 def export(model: ModelOptions, out: typed(Path, "ONNX file", None) = Path("model.onnx"),
            data: VerifyData = None, skip_bad_images: SkipBadImages = False, verify: VerifyOptions = VerifyOptions(),
-           no_simplify: NoSimplify = False, opset: Opset = MIN_OPSET) -> None:
-    """Export any loadable model to one verified ONNX file (no compression)."""
+           no_simplify: NoSimplify = False, opset: Opset = MIN_OPSET, precision: Precision = "fp32",
+           calib_batches: CalibBatches = 8, calib_method: CalibMethod = "minmax", loop: LoopConfig = LoopConfig(),
+           target: Target = "cpu", threads: Threads = None) -> None:
+    """Export any loadable model to one verified ONNX file (no compression), in FP32 or converted."""
     from easier_export.pipeline import (
         CompressConfig,
         ensure_writable_file,
@@ -70,7 +84,12 @@ def export(model: ModelOptions, out: typed(Path, "ONNX file", None) = Path("mode
     )
 
     ensure_writable_file(out, "--out")
-    cfg = CompressConfig(simplify=not no_simplify, tolerances=verify.tolerances(), opset=opset)
+    if precision != FP32 and data is None:
+        raise UserError(f"--precision {precision} needs --data: INT8 ranges are calibrated on its train/ split and "
+                        "every conversion is judged against the FP32 file on its val/ split")
+    cfg = CompressConfig(simplify=not no_simplify, tolerances=verify.tolerances(), opset=opset, precision=precision,
+                         calib_batches=calib_batches, calib_method=calib_method, target=values.target(target),
+                         threads=threads)
     loaded = load(model)
     if data is not None:
         loaders = with_data(loaded, verification_data(data, skip_bad_images), trains=False)
@@ -83,6 +102,31 @@ def export(model: ModelOptions, out: typed(Path, "ONNX file", None) = Path("mode
         raise VerificationError(f"{out} does not reproduce the model: {exported['verify']['reason']} "
                                 f"(kept as {exported['path']})")
     console.print(f"wrote {out} ({exported['size_bytes'] / 1e6:.2f} MB, {exported['exporter']} exporter)")
+    if precision != FP32:
+        _convert(out, exported, loaded, loaders, inputs, loop, cfg)
+
+
+def _convert(out: Path, exported: dict, loaded: LoadedModel, loaders: Loaders, inputs: list, loop: LoopConfig,
+             cfg: CompressConfig) -> None:
+    """The verified FP32 file converted as ``compress`` converts what it ships: ``out`` then holds the chosen
+    precision, ``OUT.fp32.onnx`` the FP32 file when another one was chosen."""
+    import dataclasses
+
+    from easier_export.deploy import Subject, deploy, racer, settle
+    from easier_export.pipeline import task_of
+
+    subject = Subject(out, loaded.model)
+    timing = racer(tuple(inputs[0].shape[1:]), cfg.target, 1, cfg.threads)
+    done = deploy(cfg.precision, subject, subject, inputs, loaders, dataclasses.replace(loop, holdout=0.0),
+                  task_of(loaded), (cfg.calib_batches, cfg.calib_method), timing, cfg.target, out.parent,
+                  quantize_original=False)
+    shipped = settle(done, out, exported, out.with_name(f"{out.stem}.fp32.onnx"))
+    for tried in done.choice.tried:  # what was not chosen was measured and said; only OUT (and its FP32) stay
+        if tried is not done.choice.chosen:
+            Path(tried.export["path"]).unlink(missing_ok=True)
+    console.print(f"{out}: {done.choice.shipped.upper()} ({done.choice.reason})", soft_wrap=True)
+    if done.choice.chosen is not None:
+        console.print(f"kept the FP32 file as {exported['path']}; {shipped['size_bytes'] / 1e6:.2f} MB")
 
 
 Models = Annotated[list[Path], typer.Argument(metavar="MODELS", show_default=False,

@@ -49,18 +49,21 @@ def fold_model(
     cache: pathlib.Path | None = None,
     threads: int | None = None,
     replay: Collection[Sequence[str]] | None = None,
+    precision: str = "fp32",
 ) -> tuple[GraphModule, list[FoldRecord]]:
     """Run the rules on an eval-mode GraphModule at the static input shape of `example` (batch dim may
     vary at run time; spatial size is static). 'none' still removes identities and folds BN (always a win,
     exact); 'all' applies every exact merge; 'auto' applies a merge only when the planner measured it faster
-    on `target`, or, given `replay` (the node names of the merges a recorded 'auto' plan applied), exactly those.
+    on `target` (in the `precision` the model ships in), or, given `replay` (the node names of the merges a
+    recorded 'auto' plan applied), exactly those.
     """
     if mode not in MODES:
         raise ValueError(f"fold mode {mode!r} is not one of {MODES}")
     gm, records = clean(gm, example)
     if mode == "auto":
         records += _refusals(gm)
-        gm, planned = plan_and_fold(gm, example, target=target, cache=cache, threads=threads, replay=replay)
+        gm, planned = plan_and_fold(gm, example, target=target, cache=cache, threads=threads, replay=replay,
+                                      precision=precision)
         records += planned
     elif mode == "all":
         gm, merged = _merge_all(gm, example)

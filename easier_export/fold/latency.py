@@ -6,6 +6,7 @@ import json
 import logging
 import pathlib
 import statistics
+import tempfile
 from dataclasses import dataclass, field
 from functools import partial
 
@@ -16,6 +17,7 @@ from torch import nn
 
 from easier_export.core.io import save_json
 from easier_export.core.ort import physical_cores, session_options
+from easier_export.core.quantize import FP32, Calibration, convert
 from easier_export.core.timing import Runner, compare
 
 from .segments import SegmentSpec, merged_graph, op_signature, segment_graph
@@ -42,11 +44,16 @@ class LatencyTable:
     an interval needs, however slow the segment). Stored: ``before`` (median unmerged block), ``after``
     (``before`` over the ratio) and ``spread`` (how much later the merged op would run at the interval's low
     end), so ``before - after > spread`` exactly when the merge is faster beyond the noise.
+
+    ``precision``: the precision the model ships in. Both graphs are converted to it before timing (INT8:
+    calibrated on seeded stand-ins, whose ranges are wrong for accuracy but give the quantized kernels their
+    shapes), so a merge is weighed by what it saves after quantization.
     """
 
     target: str = "cpu"
     threads: int | None = None
     cache: pathlib.Path | None = None
+    precision: str = FP32
     block: int = 10
     rel_tol: float = 0.03
     max_seconds: float = 1.0
@@ -71,12 +78,24 @@ class LatencyTable:
     def times(self, spec: SegmentSpec, merged: nn.Module) -> tuple[float, float, float]:
         """(us before, us after, us spread) of replacing the segment by ``merged``, at batch 1."""
         spec = SegmentSpec(spec.ops, (1, *spec.in_shape[1:]), spec.add, spec.skip)
-        key = f"{TIMING_VERSION}|{self.providers[0]}|t{self.threads}|{spec.signature()}->{op_signature(merged)}"
+        key = (f"{TIMING_VERSION}|{self.providers[0]}|t{self.threads}|{self.precision}|{spec.signature()}->"
+               f"{op_signature(merged)}")
         if key not in self.table:
-            before, after, spread = self._time_pair(segment_graph(spec), merged_graph(merged, spec.in_shape))
+            graphs = (segment_graph(spec), merged_graph(merged, spec.in_shape))
+            before, after, spread = self._time_pair(*(self._deployed(g, spec.in_shape) for g in graphs))
             self.table[key] = {"before": before, "after": after, "spread": spread}
         entry = self.table[key]
         return entry["before"], entry["after"], entry["spread"]
+
+    def _deployed(self, model: onnx.ModelProto, shape: tuple[int, ...]) -> onnx.ModelProto:
+        """``model`` in the table's precision."""
+        if self.precision == FP32:
+            return model
+        with tempfile.TemporaryDirectory(prefix="easier-segment-") as tmp:
+            src, dst = pathlib.Path(tmp) / "fp32.onnx", pathlib.Path(tmp) / f"{self.precision}.onnx"
+            onnx.save_model(model, str(src))
+            convert(src, dst, self.precision, Calibration.stand_ins(shape))
+            return onnx.load(str(dst))
 
     def _runner(self, model: onnx.ModelProto) -> Runner:
         sess = ort.InferenceSession(model.SerializeToString(), session_options(self.threads),

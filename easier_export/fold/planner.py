@@ -171,15 +171,16 @@ def plan_and_fold(
     cache: pathlib.Path | None = None,
     threads: int | None = None,
     replay: Collection[Sequence[str]] | None = None,
+    precision: str = "fp32",
 ) -> tuple[GraphModule, list[FoldRecord]]:
-    """Apply the set of exact merges with the largest measured saving on ``target``.
+    """Apply the set of exact merges with the largest measured saving on ``target`` in ``precision``.
 
     ``replay``: the node names of the merges a plan applied (its records' ``nodes``); exactly those are applied
     again and nothing is timed, so a shipped model can be rebuilt on another machine than the one that planned it.
     """
     gm = fresh_copy(gm)
     propagate_shapes(gm, example)
-    table = LatencyTable(target, threads, cache) if replay is None else _Untimed()
+    table = LatencyTable(target, threads, cache, precision=precision) if replay is None else _Untimed()
     wanted = None if replay is None else {tuple(names) for names in replay}
     records: list[FoldRecord] = []
     for chain in find_chains(gm):

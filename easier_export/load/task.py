@@ -36,16 +36,30 @@ def bench_sequence(max_positions: int | None) -> int:
 class Tolerances:
     """When an exported file reproduces its PyTorch model: every element within ``atol + rtol * |ref| +
     scale_tol * max|ref|`` and top-1 agreement of at least ``min_top1``. The scale term makes the bound follow
-    the output's magnitude: an absolute 1e-4 is noise on logits of 1e3 and everything on logits of 1e-3."""
+    the output's magnitude: an absolute 1e-4 is noise on logits of 1e3 and everything on logits of 1e-3.
+    ``numeric`` False: no elementwise bound (an INT8 file's logits move by its quantization steps), only the
+    agreement; its accuracy is then held to the budget on val instead."""
 
     atol: float
     rtol: float
     scale_tol: float
     min_top1: float
+    numeric: bool = True
 
 
 FLOAT32 = Tolerances(atol=1e-4, rtol=1e-3, scale_tol=1e-4, min_top1=0.99)
 """The float32 tolerances every export is verified to, and every rewrite of a model checked against."""
+
+FLOAT16 = Tolerances(atol=1e-2, rtol=1e-2, scale_tol=1e-2, min_top1=0.98)
+"""An FP16 file against its FP32 model: float16 keeps about 3 decimal digits, so 1e-2 of the logits' scale."""
+
+INT8 = Tolerances(atol=0.0, rtol=0.0, scale_tol=0.0, min_top1=0.9, numeric=False)
+"""An INT8 file against its FP32 model: top-1 agreement only, low enough for a correct quantization of a model
+whose val accuracy is modest (near decision boundaries INT8 flips a few percent of images) and high enough to
+catch a broken one; what decides whether it ships is its accuracy on val (``ship.precision``)."""
+
+TOLERANCES = {"fp32": FLOAT32, "fp16": FLOAT16, "int8": INT8}
+"""The verification tolerances of each precision a file ships in."""
 
 
 def first_batches(loaders: Loaders, n: int) -> list[Tensor]:

@@ -43,9 +43,10 @@ def _ppl(value: float | None) -> dict:
 
 def build_report(loaded: LoadedModel, settings: dict, result: LoopOutcome, original: nn.Module, folded: nn.Module,
                  example: Tensor, folds: list, exports: dict, bench_rows: list[dict], skipped: list[str],
-                 shipment: dict, preprocessing: Preprocessing | None) -> dict:
+                 shipment: dict, preprocessing: Preprocessing | None, precision: dict) -> dict:
     """``report.json``'s content: ``result`` as shipped, ``exports`` by label (``original``, ``folded``: what
-    ships, with its ``verify``), ``settings`` the run's configuration."""
+    ships, with its ``verify``), ``settings`` the run's configuration, ``precision`` which precision ships and
+    what each conversion measured (``deploy.Deployment.to_dict``)."""
     removed_round = {name: r.round for r in result.history if r.within_budget for name in r.removed}
     entropy0 = {e["name"]: e["entropy"] for e in result.entropy0}
     shipped = exports["folded"]
@@ -75,6 +76,7 @@ def build_report(loaded: LoadedModel, settings: dict, result: LoopOutcome, origi
         "data": {"skipped_images": len(skipped), "skipped": skipped,
                  **({} if preprocessing is None else {"preprocessing": preprocessing.to_dict()})},
         "shipped": shipment,
+        "precision": precision,
         **loaded.task.report_section(example),
         "outputs": {"model": Path(shipped["path"]).name, "linearized": "linearized.pt",
                     "report_json": "report.json", "report_md": "report.md"},

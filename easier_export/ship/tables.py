@@ -55,6 +55,9 @@ def summary_rows(report: dict) -> list[tuple[str, str, str, str]]:
     if shipped is not None:
         what = "the original" if shipped["round"] == 0 else f"round {shipped['round']}"
         rows.append(("shipped", "", f"{what}, fold {shipped['fold']}", shipped["reason"]))
+    precision = report.get("precision") or {}
+    if precision.get("asked", "fp32") != "fp32":
+        rows.append(("precision", "FP32", precision["shipped"].upper(), precision["reason"]))
     bench = report.get("bench") or []
     label = _compressed_label(bench)
     if label:
@@ -67,6 +70,24 @@ def summary_rows(report: dict) -> list[tuple[str, str, str, str]]:
                 rows.append((f"p50 latency {backend} {device} b{batch} (ms, {label})",
                              f"{p50[(BASELINE_LABEL, *key)]:.3f}", f"{p50[(label, *key)]:.3f}",
                              f"×{ratios[key][label]:.2f} speed-up{noisy}"))
+        rows += converted_rows(bench, ratios, p50)
+    return rows
+
+
+def converted_rows(bench: list[dict], ratios: dict, p50: dict) -> list[tuple[str, str, str, str]]:
+    """The compressed model in each converted precision (``folded-int8``...): its speed-up over the FP32
+    original (compound) and over the original in the same precision (marginal: what depth reduction adds)."""
+    rows = []
+    for label in sorted({r["label"] for r in bench if r["label"].startswith("folded-")}):
+        precision = label.removeprefix("folded-")
+        for key in sorted(k for k in ratios if k[0] == "onnxruntime" and label in ratios[k]):
+            _, device, batch = key
+            change = f"×{ratios[key][label]:.2f} vs FP32 original"
+            same = p50.get((f"original-{precision}", *key))
+            if same is not None:
+                change += f"; ×{same / p50[(label, *key)]:.2f} vs {precision.upper()} original"
+            rows.append((f"p50 latency onnxruntime {device} b{batch} (ms, compressed {precision.upper()})",
+                         f"{p50[(BASELINE_LABEL, *key)]:.3f}", f"{p50[(label, *key)]:.3f}", change))
     return rows
 
 
