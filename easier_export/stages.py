@@ -89,28 +89,36 @@ def entropy_survey(loaded: LoadedModel, loaders: Loaders, loop: LoopConfig, devi
 
 @dataclass
 class Folded:
-    """What ``fold_only`` did: the folds (applied or refused, with why) and the export's verification."""
+    """What ``fold_only`` did: the folds (applied or refused, with why), the folded model and its export (with
+    ``verify``)."""
 
     records: list[FoldRecord]
-    verify: dict
+    model: torch.nn.Module
+    export: dict
+
+    @property
+    def verify(self) -> dict:
+        return self.export["verify"]
 
 
-def fold_only(loaded: LoadedModel, source: str, out: Path, cfg: CompressConfig) -> Folded:
-    """Fold ``loaded`` as ``cfg`` asks and write ``fold_plan.json``, ``folded.pt2`` and a verified
-    ``model.onnx`` to ``out``."""
+def fold_only(loaded: LoadedModel, source: str, out: Path, cfg: CompressConfig,
+              inputs: list[torch.Tensor] | None = None) -> Folded:
+    """Fold ``loaded`` as ``cfg`` asks (merges timed in ``cfg.planning_precision``) and write
+    ``fold_plan.json``, ``folded.pt2`` and a ``model.onnx`` verified on ``inputs`` (seeded stand-ins when
+    None) to ``out``."""
     gm = trace(loaded.model)
     ensure_writable(out)
-    inputs = loaded.task.dummy_inputs(loaded.input_size)
+    inputs = inputs or loaded.task.dummy_inputs(loaded.input_size)
     example = inputs[0][:1]
     folded, records = fold_model(gm, example, mode=cfg.fold, target=cfg.target, cache=out / LATENCY_FILE,
-                                 threads=cfg.threads)
+                                 threads=cfg.threads, precision=cfg.planning_precision)
     save_json([r.to_dict() for r in records], out / "fold_plan.json")
     program = torch.export.export(folded, (example.expand(2, *example.shape[1:]),),
                                   dynamic_shapes=(dynamic_dims(example),))
     atomic_write(out / "folded.pt2", lambda p: _save_program(program, p))
     exported = export_and_verify(folded, gm, example, out / "model.onnx", inputs,
                                  {**onnx_metadata(loaded), "source": source}, cfg)
-    return Folded(records, exported["verify"])
+    return Folded(records, folded, exported)
 
 
 def _save_program(program: torch.export.ExportedProgram, path: Path) -> None:

@@ -226,3 +226,60 @@ def test_export_int8_without_data_is_one_line_and_writes_nothing(capsys: pytest.
         "error: --precision int8 needs --data: INT8 ranges are calibrated on its train/ split and every "
         "conversion is judged against the FP32 file on its val/ split"]
     assert not list(tmp_path.iterdir())
+
+
+@pytest.fixture
+def resnet_weights(tmp_path: Path) -> Path:
+    from easier_export.load.models import build_arch
+
+    path = tmp_path / "resnet20.pt"
+    torch.save(build_arch("cifar_resnet20", num_classes=3).state_dict(), path)
+    return path
+
+
+def test_fold_with_a_conversion_but_no_data_is_one_line_and_writes_nothing(capsys: pytest.CaptureFixture,
+                                                                          tmp_path: Path) -> None:
+    code, out = run_cli(capsys, "fold", "cifar_resnet20", "--precision", "auto", "--out", str(tmp_path / "f"))
+    assert code == 2 and out.startswith("error: --precision auto needs --data") and not (tmp_path / "f").exists()
+
+
+def test_export_int8_ships_int8_and_keeps_the_fp32_file(capsys: pytest.CaptureFixture, image_folder: Path,
+                                                        resnet_weights: Path, tmp_path: Path) -> None:
+    """A budget the few val images can resolve (--max-drop 100): the INT8 file takes OUT's name, the FP32 file
+    stays beside it, the attempts not chosen are removed."""
+    out = tmp_path / "out" / "net.onnx"
+    code, text = run_cli(capsys, "export", "cifar_resnet20", "--weights", str(resnet_weights), "--num-classes", "3",
+                         "--input-size", "16", "--data", str(image_folder), "--out", str(out), "--precision",
+                         "int8", "--calib-batches", "1", "--max-drop", "100")
+    assert code == 0, text
+    assert sorted(p.name for p in out.parent.iterdir()) == ["net.fp32.onnx", "net.onnx"]
+    ops = {n.op_type for n in onnx.load(str(out)).graph.node}
+    assert "QuantizeLinear" in ops and "QuantizeLinear" not in {n.op_type for n in onnx.load(
+        str(out.parent / "net.fp32.onnx")).graph.node}
+    assert "INT8 (asked for int8)" in text
+
+
+def test_compress_int8_ships_int8_with_the_four_files_and_the_report(capsys: pytest.CaptureFixture,
+                                                                     image_folder: Path, resnet_weights: Path,
+                                                                     tmp_path: Path, merges_ship: None) -> None:
+    import json
+
+    from easier_export.ship.schema import validate_report
+
+    out = tmp_path / "run"
+    code, text = run_cli(capsys, "compress", "cifar_resnet20", "--weights", str(resnet_weights), "--num-classes",
+                         "3", "--data", str(image_folder), "--input-size", "16", "--out", str(out), "--max-drop",
+                         "100", "--max-removed", "1", "--finetune-epochs", "0.5", "--batch-size", "4", "--workers",
+                         "0", "--bench-batches", "1", "--bench-seconds", "0.2", "--entropy-batches", "1",
+                         "--select", "entropy", "--precision", "int8", "--calib-batches", "1")
+    assert code == 0, text
+    report = json.loads((out / "report.json").read_text())
+    assert validate_report(report) == []
+    precision = report["precision"]
+    assert precision["asked"] == precision["shipped"] == "int8" and precision["tried"][0]["judged"]["within_budget"]
+    assert precision["quantized_original"]["precision"] == "int8" and precision["calibration"]["batches"] == 1
+    assert report["export"]["precision"] == "int8" and report["verify"]["numeric"] is False
+    assert {"original", "folded", "original-int8", "folded-int8"} <= {r["label"] for r in report["bench"]}
+    assert (out / "onnx" / "model.fp32.onnx").is_file() and (out / "onnx" / "original.int8.onnx").is_file()
+    assert "QuantizeLinear" in {n.op_type for n in onnx.load(str(out / "model.onnx")).graph.node}
+    assert report["settings"]["precision"] == "int8"

@@ -39,6 +39,8 @@ from .options import (
 from .runs import tidy
 
 if TYPE_CHECKING:
+    from torch import nn
+
     from easier_export.load.data import Loaders
     from easier_export.load.models import LoadedModel
     from easier_export.pipeline import CompressConfig
@@ -46,30 +48,55 @@ if TYPE_CHECKING:
 IMAGE_FILE = ("model", "weights", "arch", "num_classes", "trust_pickle", "input_size")  # no preprocessing options
 
 
-@grouped(model=options_of(ModelOptions, *IMAGE_FILE), verify=options_of(VerifyOptions))
+VerifyData = typed(Path | None, "verify on these val/ images instead of random inputs (--precision: calibrate on "
+                                "train/, judge on val/)", DATA)
+BUDGET = loop_options("max_drop", "max_ppl_increase", "confidence")  # what a conversion is judged against
+
+
+@grouped(model=options_of(ModelOptions, *IMAGE_FILE), verify=options_of(VerifyOptions), loop=BUDGET)
 def fold(model: ModelOptions, out: Out = Path("runs/fold"), fold: Fold = "auto", target: Target = "cpu",
-         verify: VerifyOptions = VerifyOptions(), no_simplify: NoSimplify = False, opset: Opset = MIN_OPSET,
+         data: VerifyData = None, skip_bad_images: SkipBadImages = False, verify: VerifyOptions = VerifyOptions(),
+         no_simplify: NoSimplify = False, opset: Opset = MIN_OPSET, precision: Precision = "fp32",
+         calib_batches: CalibBatches = 8, calib_method: CalibMethod = "minmax", loop: LoopConfig = LoopConfig(),
          threads: Threads = None) -> None:
     """Fold a (linearized) model: writes folded.pt2, model.onnx (verified) and fold_plan.json."""
     from easier_export.pipeline import CompressConfig
     from easier_export.stages import fold_only
 
+    need_data(precision, data)
     cfg = CompressConfig(fold=fold, target=values.target(target), simplify=not no_simplify,
-                         tolerances=verify.tolerances(), threads=threads, opset=opset)
-    done = fold_only(ready(load(model)), model.model, out, cfg)
+                         tolerances=verify.tolerances(), threads=threads, opset=opset, precision=precision,
+                         calib_batches=calib_batches, calib_method=calib_method)
+    loaded = load(model)
+    loaders, inputs = _verification(loaded, data, skip_bad_images, cfg)
+    done = fold_only(loaded, model.model, out, cfg, inputs)
     tidy(out)
     applied = sum(r.applied for r in done.records)
     console.print(f"{applied} of {len(done.records)} folds applied; wrote {out}/folded.pt2, {out}/fold_plan.json")
     if not done.verify["passed"]:
         raise VerificationError(f"folded ONNX does not reproduce the model: {done.verify['reason']}")
+    if precision != FP32:
+        _convert(out / "model.onnx", done.export, done.model, loaded, loaders, inputs, loop, cfg)
 
 
-VerifyData = typed(Path | None, "verify on these val/ images instead of random inputs (--precision: calibrate on "
-                                "train/, judge on val/)", DATA)
+def need_data(precision: str, data: Path | None) -> None:
+    """A conversion is calibrated and judged on DATA: refused before any work without it."""
+    if precision != FP32 and data is None:
+        raise UserError(f"--precision {precision} needs --data: INT8 ranges are calibrated on its train/ split and "
+                        "every conversion is judged against the FP32 file on its val/ split")
+
+
+def _verification(loaded: LoadedModel, data: Path | None, skip_bad_images: bool,
+                  cfg: CompressConfig) -> tuple[Loaders | None, list]:
+    """DATA's loaders and its first val batches to verify on; without DATA, seeded stand-ins."""
+    if data is None:
+        return None, ready(loaded).task.dummy_inputs(loaded.input_size)
+    loaders = with_data(loaded, verification_data(data, skip_bad_images), trains=False)
+    return loaders, loaded.task.verification_inputs(loaders, cfg.verify_batches)
 
 
 @grouped(model=options_of(ModelOptions, *IMAGE_FILE, "mean", "std"), verify=options_of(VerifyOptions),
-         loop=loop_options("max_drop", "max_ppl_increase", "confidence"))
+         loop=BUDGET)
 def export(model: ModelOptions, out: typed(Path, "ONNX file", None) = Path("model.onnx"),
            data: VerifyData = None, skip_bad_images: SkipBadImages = False, verify: VerifyOptions = VerifyOptions(),
            no_simplify: NoSimplify = False, opset: Opset = MIN_OPSET, precision: Precision = "fp32",
@@ -84,18 +111,12 @@ def export(model: ModelOptions, out: typed(Path, "ONNX file", None) = Path("mode
     )
 
     ensure_writable_file(out, "--out")
-    if precision != FP32 and data is None:
-        raise UserError(f"--precision {precision} needs --data: INT8 ranges are calibrated on its train/ split and "
-                        "every conversion is judged against the FP32 file on its val/ split")
+    need_data(precision, data)
     cfg = CompressConfig(simplify=not no_simplify, tolerances=verify.tolerances(), opset=opset, precision=precision,
                          calib_batches=calib_batches, calib_method=calib_method, target=values.target(target),
                          threads=threads)
     loaded = load(model)
-    if data is not None:
-        loaders = with_data(loaded, verification_data(data, skip_bad_images), trains=False)
-        inputs = loaded.task.verification_inputs(loaders, cfg.verify_batches)
-    else:
-        inputs = ready(loaded).task.dummy_inputs(loaded.input_size)
+    loaders, inputs = _verification(loaded, data, skip_bad_images, cfg)
     exported = export_and_verify(loaded.model, loaded.model, inputs[0][:1], out, inputs,
                                  onnx_metadata(loaded), cfg)
     if not exported["verify"]["passed"]:
@@ -103,11 +124,11 @@ def export(model: ModelOptions, out: typed(Path, "ONNX file", None) = Path("mode
                                 f"(kept as {exported['path']})")
     console.print(f"wrote {out} ({exported['size_bytes'] / 1e6:.2f} MB, {exported['exporter']} exporter)")
     if precision != FP32:
-        _convert(out, exported, loaded, loaders, inputs, loop, cfg)
+        _convert(out, exported, loaded.model, loaded, loaders, inputs, loop, cfg)
 
 
-def _convert(out: Path, exported: dict, loaded: LoadedModel, loaders: Loaders, inputs: list, loop: LoopConfig,
-             cfg: CompressConfig) -> None:
+def _convert(out: Path, exported: dict, model: nn.Module, loaded: LoadedModel, loaders: Loaders, inputs: list,
+             loop: LoopConfig, cfg: CompressConfig) -> None:
     """The verified FP32 file converted as ``compress`` converts what it ships: ``out`` then holds the chosen
     precision, ``OUT.fp32.onnx`` the FP32 file when another one was chosen."""
     import dataclasses
@@ -115,7 +136,7 @@ def _convert(out: Path, exported: dict, loaded: LoadedModel, loaders: Loaders, i
     from easier_export.deploy import Subject, deploy, racer, settle
     from easier_export.pipeline import task_of
 
-    subject = Subject(out, loaded.model)
+    subject = Subject(out, model)
     timing = racer(tuple(inputs[0].shape[1:]), cfg.target, 1, cfg.threads)
     done = deploy(cfg.precision, subject, subject, inputs, loaders, dataclasses.replace(loop, holdout=0.0),
                   task_of(loaded), (cfg.calib_batches, cfg.calib_method), timing, cfg.target, out.parent,
