@@ -114,14 +114,20 @@ def test_target_speedup_stops_after_the_round_that_reaches_it(tmp_path) -> None:
     assert len(result.removed) == 2
 
 
-def test_speedup_probe_folds_exports_and_times_the_candidate(tmp_path) -> None:
+def test_speedup_probe_gives_the_speedup_reached_beyond_the_noise(tmp_path, monkeypatch) -> None:
+    """The probe folds, exports and races the candidate; the loop stops on the low end of the interval, so a
+    noisy ×1.6 whose interval reaches down to ×1.2 does not meet a ×1.5 target."""
+    from easier_export import pipeline
+    from easier_export.core.stats import Speedup
     from easier_export.load.arch import DemoInvRes
-    from easier_export.pipeline import CompressConfig, speedup_probe
     from easier_export.trace.edits import remove_sites
 
+    raced = []
+    monkeypatch.setattr(pipeline, "race", lambda files, *a, **k: raced.append(sorted(files)) or {
+        "folded": Speedup(1.6, 1.2, 1.9, 6)})
     gm = trace(DemoInvRes().eval())
     x = torch.randn(1, 1, 16, 16)
-    cfg = CompressConfig(fold="all", bench_batches=(1,), bench_seconds=0.2)
-    probe = speedup_probe(gm, x, tmp_path / "probe", cfg)
-    ratio = probe(remove_sites(gm, [s.name for s in find_call_sites(gm) if "stage" in s.name], True))
-    assert ratio > 0 and (tmp_path / "probe" / "folded.onnx").is_file()
+    cfg = pipeline.CompressConfig(fold="all", bench_batches=(1,), bench_seconds=0.2)
+    probe = pipeline.speedup_probe(gm, x, tmp_path / "probe", cfg)
+    reached = probe(remove_sites(gm, [s.name for s in find_call_sites(gm) if "stage" in s.name], True))
+    assert reached == 1.2 and raced == [["folded", "original"]] and (tmp_path / "probe" / "folded.onnx").is_file()

@@ -11,9 +11,9 @@ import onnx
 import onnxruntime as ort
 import pytest
 import torch
+from conftest import run_cli
 from torch import nn
 
-from conftest import run_cli
 from easier_export.core.errors import UserError
 from easier_export.core.quantize import (
     BatchReader,

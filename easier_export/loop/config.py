@@ -83,8 +83,9 @@ class LoopConfig:
     distill_temperature: float = option(4.0, "temperature T of --distill", positive=True)
     patience: int = option(2, "over-budget candidates in a row (each reverted, then the next one tried) before "
                               "the run ends; 0 stops at the first", min=0)
-    target_speedup: float | None = option(None, "stop once the shipped model measures at least this ORT speed-up "
-                                                "over the original on --target", positive=True)
+    target_speedup: float | None = option(None, "stop once the shipped model runs at least this much faster than "
+                                                "the original on --target (ORT, low end of the 95 % interval)",
+                                          positive=True)
 
     def budget(self, already: int) -> int:
         """How many more activations may go (``--max-removed``), ``already`` being gone."""

@@ -235,7 +235,7 @@ def _keep(candidate: fx.GraphModule, state: LoopState, record: RoundRecord, run:
         save_torch(snapshot, snapshot_path(run.out_dir, record.round))
     if run.probe is not None and run.cfg.target_speedup is not None:
         record.speedup = run.probe(candidate)
-        info(f"shipped model now ×{record.speedup:.2f} (target ×{run.cfg.target_speedup:.2f})")
+        info(f"shipped model now at least ×{record.speedup:.2f} at 95 % (target ×{run.cfg.target_speedup:.2f})")
     return candidate
 
 

@@ -38,7 +38,7 @@ class RoundRecord:
     within_budget: bool
     seconds: float
     us_saved: float | None = None  # latency selection: the group's measured marginal saving (batch 1)
-    speedup: float | None = None  # with a target speed-up: the shipped model measured end to end
+    speedup: float | None = None  # with a target speed-up: the shipped model's, low end of its 95 % interval
     val_ppl: float | None = None  # language models: validation perplexity (the budget metric)
     stand_ins: dict[str, str] | None = None  # --substitute affine: per site "affine", or "identity: why"
     change: dict | None = None  # the paired change against the original and its bound (stats.PairedChange)
