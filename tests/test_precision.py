@@ -283,3 +283,16 @@ def test_compress_int8_ships_int8_with_the_four_files_and_the_report(capsys: pyt
     assert (out / "onnx" / "model.fp32.onnx").is_file() and (out / "onnx" / "original.int8.onnx").is_file()
     assert "QuantizeLinear" in {n.op_type for n in onnx.load(str(out / "model.onnx")).graph.node}
     assert report["settings"]["precision"] == "int8"
+
+
+def test_token_id_models_are_quantized_dynamically_without_calibration(tmp_path: Path) -> None:
+    """Text models read token ids: their Linear weights go to INT8 and activations are quantized at run time."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Embedding(50, 16), nn.Linear(16, 32), nn.GELU(), nn.Linear(32, 50)).eval()
+    ids = torch.randint(0, 50, (2, 8))
+    export_onnx(model, ids, tmp_path / "lm.onnx")
+    info = quantize_int8(tmp_path / "lm.onnx", tmp_path / "lm8.onnx", None)
+    assert info["mode"] == "dynamic" and info["calibration"] is None
+    assert any(op.startswith("DynamicQuantize") or op == "MatMulInteger" for op in info["op_counts"])
+    out = run(tmp_path / "lm8.onnx", ids.numpy())
+    assert out.shape == (2, 8, 50) and (out.argmax(-1) == model(ids).argmax(-1).numpy()).mean() > 0.8
