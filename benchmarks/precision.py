@@ -92,7 +92,10 @@ def accuracy(run: Path, unseen: Path) -> dict:
 
 
 def speed(run: Path, size: int, threads: int, work: Path) -> dict:
-    """Part 2 for one run at ``size``: fold with FP32 and INT8 planning, export, quantize, race."""
+    """Part 2 for one run at ``size``: fold with FP32 and INT8 planning, export, quantize, race (cached in
+    ``work/speed.json``)."""
+    if (work / "speed.json").exists():
+        return json.loads((work / "speed.json").read_text())
     loaded = load_model(str(run / "linearized.pt"))
     original = load_model(loaded.source, loaded.num_classes, WEIGHTS / f"{loaded.source}.pt").model
     example = torch.randn(1, loaded.input_size[0], size, size)
@@ -115,7 +118,9 @@ def speed(run: Path, size: int, threads: int, work: Path) -> dict:
     for batch in (1, 8):
         raced = race(files, "original FP32", shape, "cpu", batch, threads, max_seconds=20.0)
         ratios[batch] = {k: v.to_dict() for k, v in raced.items()}
-    return {"run": run.name, "size": size, "merges": merges, "speedups": ratios}
+    found = {"run": run.name, "size": size, "merges": merges, "speedups": ratios}
+    save_json(found, work / "speed.json")
+    return found
 
 
 def markdown(arch: str, acc: list[dict], speeds: list[dict], args: argparse.Namespace) -> str:
@@ -165,12 +170,15 @@ def main() -> None:
     ap.add_argument("--train-per-class", type=int, default=1000)
     ap.add_argument("--val-per-class", type=int, default=100)
     ap.add_argument("--out", type=Path, default=ROOT / "runs" / "precision")
+    ap.add_argument("--speed-run", type=Path, nargs="*", default=[],
+                    help="also time these compress outputs' linearized models (part 2 only)")
     args = ap.parse_args()
     warnings.filterwarnings("ignore")
     data, unseen = user_split(args.out, args.train_per_class, args.val_per_class)
     runs = [compress(args.arch, data, p, args.out / f"{args.arch}-{p}", args) for p in args.precisions]
     acc = [accuracy(r, unseen) for r in runs]
-    speeds = [speed(runs[0], size, args.threads, args.out / f"{args.arch}-speed{size}") for size in args.sizes]
+    speeds = [speed(run, size, args.threads, args.out / f"{run.name}-speed{size}")
+              for run in [runs[0], *args.speed_run] for size in args.sizes]
     save_json({"accuracy": acc, "speed": speeds}, args.out / f"{args.arch}.json")
     text = markdown(args.arch, acc, speeds, args)
     (args.out / f"{args.arch}.md").write_text(text)

@@ -116,7 +116,7 @@ def deploy(asked: str, shipped: Subject, original: Subject, inputs: list[torch.T
     quantized_original = None
     if quantize_original and any(c.precision == INT8 for c in choice.tried):
         path = work / "original.int8.onnx"
-        export = convert(original.file, path, INT8, calibration)
+        export = convert(original.file, path, INT8, calibration, target=target)
         export["verify"] = verifier(original.model, inputs)(path, INT8)
         quantized_original = Converted(INT8, export, judge(path))
         info(f"quantize only: the original in INT8 changes val by {quantized_original.judged.change.change:+.2f}")

@@ -74,6 +74,11 @@ def test_int8_is_static_qdq_per_channel_and_agrees_with_fp32(fp32_file: Path, tm
     weight_scales = [t for t in onnx.load(str(tmp_path / "q.onnx")).graph.initializer
                      if t.name.endswith("scale") and len(t.dims) == 1 and t.dims[0] == 8]
     assert weight_scales  # per-channel: one scale per output channel of the 8-channel convs
+    graph = onnx.load(str(tmp_path / "q.onnx")).graph
+    zero_points = {t.name: t.data_type for t in graph.initializer}
+    activation_zps = [zero_points[n.input[2]] for n in graph.node if n.op_type == "QuantizeLinear"]
+    assert set(activation_zps) == {onnx.TensorProto.UINT8}  # U8S8 on a CPU: onnxruntime's fast x86 kernels
+    assert info["mode"] == "static QDQ, per-channel weights, uint8 activations"
     model = small_net()
     result = verify_onnx(tmp_path / "q.onnx", model, batches(4), INT8)
     assert result.passed and not result.numeric and result.max_abs > 0  # judged on agreement, not 1e-4

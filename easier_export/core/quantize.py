@@ -41,6 +41,10 @@ PRECISIONS = (FP32, INT8, FP16, AUTO)
 CALIBRATION_METHODS = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
                        "percentile": CalibrationMethod.Percentile}
 WEIGHTED_OPS = ("Conv", "Gemm", "MatMul", "ConvTranspose")
+ACTIVATIONS = {"cpu": QuantType.QUInt8, "cuda": QuantType.QInt8}
+"""INT8 activations per target (weights are int8 everywhere): unsigned on a CPU, where onnxruntime's x86 kernels
+multiply uint8 activations by int8 weights (U8S8) fast and int8 by int8 (S8S8) slowly (MobileNetV2 at 224: ×1.22
+against ×0.71 of FP32, benchmarks/precision.md); signed on CUDA, where TensorRT takes symmetric int8 only."""
 
 
 @dataclass(frozen=True)
@@ -95,9 +99,11 @@ def edge_layers(path: Path) -> list[str]:
     return list(dict.fromkeys(n.name for n in (nodes[:1] + nodes[-1:]) if n.name))
 
 
-def quantize_int8(src: Path, dst: Path, calibration: Calibration | None, exclude: Sequence[str] = ()) -> dict:
-    """``src`` in INT8 at ``dst`` (written atomically); ``exclude``: node names left in FP32. A float-input
-    model needs ``calibration``; a model ORT cannot quantize is a user error in one line."""
+def quantize_int8(src: Path, dst: Path, calibration: Calibration | None, exclude: Sequence[str] = (),
+                  target: str = "cpu") -> dict:
+    """``src`` in INT8 at ``dst`` (written atomically) for ``target`` (``ACTIVATIONS``); ``exclude``: node names
+    left in FP32. A float-input model needs ``calibration``; a model ORT cannot quantize is a user error in one
+    line."""
     with tempfile.TemporaryDirectory(prefix="easier-int8-") as tmp:
         try:
             proto = onnx.load(str(src), load_external_data=False)
@@ -113,14 +119,16 @@ def quantize_int8(src: Path, dst: Path, calibration: Calibration | None, exclude
                 reader = BatchReader(proto.graph.input[0].name, calibration.batches)
                 _to_file(dst, lambda p: quantize_static(
                     prepared, p, reader, quant_format=QuantFormat.QDQ, per_channel=True,
-                    activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
+                    activation_type=ACTIVATIONS[target], weight_type=QuantType.QInt8,
                     calibrate_method=CALIBRATION_METHODS[calibration.method], nodes_to_exclude=list(exclude),
                     extra_options={"CalibTensorRangeSymmetric": False}))
         except UserError:
             raise
         except Exception as e:  # ORT's quantizer raises anything from shape inference to unsupported ops
             raise UserError(f"onnxruntime cannot quantize {Path(src).name} to INT8: {first_line(e)}") from e
-    return describe(dst, INT8, mode="dynamic" if tokens else "static QDQ, per-channel weights",
+    activations = "uint8" if ACTIVATIONS[target] == QuantType.QUInt8 else "int8"
+    return describe(dst, INT8, mode="dynamic" if tokens else f"static QDQ, per-channel weights, {activations} "
+                                                             "activations",
                     calibration=None if tokens else calibration.describe(), fp32_nodes=list(exclude))
 
 
@@ -136,10 +144,10 @@ def convert_fp16(src: Path, dst: Path) -> dict:
 
 
 def convert(src: Path, dst: Path, precision: str, calibration: Calibration | None,
-            exclude: Sequence[str] = ()) -> dict:
-    """``src`` in ``precision`` (``int8`` or ``fp16``) at ``dst``."""
+            exclude: Sequence[str] = (), target: str = "cpu") -> dict:
+    """``src`` in ``precision`` (``int8`` or ``fp16``) at ``dst``, for ``target``."""
     if precision == INT8:
-        return quantize_int8(src, dst, calibration, exclude)
+        return quantize_int8(src, dst, calibration, exclude, target)
     if precision == FP16:
         return convert_fp16(src, dst)
     raise UserError(f"no conversion to {precision!r}: choose int8 or fp16")

@@ -94,7 +94,7 @@ class LatencyTable:
         with tempfile.TemporaryDirectory(prefix="easier-segment-") as tmp:
             src, dst = pathlib.Path(tmp) / "fp32.onnx", pathlib.Path(tmp) / f"{self.precision}.onnx"
             onnx.save_model(model, str(src))
-            convert(src, dst, self.precision, Calibration.stand_ins(shape))
+            convert(src, dst, self.precision, Calibration.stand_ins(shape), target=self.target)
             return onnx.load(str(dst))
 
     def _runner(self, model: onnx.ModelProto) -> Runner:

@@ -89,13 +89,14 @@ def fallbacks(precision: str, fp32_file: Path) -> list[list[str]]:
     return [[], edges] if edges else [[]]
 
 
-def convert_within_budget(precision: str, fp32_file: Path, work: Path, calibration: Calibration | None,
-                          verify: Verify, judge: Judge, tried: list[Converted]) -> Converted | None:
+def convert_within_budget(precision: str, fp32_file: Path, target: str, work: Path,
+                          calibration: Calibration | None, verify: Verify, judge: Judge,
+                          tried: list[Converted]) -> Converted | None:
     """The first conversion of ``fp32_file`` to ``precision`` (``fallbacks`` order) that reproduces its model
     and keeps the budget; each attempt is appended to ``tried``."""
     for exclude in fallbacks(precision, fp32_file):
         path = work / f"{fp32_file.stem}.{precision}{'-edges-fp32' if exclude else ''}.onnx"
-        export = convert(fp32_file, path, precision, calibration, exclude)
+        export = convert(fp32_file, path, precision, calibration, exclude, target)
         export["verify"] = verify(path, precision)
         done = Converted(precision, export, judge(path))
         tried.append(done)
@@ -114,7 +115,8 @@ def choose_precision(asked: str, fp32_file: Path, target: str, work: Path, calib
         return PrecisionChoice(asked, FP32, "asked for FP32")
     tried: list[Converted] = []
     ready = [c for p in candidates(asked, target)
-             if (c := convert_within_budget(p, fp32_file, work, calibration, verify, judge, tried)) is not None]
+             if (c := convert_within_budget(p, fp32_file, target, work, calibration, verify, judge, tried))
+             is not None]
     if not ready:
         over = "; ".join(f"{c.label} {c.judged.change.change:+.2f} (bound {c.judged.change.bound:+.2f})"
                          for c in tried)
