@@ -121,7 +121,7 @@ class ScriptedClock:
 
 def test_race_stops_once_every_comparison_is_settled():
     clock = ScriptedClock()
-    verdicts = race_runners({"original": clock.runner(1.0, 0.05), "merged": clock.runner(0.5, 0.05),
+    verdicts = race_runners(lambda: {"original": clock.runner(1.0, 0.05), "merged": clock.runner(0.5, 0.05),
                              "same": clock.runner(1.0, 0.05)}, "original", max_seconds=60.0, clock=clock)
     assert verdicts["merged"].faster and verdicts["merged"].ratio == pytest.approx(2.0, rel=0.1)
     assert not verdicts["same"].faster and verdicts["same"].settled
@@ -135,9 +135,24 @@ def test_race_gives_up_at_its_time_budget_and_calls_nothing_faster():
     def noisy() -> None:  # whole blocks alternately twice as fast and 1.5 times as slow as the original
         clock.now += (0.5 if next(calls) // BLOCK_ITERS % 2 else 1.5) / 1e3
 
-    verdicts = race_runners({"original": clock.runner(1.0), "noisy": noisy}, "original", max_seconds=1.0,
+    verdicts = race_runners(lambda: {"original": clock.runner(1.0), "noisy": noisy}, "original", max_seconds=1.0,
                             warmup=0, clock=clock)
     assert not verdicts["noisy"].faster and clock.now >= 1.0
+
+
+def test_a_session_that_runs_faster_for_its_lifetime_is_not_a_speedup():
+    """Fresh sessions of the same file, a few percent apart for as long as they live: one pair says "faster
+    beyond the noise", five pairs do not (one of them is slower)."""
+    clock = ScriptedClock()
+    offsets = iter([0.94, 0.94, 0.95, 0.96, 0.94, 1.06])  # the candidate's ms against the baseline's, per set
+
+    def sessions() -> dict:
+        return {"original": clock.runner(1.0, 0.01), "copy": clock.runner(next(offsets), 0.01)}
+
+    one = race_runners(sessions, "original", max_seconds=60.0, clock=clock)
+    assert one["copy"].faster  # the first pair alone: ×1.06 beyond its own noise
+    pooled = race_runners(sessions, "original", max_seconds=60.0, clock=clock, sets=5)
+    assert not pooled["copy"].faster and pooled["copy"].low == pytest.approx(1 / 1.06, rel=0.01)
 
 
 # ---------------------------------------------------------------------------------------------- same order

@@ -27,11 +27,11 @@ class ScriptedClock:
         return run
 
 
-def test_runners_take_turns_a_block_each() -> None:
+def test_runners_take_turns_a_block_each_in_reversed_order_every_other_round() -> None:
     calls: list[str] = []
     timings = interleaved([lambda: calls.append("A"), lambda: calls.append("B")],
                           lambda blocks, _: len(blocks[0]) == 2, warmup=1, iters=2, clock=ScriptedClock())
-    assert "".join(calls) == "AB" + "AABBAABB"
+    assert "".join(calls) == "AB" + "AABBBBAA"
     assert [[len(block) for block in blocks] for blocks in timings] == [[2, 2], [2, 2]]
 
 

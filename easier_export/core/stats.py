@@ -72,6 +72,12 @@ class Speedup:
         """Faster beyond the noise: the whole interval lies above 1."""
         return self.verdict == "faster"
 
+    def spanning(self, ratios: list[float]) -> Speedup:
+        """This speed-up with its interval widened to cover ``ratios`` (the medians of independent repeats, e.g.
+        fresh sessions): "faster" then also needs every repeat faster, so an effect that lives in one repeat's
+        sessions, not in the files, is not one."""
+        return Speedup(self.ratio, min(self.low, *ratios), max(self.high, *ratios), self.blocks, self.confidence)
+
     def precise(self, tol: float) -> bool:
         """Whether the interval's half-width is at most ``tol`` of the ratio."""
         return (self.high - self.low) / 2 <= tol * self.ratio
