@@ -21,6 +21,7 @@ import argparse
 import json
 import subprocess
 import sys
+import textwrap
 import time
 import warnings
 from pathlib import Path
@@ -34,7 +35,6 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 from promise import unseen_outcomes, user_split  # noqa: E402
 
 from easier_export.core.io import save_json  # noqa: E402
-from easier_export.core.ort import cpu_name  # noqa: E402
 from easier_export.core.quantize import Calibration, quantize_int8  # noqa: E402
 from easier_export.core.stats import paired_accuracy_change  # noqa: E402
 from easier_export.fold import MERGE_KINDS, fold_model  # noqa: E402
@@ -123,39 +123,47 @@ def speed(run: Path, size: int, threads: int, work: Path) -> dict:
     return found
 
 
+def short(run: str, arch: str) -> str:
+    return run.removeprefix(f"{arch}-").removesuffix("-run1")
+
+
+def interval(v: dict) -> str:
+    return f"{v['ratio']:.2f} ({v['low']:.2f}–{v['high']:.2f})"
+
+
 def markdown(arch: str, acc: list[dict], speeds: list[dict], args: argparse.Namespace) -> str:
-    lines = [f"## {arch}", "",
-             f"Machine: {cpu_name()}, onnxruntime CPU, {args.threads} threads; {args.train_per_class}/"
-             f"{args.val_per_class} train/val images per class, --max-drop {args.max_drop}, --holdout "
-             f"{args.holdout}, one finetune epoch per round. Unseen: the other {500 - args.val_per_class} val "
-             "images per class, paired change against the original FP32 with its 95 % interval.", "",
-             "| run | removed | shipped | original FP32 | original INT8 | compressed FP32 | compressed INT8 | "
-             "minutes |", "|---|---|---|---|---|---|---|---|"]
+    """The tables (lines of at most 120 characters): top-1 on the unseen images, speed-ups, merges."""
+    lines = [f"Runs: {args.train_per_class}/{args.val_per_class} train/val images per class, --max-drop "
+             f"{args.max_drop}, --holdout {args.holdout}, one finetune epoch per round; {args.threads} threads.", "",
+             "Top-1 on the unseen images (paired change against the original FP32, 95 %):", "",
+             "| run | removed | shipped | original FP32 | original INT8 | compressed FP32 | compressed INT8 | min |",
+             "|---|---|---|---|---|---|---|---|"]
     for a in acc:
         cells = []
         for label in ("original FP32", "original INT8", "compressed FP32", "compressed INT8"):
             r = a["rows"].get(label)
             cells.append("–" if r is None else f"{r['top1']:.2f}" if label == "original FP32"
                          else f"{r['top1']:.2f} ({r['change']:+.2f} ± {r['half']:.2f})")
-        lines.append(f"| {a['run']} | {a['removed']} | {a['shipped']}: {a['reason']} | {' | '.join(cells)} | "
+        lines.append(f"| {short(a['run'], arch)} | {a['removed']} | {a['shipped']} | {' | '.join(cells)} | "
                      f"{a['minutes']:.1f} |")
-    lines += ["", "Speed-up over the original FP32 (median of interleaved block ratios [95 % interval]); "
-                  "INT8 at the deployment size calibrated on stand-ins (speed only).", "",
-              "| run | size | batch | original INT8 | fp32-planned FP32 | fp32-planned INT8 | int8-planned FP32 | "
-              "int8-planned INT8 | INT8: compressed vs original |", "|---|---|---|---|---|---|---|---|---|"]
+    lines += [""] + [f"- {short(a['run'], arch)}: {a['reason']}" for a in acc]
+    lines += ["", "Speed-up over the original FP32, ORT CPU (median of block ratios, 95 % interval); the last column",
+              "is INT8-planned INT8 over the original INT8:", "",
+              "| run | size | b | original INT8 | FP32 plan, FP32 | FP32 plan, INT8 | INT8 plan, FP32 | "
+              "INT8 plan, INT8 | ÷ |", "|---|---|---|---|---|---|---|---|---|"]
     for s in speeds:
         for batch, r in s["speedups"].items():
-            cell = {k: f"×{v['ratio']:.2f} [{v['low']:.2f}, {v['high']:.2f}]" for k, v in r.items()}
             marginal = r["int8-planned INT8"]["ratio"] / r["original INT8"]["ratio"]
-            lines.append(f"| {s['run']} | {s['size']} | {batch} | " + " | ".join(
-                cell[k] for k in ("original INT8", "fp32-planned FP32", "fp32-planned INT8", "int8-planned FP32",
-                                  "int8-planned INT8")) + f" | ×{marginal:.2f} |")
+            lines.append(f"| {short(s['run'], arch)} | {s['size']} | {batch} | " + " | ".join(
+                interval(r[k]) for k in ("original INT8", "fp32-planned FP32", "fp32-planned INT8",
+                                         "int8-planned FP32", "int8-planned INT8")) + f" | {marginal:.2f} |")
     lines += ["", "Merges chosen by each planning:", ""]
     for s in speeds:
         for planning, merges in s["merges"].items():
-            same = " (same as FP32 planning)" if planning == "int8" and merges == s["merges"]["fp32"] else ""
-            lines.append(f"- {s['run']}, {s['size']}x{s['size']}, {planning} planning: {len(merges)} merges{same}"
-                         + ("" if same else f": {'; '.join(merges) or 'none'}"))
+            same = planning == "int8" and merges == s["merges"]["fp32"]
+            head = f"- {short(s['run'], arch)}, {s['size']}x{s['size']}, {planning} planning: {len(merges)} merges"
+            text = head + (" (same as FP32 planning)" if same else f": {'; '.join(merges) or 'none'}")
+            lines += textwrap.wrap(text, 120, subsequent_indent="  ", break_on_hyphens=False)
     return "\n".join(lines) + "\n"
 
 
@@ -180,7 +188,7 @@ def main() -> None:
     speeds = [speed(run, size, args.threads, args.out / f"{run.name}-speed{size}")
               for run in [runs[0], *args.speed_run] for size in args.sizes]
     save_json({"accuracy": acc, "speed": speeds}, args.out / f"{args.arch}.json")
-    text = markdown(args.arch, acc, speeds, args)
+    text = f"## {args.arch}\n\n" + markdown(args.arch, acc, speeds, args)
     (args.out / f"{args.arch}.md").write_text(text)
     print(text)
 

@@ -21,7 +21,7 @@ from easier_export.core.stats import held_out
 from easier_export.load.data import Loaders
 from easier_export.load.task import TOLERANCES
 from easier_export.loop.config import LoopConfig, Task
-from easier_export.loop.train import evaluate_metrics
+from easier_export.loop.train import evaluate_metrics, seed_everything
 from easier_export.ship.bench import race
 from easier_export.ship.export import verify_onnx
 from easier_export.ship.precision import Converted, Judge, Judged, PrecisionChoice, Race, Verify, choose_precision
@@ -47,8 +47,10 @@ def outcomes(path: Path, loader: torch.utils.data.DataLoader) -> dict:
     return evaluate_metrics(OrtModel(path), loader, torch.device("cpu"))
 
 
-def calibration_of(loaders: Loaders, batches: int, method: str) -> Calibration:
-    """The first ``batches`` batches of the train split, in the run's seeded order."""
+def calibration_of(loaders: Loaders, batches: int, method: str, seed: int) -> Calibration:
+    """The first ``batches`` batches of the train split in the order ``seed`` gives, whatever the rounds drew
+    from the loader before: the same calibration for the same command."""
+    seed_everything(seed, loaders.train)
     return Calibration.of([x for x, _ in itertools.islice(iter(loaders.train), batches)], method)
 
 
@@ -109,7 +111,7 @@ def deploy(asked: str, shipped: Subject, original: Subject, inputs: list[torch.T
     to ``work``. ``calib``: (train batches, method) for INT8; ``quantize_original``: also convert the original,
     for the report's "quantize only" (not when it is the file shipped)."""
     tokens = takes_token_ids(onnx.load(str(shipped.file), load_external_data=False))
-    calibration = None if tokens or asked in (FP32, FP16) else calibration_of(loaders, *calib)
+    calibration = None if tokens or asked in (FP32, FP16) else calibration_of(loaders, *calib, loop.seed)
     judge = judge_against(original.file, loaders, loop, task)
     choice = choose_precision(asked, shipped.file, target, work, calibration, verifier(shipped.model, inputs),
                               judge, timing)

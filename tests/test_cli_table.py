@@ -234,8 +234,10 @@ def _cases() -> list:
                       "cannot load here even with --trust-pickle"))
     cases.append(("fold", "untraceable", ["{branchy}", "--trust-pickle", "--input-size", "16", "--out", OUT],
                   "or move the Python control flow into a sub-module"))
-    cases.append(("fold", "data-option", [*GOOD_MODEL, "--data", "{data}", "--out", OUT],
-                  "fold takes no --data (compress, entropy, export, linearize take it)"))
+    cases.append(("fold", "precision-without-data", [*GOOD_MODEL, "--precision", "int8", "--out", OUT],
+                  "--precision int8 needs --data"))
+    cases.append(("bench", "data-option", ["{onnx}", "--data", "{data}"],
+                  "bench takes no --data (compress, entropy, export, fold, linearize take it)"))
     cases.append(("export", "out-is-a-directory", [*GOOD_MODEL, "--out", "{tmp}"], "is a directory"))
     for kind, (files, says) in ONNX.items():
         cases.append(("bench", f"onnx-{kind}", [*files, "--bench-seconds", "0"], says))

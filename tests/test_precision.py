@@ -301,3 +301,17 @@ def test_token_id_models_are_quantized_dynamically_without_calibration(tmp_path:
     assert any(op.startswith("DynamicQuantize") or op == "MatMulInteger" for op in info["op_counts"])
     out = run(tmp_path / "lm8.onnx", ids.numpy())
     assert out.shape == (2, 8, 50) and (out.argmax(-1) == model(ids).argmax(-1).numpy()).mean() > 0.8
+
+
+def test_calibration_is_the_same_whatever_the_rounds_drew_before(image_folder: Path) -> None:
+    from easier_export.deploy import calibration_of
+    from easier_export.load.data import open_image_folder
+    from easier_export.load.task import ImageTask
+
+    folder = open_image_folder(image_folder, 3)
+    loaders = ImageTask().loaders(folder, (3, 16, 16), 4, 0, 7)
+    first = calibration_of(loaders, 2, "minmax", 7)
+    for _ in range(3):  # rounds of finetuning advance the loader's shuffling
+        list(loaders.train)
+    again = calibration_of(loaders, 2, "minmax", 7)
+    assert all(np.array_equal(a, b) for a, b in zip(first.batches, again.batches, strict=True))
