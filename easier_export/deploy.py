@@ -10,13 +10,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import onnx
 import onnxruntime as ort
 import torch
 from torch import nn
 
 from easier_export.core.console import info
-from easier_export.core.quantize import FP16, FP32, INT8, Calibration, convert, takes_token_ids
+from easier_export.core.onnx_graph import file_takes_token_ids
+from easier_export.core.quantize import FP16, FP32, INT8, Calibration, convert
 from easier_export.core.stats import held_out
 from easier_export.load.data import Loaders
 from easier_export.load.task import TOLERANCES
@@ -110,7 +110,7 @@ def deploy(asked: str, shipped: Subject, original: Subject, inputs: list[torch.T
     """Choose the precision that ships (``ship.precision.choose_precision``); the converted files are written
     to ``work``. ``calib``: (train batches, method) for INT8; ``quantize_original``: also convert the original,
     for the report's "quantize only" (not when it is the file shipped)."""
-    tokens = takes_token_ids(onnx.load(str(shipped.file), load_external_data=False))
+    tokens = file_takes_token_ids(shipped.file)
     calibration = None if tokens or asked in (FP32, FP16) else calibration_of(loaders, *calib, loop.seed)
     judge = judge_against(original.file, loaders, loop, task)
     choice = choose_precision(asked, shipped.file, target, work, calibration, verifier(shipped.model, inputs),

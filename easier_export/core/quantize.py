@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import os
 import tempfile
-from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,6 +32,7 @@ from onnxruntime.transformers.float16 import convert_float_to_float16
 
 from easier_export.core.errors import UserError, first_line
 from easier_export.core.io import atomic_write
+from easier_export.core.onnx_graph import op_counts, takes_token_ids
 
 FP32, INT8, FP16, AUTO = "fp32", "int8", "fp16", "auto"
 PRECISIONS = (FP32, INT8, FP16, AUTO)
@@ -86,10 +86,6 @@ class BatchReader(CalibrationDataReader):
 
     def rewind(self) -> None:
         self._it = iter(self.batches)
-
-
-def takes_token_ids(proto: onnx.ModelProto) -> bool:
-    return proto.graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.INT64
 
 
 def edge_layers(path: Path) -> list[str]:
@@ -162,5 +158,4 @@ def describe(path: Path, precision: str, **extra: object) -> dict:
     """What was written, as the report records an export."""
     proto = onnx.load(str(path), load_external_data=False)
     return {"path": str(path), "precision": precision, "size_bytes": os.path.getsize(path),
-            "nodes": len(proto.graph.node), "op_counts": dict(sorted(Counter(n.op_type for n in proto.graph.node)
-                                                                     .items())), **extra}
+            "nodes": len(proto.graph.node), "op_counts": op_counts(proto), **extra}

@@ -13,6 +13,8 @@ from collections.abc import Collection, Sequence
 import torch
 from torch.fx import GraphModule
 
+from easier_export.core.quantize import FP32
+
 from .groups import FoldGroups, Group, find_groups
 from .latency import LATENCY_FILE, LatencyTable
 from .numerics import BiasMapConv2d
@@ -49,7 +51,7 @@ def fold_model(
     cache: pathlib.Path | None = None,
     threads: int | None = None,
     replay: Collection[Sequence[str]] | None = None,
-    precision: str = "fp32",
+    precision: str = FP32,
 ) -> tuple[GraphModule, list[FoldRecord]]:
     """Run the rules on an eval-mode GraphModule at the static input shape of `example` (batch dim may
     vary at run time; spatial size is static). 'none' still removes identities and folds BN (always a win,

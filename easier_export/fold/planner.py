@@ -19,6 +19,8 @@ from dataclasses import dataclass
 from torch import Tensor, nn
 from torch.fx import GraphModule, Node
 
+from easier_export.core.quantize import FP32
+
 from .chains import Chain, find_chains
 from .fx import finish, fresh_copy, propagate_shapes, replace_subgraph, shape_of
 from .latency import LatencyTable, trusted_saving
@@ -171,7 +173,7 @@ def plan_and_fold(
     cache: pathlib.Path | None = None,
     threads: int | None = None,
     replay: Collection[Sequence[str]] | None = None,
-    precision: str = "fp32",
+    precision: str = FP32,
 ) -> tuple[GraphModule, list[FoldRecord]]:
     """Apply the set of exact merges with the largest measured saving on ``target`` in ``precision``.
 

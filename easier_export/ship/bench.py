@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from easier_export.core.errors import UserError, first_line
+from easier_export.core.onnx_graph import file_takes_token_ids
 from easier_export.core.ort import DEVICES, cpu_name, cuda_usable, physical_cores, providers_for, session_options
 from easier_export.core.stats import Speedup, speedup
 from easier_export.core.timing import Clock, Runner, compare, interleaved
@@ -71,7 +72,7 @@ def _bench_device(onnx_models: dict[str, Path], torch_models: dict[str, nn.Modul
         return []
     providers = providers_for(device)
     rows = []
-    tokens = any(takes_tokens(Path(p)) for p in onnx_models.values())
+    tokens = any(file_takes_token_ids(Path(p)) for p in onnx_models.values())
     for batch in batches:
         x = _example_input(tokens, batch, input_shape)
         runners: dict[tuple[str, str, str], Runner] = {}
@@ -96,14 +97,6 @@ def _example_input(tokens: bool, batch: int, input_shape: tuple[int, ...]) -> np
     if tokens:
         return rng.integers(0, 2, (batch, *input_shape))
     return rng.standard_normal((batch, *input_shape), dtype=np.float32)
-
-
-def takes_tokens(path: Path) -> bool:
-    """Whether the ONNX model's input is token ids (int64), not pixels."""
-    import onnx
-
-    proto = onnx.load(str(path), load_external_data=False)
-    return proto.graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.INT64
 
 
 def speedups(rows: list[dict], baseline_label: str) -> dict[tuple[str, str, int], dict[str, float]]:
@@ -194,7 +187,7 @@ def race(onnx_models: dict[str, Path], baseline: str, input_shape: tuple[int, ..
     if device == "cuda" and not cuda_usable():
         return None
     threads = threads or physical_cores()
-    x = _example_input(takes_tokens(Path(onnx_models[baseline])), batch, input_shape)
+    x = _example_input(file_takes_token_ids(Path(onnx_models[baseline])), batch, input_shape)
 
     def sessions() -> dict[str, Runner]:
         return {label: ort_runner(Path(path), x, device, providers_for(device), threads)[0]

@@ -9,7 +9,6 @@ import logging
 import math
 import os
 import warnings
-from collections import Counter
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -24,6 +23,7 @@ from torch import nn
 from easier_export import __version__
 from easier_export.core.errors import UserError, first_line
 from easier_export.core.io import atomic_write
+from easier_export.core.onnx_graph import op_counts
 from easier_export.load.task import FLOAT32, Tolerances
 
 logger = logging.getLogger(__name__)
@@ -88,7 +88,6 @@ def export_onnx(
     onnx.helper.set_model_props(proto, {**existing, **(metadata or {}), "easier_export.version": __version__})
     atomic_write(path, lambda p: onnx.save_model(proto, p, save_as_external_data=False))
 
-    op_counts = Counter(node.op_type for node in proto.graph.node)
     return {
         "path": str(path),
         "exporter": exporter,
@@ -97,7 +96,7 @@ def export_onnx(
         "notes": notes,
         "size_bytes": path.stat().st_size,
         "nodes": len(proto.graph.node),
-        "op_counts": dict(sorted(op_counts.items())),
+        "op_counts": op_counts(proto),
     }
 
 
