@@ -218,9 +218,16 @@ def test_four_way_latency_rows_give_compound_and_marginal_speedups() -> None:
     assert rows["p50 latency onnxruntime cpu b1 (ms, folded)"][2] == "×2.00 speed-up"
 
 
-def test_precision_not_offered_is_a_usage_error(capsys: pytest.CaptureFixture) -> None:
-    code, out = run_cli(capsys, "export", "cifar_resnet20", "--precision", "int4")
-    assert code == 2 and "'int4' is not one of 'fp32', 'int8', 'fp16', 'auto'" in out and "Traceback" not in out
+@pytest.mark.parametrize(("option", "value", "says"), [
+    ("--precision", "int4", "'int4' is not one of 'fp32', 'int8', 'fp16', 'auto'"),
+    ("--calib-method", "kl", "'kl' is not one of 'minmax', 'entropy', 'percentile'"),
+    ("--calib-batches", "0", "--calib-batches': must be at least 1"),
+])
+def test_conversion_options_out_of_range_are_one_line_usage_errors(capsys: pytest.CaptureFixture, option: str,
+                                                                     value: str, says: str) -> None:
+    code, out = run_cli(capsys, "export", "cifar_resnet20", option, value)
+    lines = out.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and lines[0].startswith("error: ") and says in lines[0], out
 
 
 def test_export_int8_without_data_is_one_line_and_writes_nothing(capsys: pytest.CaptureFixture,
