@@ -15,6 +15,7 @@ from _fold_util import assert_same, count_modules, traced
 from torch import nn
 
 from easier_export.core import timing as timing_module
+from easier_export.core.timing import SESSION_SETS
 from easier_export.fold import fold_model, plan_and_fold
 from easier_export.fold.chains import find_chains
 from easier_export.fold.fx import propagate_shapes
@@ -81,8 +82,9 @@ def test_partition_keeps_savings_above_noise_and_never_overlaps() -> None:
 
 class FakeClock:
     """A stand-in for ``time``: each ORT run advances it by its graph's cost (10 us a node, 1 ns a weight), plus
-    noise per timed block of ten runs (``noise[i]`` repeats over the i-th session's blocks), so the timing loop
-    is tested without depending on the machine's load."""
+    noise per timed block of ten runs (``noise[i % len(noise)]`` repeats over the i-th session's blocks: a race
+    opens the baseline's session, then the candidate's, for each fresh pair), so the timing loop is tested without
+    depending on the machine's load."""
 
     def __init__(self, *noise: tuple[float, ...]) -> None:
         self.now, self.noise, self.calls, self.sessions = 0.0, noise, 0, 0
@@ -92,7 +94,7 @@ class FakeClock:
 
     def runner(self, model: onnx.ModelProto) -> Callable[[], None]:
         cost = 10.0 * len(model.graph.node) + 1e-3 * sum(math.prod(t.dims) for t in model.graph.initializer)
-        clock, pattern = self, (self.noise[self.sessions] if self.noise else (0.0,))
+        clock, pattern = self, (self.noise[self.sessions % len(self.noise)] if self.noise else (0.0,))
         self.sessions += 1
 
         class Session:
@@ -168,7 +170,8 @@ def test_in_context_timing_sees_the_ops_removed(monkeypatch) -> None:
     _fake_timing(monkeypatch, clock)
     before, after, spread = LatencyTable("cpu", threads=1).times(spec, nn.Conv2d(8, 8, 1))
     assert (round(before, 3), round(after, 3), round(spread, 6)) == (30.216, 10.072, 0.0)
-    assert clock.calls == 2 * 3 + 2 * 6 * LatencyTable.block  # warm-up, then the six blocks an interval needs
+    # each of the fresh session pairs: warm-up, then the six blocks an interval needs
+    assert clock.calls == SESSION_SETS * (2 * 3 + 2 * 6 * LatencyTable.block)
 
 
 @pytest.mark.parametrize("max_seconds", [0.05, 0.051, 0.07])  # stopping after an even or an odd block count
@@ -210,7 +213,8 @@ def test_a_segment_slower_than_the_budget_still_gets_an_interval(monkeypatch) ->
     _fake_timing(monkeypatch, clock)
     timed = LatencyTable("cpu", threads=1, max_seconds=1e-9).times(SegmentSpec([nn.Conv2d(8, 8, 1)] * 3, (1, 8, 4, 4)),
                                                                    nn.Conv2d(8, 8, 1))
-    assert trusted_saving(*timed) == pytest.approx(20.144) and clock.calls == 2 * 3 + 2 * 6 * LatencyTable.block
+    assert trusted_saving(*timed) == pytest.approx(20.144)
+    assert clock.calls == SESSION_SETS * (2 * 3 + 2 * 6 * LatencyTable.block)
 
 
 @pytest.mark.parametrize("content", ["{not json", "[1, 2]", f'{{"{TIMING_VERSION}|k": 3}}'])

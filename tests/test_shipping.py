@@ -22,7 +22,6 @@ from easier_export.fold.groups import Group
 from easier_export.loop.config import LoopConfig, Task
 from easier_export.loop.selection import pick_group
 from easier_export.ship import shipping
-from easier_export.ship.bench import BLOCK_ITERS, race_runners
 from easier_export.trace.edits import remove_sites
 from easier_export.trace.sites import find_call_sites
 from easier_export.trace.tracing import trace
@@ -100,59 +99,6 @@ def test_better_beyond_chance_is_an_exact_sign_test():
     assert better_beyond_chance(base[:5], torch.ones(5))  # p = 1/32
     assert not better_beyond_chance(base[:4], torch.ones(4))  # p = 1/16
     assert not better_beyond_chance(base, base)  # nothing differs
-
-
-class ScriptedClock:
-    """A clock that each runner advances by its scripted cost (ms), plus an alternating drift per call."""
-
-    def __init__(self) -> None:
-        self.now = 0.0
-        self.calls = 0
-
-    def __call__(self) -> float:
-        return self.now
-
-    def runner(self, ms: float, jitter: float = 0.0):
-        def run() -> None:
-            self.calls += 1
-            self.now += (ms + (jitter if self.calls % 2 else -jitter)) / 1e3
-        return run
-
-
-def test_race_stops_once_every_comparison_is_settled():
-    clock = ScriptedClock()
-    verdicts = race_runners(lambda: {"original": clock.runner(1.0, 0.05), "merged": clock.runner(0.5, 0.05),
-                             "same": clock.runner(1.0, 0.05)}, "original", max_seconds=60.0, clock=clock)
-    assert verdicts["merged"].faster and verdicts["merged"].ratio == pytest.approx(2.0, rel=0.1)
-    assert not verdicts["same"].faster and verdicts["same"].settled
-    assert verdicts["merged"].blocks == 6  # settled at the first interval: no more timing than needed
-
-
-def test_race_gives_up_at_its_time_budget_and_calls_nothing_faster():
-    clock = ScriptedClock()
-    calls = iter(range(10**6))
-
-    def noisy() -> None:  # whole blocks alternately twice as fast and 1.5 times as slow as the original
-        clock.now += (0.5 if next(calls) // BLOCK_ITERS % 2 else 1.5) / 1e3
-
-    verdicts = race_runners(lambda: {"original": clock.runner(1.0), "noisy": noisy}, "original", max_seconds=1.0,
-                            warmup=0, clock=clock)
-    assert not verdicts["noisy"].faster and clock.now >= 1.0
-
-
-def test_a_session_that_runs_faster_for_its_lifetime_is_not_a_speedup():
-    """Fresh sessions of the same file, a few percent apart for as long as they live: one pair says "faster
-    beyond the noise", five pairs do not (one of them is slower)."""
-    clock = ScriptedClock()
-    offsets = iter([0.94, 0.94, 0.95, 0.96, 0.94, 1.06])  # the candidate's ms against the baseline's, per set
-
-    def sessions() -> dict:
-        return {"original": clock.runner(1.0, 0.01), "copy": clock.runner(next(offsets), 0.01)}
-
-    one = race_runners(sessions, "original", max_seconds=60.0, clock=clock)
-    assert one["copy"].faster  # the first pair alone: ×1.06 beyond its own noise
-    pooled = race_runners(sessions, "original", max_seconds=60.0, clock=clock, sets=5)
-    assert not pooled["copy"].faster and pooled["copy"].low == pytest.approx(1 / 1.06, rel=0.01)
 
 
 # ---------------------------------------------------------------------------------------------- same order

@@ -7,23 +7,25 @@ import math
 import pytest
 
 from easier_export.core.stats import Speedup, median_ci, median_ci_rank, min_blocks, speedup
-from easier_export.core.timing import compare, interleaved
+from easier_export.core.timing import BLOCK_ITERS, compare, interleaved, race_runners
 
 BASE = [10.0, 10.2, 9.9, 10.1, 10.0, 10.3, 9.8, 10.1]
 
 
 class ScriptedClock:
-    """Seconds that only the runners advance, by their scripted cost (ms)."""
+    """Seconds that only the runners advance, by their scripted cost (ms), plus an alternating drift per call."""
 
     def __init__(self) -> None:
         self.now = 0.0
+        self.calls = 0
 
     def __call__(self) -> float:
         return self.now
 
-    def runner(self, ms: float):
+    def runner(self, ms: float, jitter: float = 0.0):
         def run() -> None:
-            self.now += ms / 1e3
+            self.calls += 1
+            self.now += (ms + (jitter if self.calls % 2 else -jitter)) / 1e3
         return run
 
 
@@ -106,3 +108,39 @@ def test_compare_gives_up_at_its_time_budget() -> None:
 def test_speedup_keeps_its_report_form() -> None:
     assert Speedup(2.0, 1.9, 2.1, 6).to_dict() == {"ratio": 2.0, "low": 1.9, "high": 2.1, "blocks": 6,
                                                    "faster": True}
+
+
+def test_race_stops_once_every_comparison_is_settled():
+    clock = ScriptedClock()
+    verdicts = race_runners(lambda: {"original": clock.runner(1.0, 0.05), "merged": clock.runner(0.5, 0.05),
+                             "same": clock.runner(1.0, 0.05)}, "original", max_seconds=60.0, clock=clock, sets=1)[1]
+    assert verdicts["merged"].faster and verdicts["merged"].ratio == pytest.approx(2.0, rel=0.1)
+    assert not verdicts["same"].faster and verdicts["same"].settled
+    assert verdicts["merged"].blocks == 6  # settled at the first interval: no more timing than needed
+
+
+def test_race_gives_up_at_its_time_budget_and_calls_nothing_faster():
+    clock = ScriptedClock()
+    calls = iter(range(10**6))
+
+    def noisy() -> None:  # whole blocks alternately twice as fast and 1.5 times as slow as the original
+        clock.now += (0.5 if next(calls) // BLOCK_ITERS % 2 else 1.5) / 1e3
+
+    verdicts = race_runners(lambda: {"original": clock.runner(1.0), "noisy": noisy}, "original", max_seconds=1.0,
+                            warmup=0, clock=clock)[1]
+    assert not verdicts["noisy"].faster and clock.now >= 1.0
+
+
+def test_a_session_that_runs_faster_for_its_lifetime_is_not_a_speedup():
+    """Fresh sessions of the same file, a few percent apart for as long as they live: one pair says "faster
+    beyond the noise", five pairs do not (one of them is slower)."""
+    clock = ScriptedClock()
+    offsets = iter([0.94, 0.94, 0.95, 0.96, 0.94, 1.06])  # the candidate's ms against the baseline's, per set
+
+    def sessions() -> dict:
+        return {"original": clock.runner(1.0, 0.01), "copy": clock.runner(next(offsets), 0.01)}
+
+    one = race_runners(sessions, "original", max_seconds=60.0, clock=clock, sets=1)[1]
+    assert one["copy"].faster  # the first pair alone: ×1.06 beyond its own noise
+    pooled = race_runners(sessions, "original", max_seconds=60.0, clock=clock, sets=5)[1]
+    assert not pooled["copy"].faster and pooled["copy"].low == pytest.approx(1 / 1.06, rel=0.01)

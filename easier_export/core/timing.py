@@ -6,6 +6,7 @@ a file raced against its own copy measured ×1.03–×1.10 "faster beyond the no
 
 from __future__ import annotations
 
+import operator
 import statistics
 import time
 from collections.abc import Callable, Sequence
@@ -64,3 +65,40 @@ def compare(runners: Sequence[Runner], settled: Callable[[list[Speedup]], bool],
 
     interleaved(runners, done, warmup=warmup, iters=iters, clock=clock)
     return medians, verdicts
+
+
+BLOCK_ITERS = 10
+"""Runs per block in a race: enough that one block outlasts a scheduler tick on sub-millisecond files."""
+
+SESSION_SETS = 5
+"""Fresh runners (onnxruntime sessions) per file in one race: two sessions of the same file can run a few percent
+apart for as long as they live (memory placement, thread pools), which no number of blocks of one pair averages
+out; a file raced against its own copy measured ×0.94–×1.03 "beyond the noise" (benchmarks/precision.md), and a
+fold segment's saving 0.3 µs in one run and 4.7 µs in the next (benchmarks/promise.md). The interval over the
+blocks of every pair is widened to cover each pair's own ratio, so "faster" needs all five pairs faster: for two
+files alike, a chance of 1 in 32."""
+
+
+def race_runners(make_runners: Callable[[], dict[str, Runner]], baseline: str, max_seconds: float = 10.0,
+                 warmup: int = 5, clock: Clock | None = None, sets: int = SESSION_SETS, iters: int = BLOCK_ITERS,
+                 settled: Callable[[Speedup], bool] = operator.attrgetter("settled"),
+                 ) -> tuple[dict[str, list[float]], dict[str, Speedup]]:
+    """Time the runners in interleaved blocks of ``iters`` runs, ``sets`` times with fresh runners from
+    ``make_runners``, each time until every speed-up over ``baseline`` is ``settled`` (by default
+    ``Speedup.settled``) or its share of ``max_seconds`` has passed: the speed-ups over the blocks of every set,
+    their intervals spanning each set's own ratio (``Speedup.spanning``); and each runner's block medians (ms)
+    over every set."""
+    pooled: dict[str, list[float]] = {}
+    own: dict[str, list[float]] = {}
+    for _ in range(sets):
+        runners = make_runners()
+        labels = [baseline, *(label for label in runners if label != baseline)]
+        medians, verdicts = compare([runners[label] for label in labels],
+                                    lambda found: all(settled(v) for v in found), iters=iters, warmup=warmup,
+                                    max_seconds=max_seconds / sets, clock=clock)
+        for label, blocks in zip(labels, medians, strict=True):
+            pooled.setdefault(label, []).extend(blocks)
+        for label, verdict in zip(labels[1:], verdicts, strict=True):
+            own.setdefault(label, []).append(verdict.ratio)
+    return pooled, {label: speedup(pooled[baseline], blocks).spanning(own[label])
+                    for label, blocks in pooled.items() if label != baseline}

@@ -18,13 +18,13 @@ from torch import nn
 from easier_export.core.io import save_json
 from easier_export.core.ort import physical_cores, session_options
 from easier_export.core.quantize import FP32, Calibration, convert
-from easier_export.core.timing import Runner, compare
+from easier_export.core.timing import SESSION_SETS, Runner, race_runners
 
 from .segments import SegmentSpec, merged_graph, op_signature, segment_graph
 
 logger = logging.getLogger(__name__)
 
-TIMING_VERSION = "ratio95"
+TIMING_VERSION = "sessions"
 """Part of every cache key: entries of another timing rule are dropped when the cache is read."""
 
 LATENCY_FILE = "latency_table.json"
@@ -38,12 +38,14 @@ WARMUP = 3
 class LatencyTable:
     """In-context timings of segments, before and after merging (us at batch 1), cached as JSON.
 
-    Each pair of graphs is timed in interleaved blocks of ``block`` runs and compared by the project's one
-    "is it faster" rule (``core.stats.Speedup``: the median of per-block ratios with its 95 % interval), until
-    the interval's half-width is within ``rel_tol`` of the ratio or ``max_seconds`` have passed (with the blocks
-    an interval needs, however slow the segment). Stored: ``before`` (median unmerged block), ``after``
-    (``before`` over the ratio) and ``spread`` (how much later the merged op would run at the interval's low
-    end), so ``before - after > spread`` exactly when the merge is faster beyond the noise.
+    Each pair of graphs is raced as shipped files are (``core.timing.race_runners``: interleaved blocks of
+    ``block`` runs on ``sessions`` fresh pairs of onnxruntime sessions, compared by the project's one "is it
+    faster" rule, ``core.stats.Speedup``, the interval widened to cover each pair's own ratio), each pair until
+    the interval's half-width is within ``rel_tol`` of the ratio or its share of ``max_seconds`` has passed (with
+    the blocks an interval needs, however slow the segment): with one pair of sessions, which merges paid
+    differed between two runs of one command. Stored: ``before`` (median unmerged block), ``after`` (``before``
+    over the ratio) and ``spread`` (how much later the merged op would run at the interval's low end), so
+    ``before - after > spread`` exactly when the merge is faster beyond the noise.
 
     ``precision``: the precision the model ships in. Both graphs are converted to it before timing (INT8:
     calibrated on seeded stand-ins, whose ranges are wrong for accuracy but give the quantized kernels their
@@ -55,6 +57,7 @@ class LatencyTable:
     cache: pathlib.Path | None = None
     precision: str = FP32
     block: int = 10
+    sessions: int = SESSION_SETS
     rel_tol: float = 0.03
     max_seconds: float = 1.0
     table: dict[str, dict[str, float]] = field(default_factory=dict)
@@ -78,8 +81,8 @@ class LatencyTable:
     def times(self, spec: SegmentSpec, merged: nn.Module) -> tuple[float, float, float]:
         """(us before, us after, us spread) of replacing the segment by ``merged``, at batch 1."""
         spec = SegmentSpec(spec.ops, (1, *spec.in_shape[1:]), spec.add, spec.skip)
-        key = (f"{TIMING_VERSION}|{self.providers[0]}|t{self.threads}|{self.precision}|{spec.signature()}->"
-               f"{op_signature(merged)}")
+        key = (f"{TIMING_VERSION}|{self.providers[0]}|t{self.threads}|s{self.sessions}|{self.precision}|"
+               f"{spec.signature()}->{op_signature(merged)}")
         if key not in self.table:
             graphs = (segment_graph(spec), merged_graph(merged, spec.in_shape))
             before, after, spread = self._time_pair(*(self._deployed(g, spec.in_shape) for g in graphs))
@@ -105,9 +108,12 @@ class LatencyTable:
         return partial(sess.run, None, feeds)
 
     def _time_pair(self, a: onnx.ModelProto, b: onnx.ModelProto) -> tuple[float, float, float]:
-        medians, (found,) = compare([self._runner(a), self._runner(b)], lambda cmp: cmp[0].precise(self.rel_tol),
-                                    iters=self.block, warmup=WARMUP, max_seconds=self.max_seconds)
-        before = 1e3 * statistics.median(medians[0])
+        medians, found = race_runners(lambda: {"before": self._runner(a), "after": self._runner(b)}, "before",
+                                      max_seconds=self.max_seconds, warmup=WARMUP, iters=self.block,
+                                      sets=self.sessions,
+                                      settled=lambda v: v.precise(self.rel_tol))
+        before = 1e3 * statistics.median(medians["before"])
+        found = found["after"]
         after = before / found.ratio
         return before, after, before / found.low - after
 

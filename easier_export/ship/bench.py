@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -15,8 +15,8 @@ from torch import nn
 from easier_export.core.errors import UserError, first_line
 from easier_export.core.onnx_graph import file_takes_token_ids
 from easier_export.core.ort import DEVICES, cpu_name, cuda_usable, physical_cores, providers_for, session_options
-from easier_export.core.stats import Speedup, speedup
-from easier_export.core.timing import Clock, Runner, compare, interleaved
+from easier_export.core.stats import Speedup
+from easier_export.core.timing import Runner, interleaved, race_runners
 
 from .export import eval_copy
 
@@ -193,38 +193,7 @@ def race(onnx_models: dict[str, Path], baseline: str, input_shape: tuple[int, ..
         return {label: ort_runner(Path(path), x, device, providers_for(device), threads)[0]
                 for label, path in onnx_models.items()}
 
-    return race_runners(sessions, baseline, max_seconds=max_seconds, sets=SESSION_SETS)
-
-
-BLOCK_ITERS = 10
-SESSION_SETS = 5
-"""Fresh sessions per file in one race: two sessions of the same file can run a few percent apart for as long as
-they live (memory placement, thread pools), which no number of blocks of one pair averages out; a file raced
-against its own copy measured ×0.94–×1.03 "beyond the noise" (benchmarks/precision.md). The interval over the
-blocks of every pair is widened to cover each pair's own ratio, so "faster" needs all five pairs faster: for two
-files alike, a chance of 1 in 32."""
-
-
-def race_runners(make_runners: Callable[[], dict[str, Runner]], baseline: str, max_seconds: float = 10.0,
-                 warmup: int = 5, clock: Clock | None = None, sets: int = 1) -> dict[str, Speedup]:
-    """Time the runners in interleaved blocks of ``BLOCK_ITERS`` runs, ``sets`` times with fresh runners from
-    ``make_runners``, each time until every speed-up over ``baseline`` is settled (``Speedup.settled``) or its
-    share of ``max_seconds`` has passed: the speed-ups over the blocks of every set, their intervals spanning
-    each set's own ratio (``Speedup.spanning``)."""
-    pooled: dict[str, list[float]] = {}
-    own: dict[str, list[float]] = {}
-    for _ in range(sets):
-        runners = make_runners()
-        labels = [baseline, *(label for label in runners if label != baseline)]
-        medians, verdicts = compare([runners[label] for label in labels],
-                                    lambda found: all(v.settled for v in found), iters=BLOCK_ITERS, warmup=warmup,
-                                    max_seconds=max_seconds / sets, clock=clock)
-        for label, blocks in zip(labels, medians, strict=True):
-            pooled.setdefault(label, []).extend(blocks)
-        for label, verdict in zip(labels[1:], verdicts, strict=True):
-            own.setdefault(label, []).append(verdict.ratio)
-    return {label: speedup(pooled[baseline], blocks).spanning(own[label]) for label, blocks in pooled.items()
-            if label != baseline}
+    return race_runners(sessions, baseline, max_seconds=max_seconds)[1]
 
 
 NOISY_SPREAD = 0.10
