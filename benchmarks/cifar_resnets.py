@@ -88,6 +88,8 @@ def common_args(parser: argparse.ArgumentParser, runs: str, table: str, entropy_
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--workers", type=int, default=workers)
     parser.add_argument("--out", type=Path, default=ROOT / "runs" / runs)
+    parser.add_argument("--trained", type=Path, default=ROOT / "runs" / "train_cifar",
+                        help="where train_cifar.py wrote the MobileNetV2 / ViT checkpoints (its --out)")
     parser.add_argument("--table", type=Path, default=None,
                         help=f"default: <out>/table.md (benchmarks/{table}.md is curated: prose around such tables)")
 

@@ -29,12 +29,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from cifar_resnets import common_args, parse  # noqa: E402
-from latency_aware import MODELS, SHARED  # noqa: E402  (one list of the trained CIFAR models)
+from latency_aware import MODELS, _load  # noqa: E402  (one list of the trained CIFAR models)
 
 from easier_export.core.io import save_json, save_torch
 from easier_export.core.ort import cpu_name
-from easier_export.load.data import image_folder
-from easier_export.load.models import load_model
 from easier_export.loop.config import LoopConfig
 from easier_export.loop.criteria.tlc import tlc_scores
 from easier_export.loop.entropy import measure
@@ -82,11 +80,10 @@ def methods(args: argparse.Namespace) -> dict[str, Method]:
 
 
 def data(name: str, args: argparse.Namespace):
-    arch, weights, baseline = MODELS[name]
-    loaded = load_model(arch, weights=weights)
-    loaders = image_folder(SHARED / "datasets" / "cifar10-jpeg", loaded.input_size, loaded.task.mean, loaded.task.std,
-                           args.batch_size, args.workers, num_classes=10)
-    return loaded, loaders, baseline
+    """The model (the shared ResNets, or the checkpoint train_cifar.py wrote under ``--trained``), its loaders and
+    its baseline finetune epochs."""
+    loaded, loaders = _load(name, args)
+    return loaded, loaders, MODELS[name][2]
 
 
 def start(name: str, loaded, loaders, epochs: float, out: Path, swap: str | None, args) -> torch.nn.Module:

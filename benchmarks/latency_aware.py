@@ -224,8 +224,6 @@ def main() -> None:
     parser.add_argument("--patience", type=int, default=1)
     parser.add_argument("--max-removed", type=int, default=None)
     parser.add_argument("--max-rounds", type=int, default=None, help="the same finetuning budget for every run")
-    parser.add_argument("--trained", type=Path, default=ROOT / "runs" / "train_cifar",
-                        help="where train_cifar.py wrote the MobileNetV2 / ViT checkpoints (its --out)")
     parser.add_argument("--control", action="store_true", help="also finetune the unchanged original as long")
     parser.add_argument("--ceiling", nargs="*", default=[], choices=list(MODELS),
                         help="also time these models with every activation removed (the most a selection can ship)")

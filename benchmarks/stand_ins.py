@@ -64,8 +64,6 @@ def measure(name: str, args: argparse.Namespace) -> list[str]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--models", nargs="+", default=["vit", "mobilenet_v2", "resnet20"], choices=list(MODELS))
-    parser.add_argument("--trained", type=Path, default=ROOT / "runs" / "train_cifar",
-                        help="where train_cifar.py wrote the MobileNetV2 / ViT checkpoints")
     parser.add_argument("--recal-batches", type=int, default=10)
     common_args(parser, "stand_ins", "stand_ins", entropy_batches=5, workers=2)
     args = parse(parser)
