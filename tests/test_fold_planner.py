@@ -246,3 +246,23 @@ def test_an_add_of_one_node_to_itself_is_no_parallel_skip() -> None:
         warnings.simplefilter("error")
         folded, _ = fold_model(gm, x, mode="auto")
     assert_same(gm, folded, x, 1e-9)
+
+
+def test_timings_are_shared_with_every_run_on_this_machine(tmp_path: pathlib.Path, monkeypatch) -> None:
+    """A second run (another output folder) reuses the first run's timings through the machine's table, so it
+    makes the same latency decisions; a pinned file's own entries win over the machine's."""
+    clock = FakeClock()
+    _fake_timing(monkeypatch, clock)
+    spec, merged = SegmentSpec([nn.Conv2d(8, 8, 1)] * 3, (1, 8, 4, 4)), nn.Conv2d(8, 8, 1)
+    first = LatencyTable("cpu", threads=1, cache=tmp_path / "run1" / "latency.json")
+    timed = first.times(spec, merged)
+    first.save()
+    calls = clock.calls
+    second = LatencyTable("cpu", threads=1, cache=tmp_path / "run2" / "latency.json")
+    assert second.times(spec, merged) == timed and clock.calls == calls  # nothing timed again
+    assert first.shared == second.shared and first.shared.is_file()
+    (key,) = first.table
+    pinned = tmp_path / "pinned.json"
+    pinned.write_text(json.dumps({key: {"before": 5.0, "after": 1.0, "spread": 0.0}}))
+    assert LatencyTable("cpu", threads=1, cache=pinned).times(spec, merged) == (5.0, 1.0, 0.0)
+    assert LatencyTable("cpu", threads=1).table == {}  # a table that keeps nothing shares nothing

@@ -113,7 +113,8 @@ Fold = chosen(MODES, "auto (only merges measured faster), all, or none", FOLD)
 Target = chosen(DEVICES, "device the fold planner measures on", FOLD)
 LatencyTableFile = typed(Path | None, "the fold planner's timings: read from and added to this JSON file, so that "
                                       "runs with the same file make the same latency decisions (default: "
-                                      "OUT/latency_table.json, per run)", FOLD)
+                                      "OUT/latency_table.json, which shares its timings with every run on this "
+                                      "machine through ~/.cache/easier-export/)", FOLD)
 BenchDevices = typed(str, f"benchmark devices, comma list of {', '.join(DEVICES)}", BENCH)
 BenchBatches = typed(str, "benchmark batch sizes, comma list", BENCH)
 BenchSeconds = typed(float, "benchmark time budget per model and setting", BENCH, min=0.0)

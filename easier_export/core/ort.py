@@ -45,6 +45,13 @@ def cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
+def device_name(device: str) -> str:
+    """The model of the CPU, or of the first GPU for ``cuda`` ("none" where there is none)."""
+    if device == "cpu":
+        return cpu_name()
+    return torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none"
+
+
 def cuda_usable() -> bool:
     """Both sides need the GPU: ORT for the ONNX runs and torch for the eager reference and device checks."""
     return "CUDAExecutionProvider" in ort.get_available_providers() and torch.cuda.is_available()

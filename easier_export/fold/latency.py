@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import pathlib
+import re
 import statistics
 import tempfile
 from dataclasses import dataclass, field
@@ -16,7 +18,7 @@ import onnxruntime as ort
 from torch import nn
 
 from easier_export.core.io import save_json
-from easier_export.core.ort import physical_cores, session_options
+from easier_export.core.ort import device_name, physical_cores, session_options
 from easier_export.core.quantize import FP32, Calibration, convert
 from easier_export.core.timing import SESSION_SETS, Runner, race_runners
 
@@ -64,13 +66,14 @@ class LatencyTable:
 
     def __post_init__(self) -> None:
         self.threads = self.threads or physical_cores()
-        if self.cache is not None and self.cache.exists():
-            try:
-                loaded = json.loads(self.cache.read_text())
-                self.table = {k: v for k, v in loaded.items()
-                              if isinstance(v, dict) and k.startswith(f"{TIMING_VERSION}|")}
-            except (ValueError, TypeError, OSError, AttributeError) as e:  # a damaged cache only costs time
-                logger.warning("ignoring unreadable latency table %s (%s)", self.cache, e)
+        if self.cache is not None:
+            self.table = {**_entries(self.shared), **_entries(self.cache)}
+
+    @property
+    def shared(self) -> pathlib.Path | None:
+        """This machine's table, when this one persists (``cache``): read first (``cache``'s own entries win) and
+        given what was timed here, so the same command twice makes the same latency decisions on this machine."""
+        return None if self.cache is None else machine_table(self.target)
 
     @property
     def providers(self) -> list[str]:
@@ -118,8 +121,37 @@ class LatencyTable:
         return before, after, before / found.low - after
 
     def save(self) -> None:
-        if self.cache is not None:
-            save_json(dict(sorted(self.table.items())), self.cache)
+        if self.cache is None:
+            return
+        save_json(dict(sorted(self.table.items())), self.cache)
+        shared = self.shared
+        known = _entries(shared)
+        if not set(self.table) <= set(known):  # the first timing of a segment on this machine stays its timing
+            try:
+                save_json(dict(sorted({**self.table, **known}.items())), shared)
+            except OSError as e:  # a machine table that cannot be written only costs time later
+                logger.warning("could not add to this machine's latency table %s (%s)", shared, e)
+
+
+def machine_table(target: str) -> pathlib.Path:
+    """Where this machine keeps its planner timings for ``target``: under ``$XDG_CACHE_HOME`` (``~/.cache``),
+    named after the device and the onnxruntime version, which both change what a merge saves."""
+    root = pathlib.Path(os.environ.get("XDG_CACHE_HOME") or pathlib.Path.home() / ".cache") / "easier-export"
+    device = re.sub(r"[^A-Za-z0-9]+", "-", device_name(target)).strip("-")
+    return root / f"latency-{target}-{device}-ort{ort.__version__}.json"
+
+
+def _entries(path: pathlib.Path | None) -> dict[str, dict[str, float]]:
+    """The entries of this timing rule in a table file; none when it is missing or damaged (that only costs
+    time)."""
+    if path is None or not path.exists():
+        return {}
+    try:
+        loaded = json.loads(path.read_text())
+        return {k: v for k, v in loaded.items() if isinstance(v, dict) and k.startswith(f"{TIMING_VERSION}|")}
+    except (ValueError, TypeError, OSError, AttributeError) as e:
+        logger.warning("ignoring unreadable latency table %s (%s)", path, e)
+        return {}
 
 
 def trusted_saving(before: float, after: float, spread: float) -> float:
