@@ -273,6 +273,25 @@ def table(rows: list[dict], all_methods: dict[str, Method], args: argparse.Names
     return "\n".join(lines) + "\n"
 
 
+def agreement(outs: list[Path], k: int) -> str:
+    """Do two seeds of one method agree at ``k`` removed? Per finetune budget (one ``--out`` each) and method:
+    top-1 at 1..k removed per seed, the seeds' gap at ``k`` and the wall time of a cell. The budget that decides
+    is the smallest at which every method's gap is within a point (issue: measure it before the study)."""
+    lines = ["| epochs / round | method | top-1 at 1..k removed, per seed | gap at k | removed sites, per seed | "
+             "wall per cell |", "|---|---|---|---|---|---|"]
+    for out in outs:
+        rows = [json.loads(p.read_text()) for p in sorted(out.glob("*/*-s*.json"))]
+        for key in dict.fromkeys(r["method"] for r in rows):
+            mine = sorted((r for r in rows if r["method"] == key), key=lambda r: r["seed"])
+            curves = " / ".join(" ".join(f"{at(r['curve'], i):.2f}" for i in range(1, k + 1)) for r in mine)
+            gap = max(at(r["curve"], k) for r in mine) - min(at(r["curve"], k) for r in mine)
+            sites = " / ".join(" ".join(r["removed"][:k]) for r in mine)
+            epochs = mine[0]["finetune_epochs_total"] / mine[0]["rounds"]
+            lines.append(f"| {epochs:g} | {key} | {curves} | {gap:.2f} | {sites} | "
+                         f"{mean([r['wall_s'] for r in mine]) / 60:.1f} min |")
+    return "\n".join(lines) + "\n"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--models", nargs="+", default=["resnet20"], choices=list(MODELS))
@@ -288,8 +307,13 @@ def main() -> None:
     parser.add_argument("--entropy-reg", type=float, default=0.5)
     parser.add_argument("--entropy-tau", type=float, default=0.1)
     parser.add_argument("--report-only", action="store_true", help="no new runs: rewrite table and plot")
+    parser.add_argument("--agreement", type=Path, nargs="+", default=None,
+                        help="no new runs: print the seed-agreement table of these --out folders (one per budget)")
     common_args(parser, "compare", "compare", entropy_batches=5, workers=1)
     args = parse(parser)
+    if args.agreement:
+        print(agreement(args.agreement, args.max_removed))
+        return
     torch.set_num_threads(1)
     all_methods = methods(args)
     todo = [(m, k, s) for m in args.models for s in args.seeds for k in (args.methods or all_methods)]

@@ -44,10 +44,13 @@ class LatencyTable:
     ``block`` runs on ``sessions`` fresh pairs of onnxruntime sessions, compared by the project's one "is it
     faster" rule, ``core.stats.Speedup``, the interval widened to cover each pair's own ratio), each pair until
     the interval's half-width is within ``rel_tol`` of the ratio or its share of ``max_seconds`` has passed (with
-    the blocks an interval needs, however slow the segment): with one pair of sessions, which merges paid
-    differed between two runs of one command. Stored: ``before`` (median unmerged block), ``after`` (``before``
+    the blocks an interval needs, however slow the segment); one pair's sessions can run a few percent apart for
+    as long as they live (``SESSION_SETS``). Stored: ``before`` (median unmerged block), ``after`` (``before``
     over the ratio) and ``spread`` (how much later the merged op would run at the interval's low end), so
     ``before - after > spread`` exactly when the merge is faster beyond the noise.
+
+    A table that persists (``cache``) also shares with the machine's (``shared``): a merge near the line stays
+    near it however it is timed, so it is timed once per machine, and every later run decides alike.
 
     ``precision``: the precision the model ships in. Both graphs are converted to it before timing (INT8:
     calibrated on seeded stand-ins, whose ranges are wrong for accuracy but give the quantized kernels their
