@@ -58,6 +58,11 @@ def cell(gm, base: torch.Tensor, loaders, sites: list[str], distill: float, seed
     return {"change": change.change, "bound": change.bound, "discordant": change.discordant}
 
 
+def cell_key(what: str, distill: float, seed: int, lr: float) -> str:
+    """A cell's name in the cache (``cells.json``)."""
+    return f"{what}|{distill:g}|{seed}|{lr:g}"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--weights", type=Path, default=ROOT / "runs" / "train_cifar" / "cifar_mobilenet_v2.pt")
@@ -78,7 +83,7 @@ def main() -> None:
     for what, sites in REMOVALS.items():
         for distill in args.distill:
             for seed in args.seeds:
-                key = f"{what}|{distill:g}|{seed}|{args.lr:g}"
+                key = cell_key(what, distill, seed, args.lr)
                 if key not in cells:
                     cells[key] = cell(gm, base, loaders, sites, distill, seed, args.lr)
                     cache.write_text(json.dumps(cells, indent=1))
@@ -88,12 +93,12 @@ def main() -> None:
              "| removed | loss | changed outcomes (of 1,000) | change (points) | 90 % bound |", "|---|---|---|---|---|"]
     for what in REMOVALS:
         for distill in args.distill:
-            got = [cells[f"{what}|{distill:g}|{s}|{args.lr:g}"] for s in args.seeds]
+            got = [cells[cell_key(what, distill, s, args.lr)] for s in args.seeds]
             loss = "cross-entropy" if distill == 0 else f"`--distill {distill:g}`"
             lines.append(f"| {what} | {loss} | " + " | ".join(
                 " / ".join(f"{g[k]:+.1f}" if k != "discordant" else str(g[k]) for g in got)
                 for k in ("discordant", "change", "bound")) + " |")
-    mean = {d: statistics.mean(cells[f"{w}|{d:g}|{s}|{args.lr:g}"]["discordant"] for w in REMOVALS
+    mean = {d: statistics.mean(cells[cell_key(w, d, s, args.lr)]["discordant"] for w in REMOVALS
                                for s in args.seeds) for d in args.distill}
     lines += ["", "Mean changed outcomes per loss: " + ", ".join(f"{d:g}: {m:.1f}" for d, m in mean.items())]
     (args.out / "table.md").write_text("\n".join(lines) + "\n")

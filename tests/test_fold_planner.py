@@ -266,3 +266,18 @@ def test_timings_are_shared_with_every_run_on_this_machine(tmp_path: pathlib.Pat
     pinned.write_text(json.dumps({key: {"before": 5.0, "after": 1.0, "spread": 0.0}}))
     assert LatencyTable("cpu", threads=1, cache=pinned).times(spec, merged) == (5.0, 1.0, 0.0)
     assert LatencyTable("cpu", threads=1).table == {}  # a table that keeps nothing shares nothing
+
+
+def test_a_machine_table_that_cannot_be_written_only_costs_time(tmp_path: pathlib.Path, monkeypatch,
+                                                                caplog: pytest.LogCaptureFixture) -> None:
+    """$XDG_CACHE_HOME on a read-only or odd path (here: a file) must not fail the run: its own table is written,
+    the machine's is skipped with a warning."""
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(blocker))
+    _fake_timing(monkeypatch, FakeClock())
+    table = LatencyTable("cpu", threads=1, cache=tmp_path / "run" / "latency.json")
+    table.times(SegmentSpec([nn.Conv2d(8, 8, 1)] * 3, (1, 8, 4, 4)), nn.Conv2d(8, 8, 1))
+    table.save()
+    assert json.loads((tmp_path / "run" / "latency.json").read_text()) == table.table
+    assert "could not add to this machine's latency table" in caplog.text

@@ -17,6 +17,7 @@ import onnx
 import onnxruntime as ort
 from torch import nn
 
+from easier_export.core.errors import UserError
 from easier_export.core.io import save_json
 from easier_export.core.ort import device_name, physical_cores, session_options
 from easier_export.core.quantize import FP32, Calibration, convert
@@ -114,12 +115,11 @@ class LatencyTable:
         return partial(sess.run, None, feeds)
 
     def _time_pair(self, a: onnx.ModelProto, b: onnx.ModelProto) -> tuple[float, float, float]:
-        medians, found = race_runners(lambda: {"before": self._runner(a), "after": self._runner(b)}, "before",
-                                      max_seconds=self.max_seconds, warmup=WARMUP, iters=self.block,
-                                      sets=self.sessions,
-                                      settled=lambda v: v.precise(self.rel_tol))
+        medians, verdicts = race_runners(lambda: {"before": self._runner(a), "after": self._runner(b)}, "before",
+                                         max_seconds=self.max_seconds, warmup=WARMUP, iters=self.block,
+                                         sets=self.sessions, settled=lambda v: v.precise(self.rel_tol))
+        found = verdicts["after"]
         before = 1e3 * statistics.median(medians["before"])
-        found = found["after"]
         after = before / found.ratio
         return before, after, before / found.low - after
 
@@ -132,7 +132,7 @@ class LatencyTable:
         if not set(self.table) <= set(known):  # the first timing of a segment on this machine stays its timing
             try:
                 save_json(dict(sorted({**self.table, **known}.items())), shared)
-            except OSError as e:  # a machine table that cannot be written only costs time later
+            except UserError as e:  # save_json's form of any OSError: an unwritable machine table costs time only
                 logger.warning("could not add to this machine's latency table %s (%s)", shared, e)
 
 
