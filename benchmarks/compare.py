@@ -7,10 +7,16 @@ the same finetune budget per round for every method; each (model, method, seed) 
 vs activations removed (the paper's figure); "removed within budget" then applies EASIER's rule to the curve
 (the rounds before the first one more than 1 point below the start). Every cell is cached under
 runs/compare/<model>/ (a rerun skips finished cells; an interrupted cell resumes from its state.pt).
-The shipped ORT speed-up per cell: the start with the within-budget removals, folded (auto), exported and timed
+The shipped ORT speed-up per cell: the start with the within-budget removals, folded (auto), exported and raced
 against the original (batch 1, 1 thread).
 
-    OMP_NUM_THREADS=1 nohup .venv/bin/python benchmarks/compare.py > runs/compare.log 2>&1 &
+Per-image val outcomes at each removal count give paired differences between methods per seed; a method is called
+ahead or behind only where every seed agrees beyond its interval. Cells run side by side (``--shard K/N``, one core
+each); ``--speed`` then times them alone:
+
+    OMP_NUM_THREADS=1 nohup .venv/bin/python benchmarks/compare.py --shard 0/2 > runs/compare-0.log 2>&1 &
+    OMP_NUM_THREADS=1 nohup .venv/bin/python benchmarks/compare.py --shard 1/2 > runs/compare-1.log 2>&1 &
+    .venv/bin/python benchmarks/compare.py --speed
 """
 
 from __future__ import annotations
@@ -20,7 +26,7 @@ import json
 import math
 import os
 import sys
-import time
+import textwrap
 import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,12 +39,13 @@ from latency_aware import MODELS, _load  # noqa: E402  (one list of the trained 
 
 from easier_export.core.io import save_json, save_torch
 from easier_export.core.ort import cpu_name
+from easier_export.core.stats import PairedChange, paired_accuracy_change
 from easier_export.loop.config import LoopConfig
 from easier_export.loop.criteria.tlc import tlc_scores
 from easier_export.loop.entropy import measure
 from easier_export.loop.linearize import run_loop
-from easier_export.loop.state import cpu_state
-from easier_export.loop.train import finetune, seed_everything
+from easier_export.loop.state import cpu_state, snapshot_path
+from easier_export.loop.train import evaluate_metrics, finetune, seed_everything
 from easier_export.pipeline import CompressConfig, speedup_probe
 from easier_export.trace.edits import remove_sites, swap_rectifiers
 from easier_export.trace.sites import find_call_sites
@@ -62,20 +69,21 @@ class Method:
 def methods(args: argparse.Namespace) -> dict[str, Method]:
     k, e = args.max_removed, args.finetune_epochs
     return {
-        "easier": Method("EASIER (entropy, iterative)"),
+        "easier": Method("EASIER (entropy)"),
         "random": Method("random order", {"criterion": "random"}),
-        "layerfold": Method("Layer Folding (slopes → linear)", {"criterion": "layerfold"}),
-        "egp": Method("EGP (entropy-guided pruning → collapse)", {"criterion": "egp"}),
-        "tlc": Method("TLC (BatchNorm statistics)", {"criterion": "tlc"}),
+        "layerfold": Method("Layer Folding", {"criterion": "layerfold"}),
+        "egp": Method("EGP", {"criterion": "egp"}),
+        "tlc": Method("TLC (BatchNorm)", {"criterion": "tlc"}),
         "gradient": Method("gradient magnitude", {"criterion": "gradient"}),
-        "sparsity": Method("activation sparsity", {"criterion": "sparsity"}),
+        "sparsity": Method("sparsity", {"criterion": "sparsity"}),
         "one-shot": Method(f"one-shot entropy, K={k}", {"one_shot": k, "finetune_epochs": k * e}, one_shot=True),
-        "entropy-reg": Method(f"--entropy-reg {args.entropy_reg} (τ {args.entropy_tau}) + one-shot K={k}",
-                              {"one_shot": k, "entropy_reg": args.entropy_reg, "entropy_tau": args.entropy_tau,
-                               "finetune_epochs": k * e / 2}, one_shot=True),
-        "leaky_relu": Method("EASIER after ReLU → LeakyReLU", swap="leaky_relu"),
-        "gelu": Method("EASIER after ReLU → GELU", swap="gelu"),
-        "silu": Method("EASIER after ReLU → SiLU", swap="silu"),
+        **{f"entropy-reg-{reg:g}": Method(f"entropy-reg {reg:g}, one-shot K={k}",
+                                          {"one_shot": k, "entropy_reg": reg, "entropy_tau": args.entropy_tau,
+                                           "finetune_epochs": k * e / 2}, one_shot=True)
+           for reg in args.entropy_reg},
+        "leaky_relu": Method("EASIER, ReLU → LeakyReLU", swap="leaky_relu"),
+        "gelu": Method("EASIER, ReLU → GELU", swap="gelu"),
+        "silu": Method("EASIER, ReLU → SiLU", swap="silu"),
     }
 
 
@@ -111,6 +119,9 @@ def within_budget(curve: list[tuple[int, float]], base: float) -> tuple[int, flo
 
 
 def cell(name: str, key: str, method: Method, seed: int, args: argparse.Namespace) -> dict:
+    """One (model, method, seed): its curve, the removals within budget, and per removal count the per-image
+    val outcomes (from the round's saved weights), for paired differences between methods. No timing: cells run
+    side by side; ``--speed`` times them afterwards, alone."""
     out = args.out / name
     done = out / f"{key}-s{seed}.json"
     if done.is_file():
@@ -121,25 +132,49 @@ def cell(name: str, key: str, method: Method, seed: int, args: argparse.Namespac
     cfg = LoopConfig(**{"max_drop": 100.0, "finetune_epochs": args.finetune_epochs, "lr": args.lr,
                         "entropy_batches": args.entropy_batches, "max_removed": args.max_removed, "patience": 0,
                         "seed": seed, **method.loop})
-    t0 = time.perf_counter()
-    result = run_loop(gm, f"{name}:{key}", loaders.train, loaders.val, cfg, DEVICE, out / f"{key}-s{seed}")
-    wall = time.perf_counter() - t0
-    curve, removed = [], 0
+    run_dir = out / f"{key}-s{seed}"
+    result = run_loop(gm, f"{name}:{key}", loaders.train, loaders.val, cfg, DEVICE, run_dir)
+    curve, removed, outcomes = [], 0, {}
     for r in result.history:
         removed += len(r.removed)
         curve.append((removed, r.val_top1))
+        snapshot = torch.load(snapshot_path(run_dir, r.round), weights_only=True)
+        model = remove_sites(gm, snapshot["removed"])
+        model.load_state_dict(snapshot["state_dict"])
+        correct = evaluate_metrics(model, loaders.val, DEVICE)["correct"]
+        outcomes[str(removed)] = "".join("1" if c > 0.5 else "0" for c in correct.tolist())
     kept, top1 = within_budget(curve, result.base_top1)
-    example = next(iter(loaders.val))[0][:1]
-    ship = remove_sites(gm, result.removed[:kept]) if kept else gm
-    probe = speedup_probe(gm.cpu().eval(), example, out / f"{key}-s{seed}" / "probe",
-                          CompressConfig(fold="auto", threads=1, bench_batches=(1,), bench_seconds=2.0))
     row = {"model": name, "method": key, "seed": seed, "base_top1": result.base_top1, "curve": curve,
            "removed": result.removed, "sites": len(find_call_sites(gm)), "within_budget": kept,
-           "top1_within": top1, "rounds": len(result.history), "wall_s": wall,
+           "top1_within": top1, "rounds": len(result.history), "wall_s": sum(r.seconds for r in result.history),
            "finetune_epochs_total": cfg.finetune_epochs * len(result.history) * (2 if cfg.entropy_reg else 1),
-           "speedup_b1": probe(ship.eval())}
+           "outcomes": outcomes}
     save_json(row, done)
     return row
+
+
+def measure_speed(name: str, rows: list[dict], all_methods: dict[str, Method], args: argparse.Namespace) -> None:
+    """The shipped speed-up of each finished cell of ``name`` that has none: its start with the within-budget
+    removals, folded and exported, raced against the original ReLU model. Cells that ship the same structure
+    (same rectifier, same removed sites) share one measurement. Run alone: a race beside a training is noise."""
+    todo = [r for r in rows if r["model"] == name and "speedup_b1" not in r]
+    if not todo:
+        return
+    loaded, loaders, baseline = data(name, args)
+    original = start(name, loaded, loaders, baseline, args.out / name, None, args).cpu().eval()
+    example = next(iter(loaders.val))[0][:1]
+    cfg = CompressConfig(fold="auto", threads=1, bench_batches=(1,), bench_seconds=args.bench_seconds)
+    probe = speedup_probe(original, example, args.out / name / "probe" / "work", cfg)
+    measured: dict[tuple, float] = {}
+    for row in todo:
+        swap = all_methods[row["method"]].swap
+        sites = tuple(sorted(row["removed"][:row["within_budget"]]))
+        if (swap, sites) not in measured:
+            gm = original if swap is None else swap_rectifiers(original, "relu", swap)
+            measured[swap, sites] = probe((remove_sites(gm, list(sites)) if sites else gm).eval())
+            print(f"{name} {swap or 'relu'} {len(sites)} removed: ×{measured[swap, sites]:.2f}", flush=True)
+        row["speedup_b1"] = measured[swap, sites]
+        save_json(row, args.out / name / f"{row['method']}-s{row['seed']}.json")
 
 
 def tlc_vs_entropy(name: str, args: argparse.Namespace) -> dict:
@@ -169,15 +204,44 @@ def mean(xs: list[float]) -> float:
 
 
 def spread(xs: list[float], fmt: str = "{:.2f}") -> str:
-    """Mean, and min–max over seeds when there are several; — where the curve has no such point (one-shot)."""
+    """Mean, and min–max over seeds where they differ; — where the curve has no such point (one-shot)."""
     if any(math.isnan(x) for x in xs):
         return "—"
-    text = fmt.format(mean(xs))
-    return text + (f" ({fmt.format(min(xs))}–{fmt.format(max(xs))})" if len(xs) > 1 else "")
+    low, high = fmt.format(min(xs)), fmt.format(max(xs))
+    return fmt.format(mean(xs)) + (f" ({low}–{high})" if low != high else "")
 
 
 def at(curve: list, k: int) -> float:
     return next((acc for removed, acc in curve if removed == k), math.nan)
+
+
+def outcomes(row: dict, k: int) -> torch.Tensor | None:
+    bits = row.get("outcomes", {}).get(str(k))
+    return None if bits is None else torch.tensor([c == "1" for c in bits], dtype=torch.float64)
+
+
+def paired(a: list[dict], b: list[dict], k: int) -> list[tuple[int, PairedChange]]:
+    """Method a minus method b at ``k`` removed, per seed both ran (the same finetuning data order), over the val
+    images: the change in points and its two-sided 95 % interval (lower end ``bound``, upper 2·change − bound)."""
+    pairs = []
+    for ra in sorted(a, key=lambda r: r["seed"]):
+        rb = next((r for r in b if r["seed"] == ra["seed"]), None)
+        xa, xb = outcomes(ra, k), None if rb is None else outcomes(rb, k)
+        if xa is not None and xb is not None:
+            pairs.append((ra["seed"], paired_accuracy_change(xb, xa, 0.975)))
+    return pairs
+
+
+def verdict(pairs: list[tuple[int, PairedChange]]) -> str:
+    """Ahead / behind only when every seed's interval excludes zero on the same side: a difference that one seed
+    shows and the other does not is training noise, not a property of the method."""
+    if len(pairs) < 2:
+        return "one seed only"
+    if all(p.bound > 0 for _, p in pairs):
+        return "**ahead**"
+    if all(2 * p.change - p.bound < 0 for _, p in pairs):
+        return "**behind**"
+    return "not distinguishable"
 
 
 def plot(rows: list[dict], all_methods: dict[str, Method], path: Path) -> None:
@@ -207,69 +271,93 @@ def plot(rows: list[dict], all_methods: dict[str, Method], path: Path) -> None:
     fig.savefig(path, dpi=80)
 
 
+def wrapped(text: str, indent: str = "") -> list[str]:
+    """A paragraph (or a bullet, continued under ``indent``) in lines the docs' 120-character limit allows."""
+    return textwrap.wrap(text, 120, subsequent_indent=indent, break_on_hyphens=False)
+
+
+def differences(rows: list[dict], all_methods: dict[str, Method], name: str, ks: tuple[int, ...]) -> list[str]:
+    """Every method against EASIER at each removal count, then the best ReLU method against the others."""
+    by = {key: [r for r in rows if r["model"] == name and r["method"] == key] for key in all_methods}
+    if not by.get("easier"):
+        return []
+    lines = ["", *wrapped(f"Paired differences ({name}): method minus EASIER at the same number removed, per seed "
+                          "both ran (in points, 95 % interval over the 5,000 val images)."), "",
+             "| method | removed | per seed | verdict |", "|---|---|---|---|"]
+    for key, method in all_methods.items():
+        for k in ks:
+            pairs = paired(by[key], by["easier"], k) if key != "easier" else []
+            if pairs:
+                per_seed = "; ".join(f"s{seed} {p.change:+.2f} [{p.bound:+.2f}, {2 * p.change - p.bound:+.2f}]"
+                                     for seed, p in pairs)
+                lines.append(f"| {method.label} | {k} | {per_seed} | {verdict(pairs)} |")
+    lines.append("")
+    for k in ks:
+        relu = {key: rs for key, rs in by.items() if rs and all_methods[key].swap is None
+                and all(outcomes(r, k) is not None for r in rs)}
+        if not relu:
+            continue
+        best = max(relu, key=lambda key: mean([at(r["curve"], k) for r in relu[key]]))
+        ahead = [all_methods[key].label for key in relu
+                 if key != best and verdict(paired(relu[best], relu[key], k)) == "**ahead**"]
+        tied = [all_methods[key].label for key in relu if key != best and all_methods[key].label not in ahead]
+        lines += wrapped(
+            f"- **Best at {k} removed** (named only where every seed's interval supports it): highest mean top-1 "
+            f"{all_methods[best].label} ({mean([at(r['curve'], k) for r in relu[best]]):.2f}%); "
+            + (f"ahead in every seed of {', '.join(ahead)}; " if ahead else "")
+            + ("the winner." if not tied else f"not distinguishable from {', '.join(tied)}: no winner."), "  ")
+    return lines
+
+
 def table(rows: list[dict], all_methods: dict[str, Method], args: argparse.Namespace) -> str:
-    lines = [
-        "# The study: EASIER vs Layer Folding, EGP, TLC and other orders, side by side (CIFAR-10)",
-        "",
-        f"Machine: {cpu_name()}, 1 thread ({os.cpu_count()} cores, shared with other jobs), no GPU; "
-        f"torch {torch.__version__}. Script: `benchmarks/compare.py`; figure: `compare.png`.",
-        "",
+    k = args.max_removed
+    lines = ["# The study: EASIER vs Layer Folding, EGP, TLC and other orders, side by side (CIFAR-10)", ""]
+    lines += wrapped(
+        f"Machine: {cpu_name()}, 1 thread per cell ({os.cpu_count()} cores: two cells side by side), no GPU; "
+        f"torch {torch.__version__}. Script: `benchmarks/compare.py`; figure: `compare.png`.")
+    lines.append("")
+    lines += wrapped(
         f"Settings: every model starts from one cached baseline (the shared ResNets: the checkpoint finetuned "
         f"{MODELS['resnet20'][2]} epoch on the ../shared JPEGs, seed 12345); every method then runs the loop "
         f"with `--finetune-epochs {args.finetune_epochs} --lr {args.lr} --entropy-batches {args.entropy_batches} "
-        f"--max-removed {args.max_removed} --patience 0 --max-drop 100` (every round kept, so each method "
-        f"draws its curve to {args.max_removed} removed), batch {args.batch_size}, val = the full ../shared "
-        f"`val/` (5,000 images) after every round. 'within budget' applies EASIER's rule to the curve: the "
-        f"removals before the first round more than {BUDGET} point below the start. One-shot methods get the "
-        f"iterative runs' total finetuning ({args.max_removed} × {args.finetune_epochs} epoch) in one go "
-        f"(`--entropy-reg`: half with the penalty, half after the removal). The rectifier ablation swaps every "
-        f"ReLU, finetunes {args.recover_epochs} epoch to recover, and measures its budget from that model. "
-        "ORT speed-up: the within-budget model folded (`--fold auto`, padding not relocated), exported and "
-        "timed against the original, batch 1, 1 thread, 2 s interleaved (noise about ±3 %).",
-        "",
-        "| model | method | seeds | start top-1 | removed within budget | top-1 there | top-1 at 4 removed | "
-        f"top-1 at {args.max_removed} removed | mean top-1 over the curve | rounds | finetune epochs | wall | "
-        "ORT speed-up b1 |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
-    ]
-    winners = []
+        f"--max-removed {k} --patience 0 --max-drop 100` (every round kept, so each method draws its curve to {k} "
+        f"removed), batch {args.batch_size}, val = the full ../shared `val/` (5,000 images) after every round. "
+        f"'Within budget' applies EASIER's rule to the curve: the removals before the first round more than "
+        f"{BUDGET} point below the start. One-shot methods get the iterative runs' total finetuning ({k} × "
+        f"{args.finetune_epochs} epoch) in one go (`--entropy-reg`: half with the penalty, half after the "
+        f"removal). The rectifier ablation swaps every ReLU, finetunes {args.recover_epochs} epoch to recover, and "
+        "measures its budget from that model. Values: mean over seeds (min–max). Speed-up: the within-budget model "
+        "folded (`--fold auto`), exported and raced against the original ReLU model (batch 1, 1 thread, low end "
+        "of the 95 % interval), afterwards and alone on the machine (`--speed`). Wall: the rounds' time.")
     for name in MODELS:
-        mine = [r for r in rows if r["model"] == name]
+        mine = {key: [r for r in rows if r["model"] == name and r["method"] == key] for key in all_methods}
+        mine = {key: rs for key, rs in mine.items() if rs}
         if not mine:
             continue
-        scored = []
-        for key, method in all_methods.items():
-            rs = [r for r in mine if r["method"] == key]
-            if not rs:
-                continue
+        lines += ["", f"## {name}", "",
+                  f"| method | seeds | removed within budget | top-1 at 4 removed | top-1 at {k} removed | "
+                  "mean over the curve |", "|---|---|---|---|---|---|"]
+        for key, rs in mine.items():
             lines.append(
-                f"| {name} | {method.label} | {', '.join(str(r['seed']) for r in rs)} | "
-                f"{spread([r['base_top1'] for r in rs])} | {spread([r['within_budget'] for r in rs], '{:.1f}')} | "
-                f"{spread([r['top1_within'] for r in rs])} | {spread([at(r['curve'], 4) for r in rs])} | "
-                f"{spread([at(r['curve'], args.max_removed) for r in rs])} | "
-                f"{spread([mean([a for _, a in r['curve']]) for r in rs])} | {rs[0]['rounds']} | "
-                f"{rs[0]['finetune_epochs_total']:.2f} | {spread([r['wall_s'] / 60 for r in rs], '{:.1f}')} min | "
-                f"×{spread([r['speedup_b1'] for r in rs])} |")
-            if method.swap is None:
-                scored.append((mean([r["within_budget"] for r in rs]),
-                               mean([mean([a for _, a in r["curve"]]) for r in rs]), method.label))
-        best = max(scored, key=lambda s: (s[0], -math.inf if math.isnan(s[1]) else s[1]))
-        winners.append(f"- **{name}**: {best[2]} ({best[0]:.1f} removed within budget, mean top-1 {best[1]:.2f} % "
-                       "over its curve), among the ReLU methods.")
-    lines += ["", "## Winner per model (most removed within budget; ties: mean top-1 over the curve)", "",
-              *winners]
-    for name in MODELS:
+                f"| {all_methods[key].label} | {len(rs)} | {spread([r['within_budget'] for r in rs], '{:.1f}')} | "
+                f"{spread([at(r['curve'], 4) for r in rs])} | {spread([at(r['curve'], k) for r in rs])} | "
+                f"{spread([mean([a for _, a in r['curve']]) for r in rs])} |")
+        lines += ["", "| method | start top-1 | finetune epochs | wall (min) | speed-up b1 | removed (first seed) |",
+                  "|---|---|---|---|---|---|"]
+        for key, rs in mine.items():
+            lines.append(
+                f"| {all_methods[key].label} | {mean([r['base_top1'] for r in rs]):.2f} | "
+                f"{rs[0]['finetune_epochs_total']:.2f} | {spread([r['wall_s'] / 60 for r in rs], '{:.1f}')} | "
+                f"×{spread([r.get('speedup_b1', math.nan) for r in rs])} | {' '.join(rs[0]['removed'])} |")
+        lines += differences(rows, all_methods, name, (4, k))
         path = args.out / name / "tlc_vs_entropy.json"
         if path.is_file():
             t = json.loads(path.read_text())
-            lines += ["", f"## TLC's prediction vs the measured entropy ({name}, start model)", "",
-                      f"On the {t['sites_with_bn']} of {t['sites']} call sites fed directly by a BatchNorm, the "
-                      f"rank correlation (Spearman ρ) between Φ(β/|γ|)-predicted and measured entropy (20 batches, "
-                      f"train mode) is **{t['spearman']:.2f}**. The other sites (after a residual add) have no "
-                      "BatchNorm to read: `--criterion tlc` uses their measured entropy."]
-    notes = ROOT / "benchmarks" / "compare_notes.md"
-    if notes.is_file():
-        lines += ["", notes.read_text().rstrip()]
+            lines += [""] + wrapped(
+                f"TLC's prediction vs the measured entropy: on the {t['sites_with_bn']} of {t['sites']} call sites "
+                f"fed directly by a BatchNorm, the rank correlation (Spearman ρ) between Φ(β/|γ|)-predicted and "
+                f"measured entropy (20 batches, train mode) is **{t['spearman']:.2f}**. The other sites (after a "
+                "residual add) have no BatchNorm to read: `--criterion tlc` uses their measured entropy.")
     return "\n".join(lines) + "\n"
 
 
@@ -295,17 +383,22 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--models", nargs="+", default=["resnet20"], choices=list(MODELS))
     parser.add_argument("--methods", nargs="+", default=None, help="keys of methods() (default: all)")
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0])
-    parser.add_argument("--extra-seeds", type=int, nargs="+", default=[1],
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    parser.add_argument("--extra-seeds", type=int, nargs="*", default=[2, 3, 4],
                         help="run after everything else, for --extra-methods only")
-    parser.add_argument("--extra-methods", nargs="+", default=["easier", "random"])
-    parser.add_argument("--finetune-epochs", type=float, default=0.05)
+    parser.add_argument("--extra-methods", nargs="+", default=["random"])
+    parser.add_argument("--finetune-epochs", type=float, default=1.0)
     parser.add_argument("--recover-epochs", type=float, default=0.2)
     parser.add_argument("--lr", type=float, default=0.01)
     parser.add_argument("--max-removed", type=int, default=6)
-    parser.add_argument("--entropy-reg", type=float, default=0.5)
+    parser.add_argument("--entropy-reg", type=float, nargs="+", default=[0.1, 0.5],
+                        help="strengths of the --entropy-reg rows (one row each)")
     parser.add_argument("--entropy-tau", type=float, default=0.1)
     parser.add_argument("--report-only", action="store_true", help="no new runs: rewrite table and plot")
+    parser.add_argument("--shard", default="0/1", help="K/N: run every N-th cell from the K-th (N side by side)")
+    parser.add_argument("--speed", action="store_true",
+                        help="no new runs: time the finished cells that have no speed-up yet (alone on the machine)")
+    parser.add_argument("--bench-seconds", type=float, default=2.0)
     parser.add_argument("--agreement", type=Path, nargs="+", default=None,
                         help="no new runs: print the seed-agreement table of these --out folders (one per budget)")
     common_args(parser, "compare", "compare", entropy_batches=5, workers=1)
@@ -315,8 +408,9 @@ def main() -> None:
         return
     torch.set_num_threads(1)
     all_methods = methods(args)
-    todo = [(m, k, s) for m in args.models for s in args.seeds for k in (args.methods or all_methods)]
+    todo = [(m, k, s) for m in args.models for k in (args.methods or all_methods) for s in args.seeds]
     todo += [(m, k, s) for m in args.models for s in args.extra_seeds for k in args.extra_methods]
+    shard, shards = (int(x) for x in args.shard.split("/"))
 
     def finished() -> list[dict]:
         return [json.loads(p.read_text()) for p in sorted(args.out.glob("*/*-s*.json"))]
@@ -327,10 +421,13 @@ def main() -> None:
             args.table.write_text(table(rows, all_methods, args))
             plot(rows, all_methods, args.table.with_name("compare.png"))
 
-    if not args.report_only:
+    if args.speed:
+        for name in args.models:
+            measure_speed(name, finished(), all_methods, args)
+    elif not args.report_only:
         for name in args.models:
             tlc_vs_entropy(name, args)
-        for name, key, seed in todo:  # the table is rewritten after each cell: a long run keeps what it finished
+        for name, key, seed in todo[shard::shards]:  # the table is rewritten after each cell: a run keeps its cells
             try:
                 cell(name, key, all_methods[key], seed, args)
             except Exception:  # one failed cell (reported in the log) must not cost the others their time

@@ -1,6 +1,11 @@
 from __future__ import annotations
 
+import importlib.util
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from types import ModuleType
 
 import pytest
 import torch
@@ -21,6 +26,20 @@ def run_cli(capsys: pytest.CaptureFixture, *argv: str) -> tuple[int, str]:
 
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
+
+
+@contextmanager
+def benchmark_script(file: str, name: str) -> Iterator[ModuleType]:
+    """A script of benchmarks/ imported as module ``name`` (registered while in use: its dataclasses look their
+    module up), so its pure functions can be tested without running it."""
+    spec = importlib.util.spec_from_file_location(name, Path(__file__).resolve().parents[1] / "benchmarks" / file)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    try:
+        spec.loader.exec_module(module)
+        yield module
+    finally:
+        del sys.modules[name]
 
 
 def make_image_folder(root: Path, classes: int = 3, per_class: int = 4, size: int = 16,

@@ -3,26 +3,18 @@ CPU (its dry run) with the GPU machine's missing onnxsim simulated. No timing is
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import sys
 from pathlib import Path
 
 import pytest
-
-ROOT = Path(__file__).resolve().parents[1]
+from conftest import benchmark_script
 
 
 @pytest.fixture(scope="module")
 def gpu():
-    spec = importlib.util.spec_from_file_location("gpu_benchmark", ROOT / "benchmarks" / "gpu.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # its dataclasses look their module up
-    try:
-        spec.loader.exec_module(module)
+    with benchmark_script("gpu.py", "gpu_benchmark") as module:
         yield module
-    finally:
-        del sys.modules[spec.name]
 
 
 def test_arguments(gpu) -> None:

@@ -1,0 +1,58 @@
+"""benchmarks/compare.py's verdicts: a method is named ahead of or behind another only where every seed's paired
+interval over the val images excludes zero on the same side. Checked on constructed per-image outcomes."""
+
+from __future__ import annotations
+
+import pytest
+from conftest import benchmark_script
+
+N = 2000
+
+
+@pytest.fixture(scope="module")
+def compare():
+    with benchmark_script("compare.py", "compare_study") as module:
+        yield module
+
+
+def row(method: str, seed: int, right: int, k: int = 4, first: int = 0) -> dict:
+    """A cell whose model at ``k`` removed gets images first..first+right-1 right (of N)."""
+    bits = "".join("1" if first <= i < first + right else "0" for i in range(N))
+    return {"model": "resnet20", "method": method, "seed": seed, "curve": [(k, 100.0 * right / N)],
+            "outcomes": {str(k): bits}}
+
+
+def test_ahead_in_every_seed(compare) -> None:
+    pairs = compare.paired([row("a", 0, 1900), row("a", 1, 1880)], [row("b", 0, 1700), row("b", 1, 1720)], 4)
+    assert [seed for seed, _ in pairs] == [0, 1]
+    assert pairs[0][1].change == pytest.approx(10.0) and pairs[1][1].change == pytest.approx(8.0)
+    assert compare.verdict(pairs) == "**ahead**"
+    assert compare.verdict(compare.paired([row("b", 0, 1700), row("b", 1, 1720)],
+                                          [row("a", 0, 1900), row("a", 1, 1880)], 4)) == "**behind**"
+
+
+def test_one_seed_against_it_is_noise(compare) -> None:
+    """Seed 0 far ahead, seed 1 level: not a property of the method."""
+    pairs = compare.paired([row("a", 0, 1900), row("a", 1, 1700)], [row("b", 0, 1700), row("b", 1, 1700)], 4)
+    assert compare.verdict(pairs) == "not distinguishable"
+
+
+def test_same_accuracy_on_other_images_is_not_a_difference(compare) -> None:
+    """Equal top-1 but 200 images swapped: the interval spans zero, however many images disagree."""
+    pairs = compare.paired([row("a", s, 1700, first=200) for s in (0, 1)], [row("b", s, 1700) for s in (0, 1)], 4)
+    assert all(p.change == 0 and p.discordant == 400 and p.bound < 0 for _, p in pairs)
+    assert compare.verdict(pairs) == "not distinguishable"
+
+
+def test_only_shared_seeds_and_counts_pair(compare) -> None:
+    """A seed or a removal count one method lacks (a one-shot run has only its K) is not paired."""
+    assert compare.paired([row("a", 0, 1900), row("a", 2, 1900)], [row("b", 0, 1700)], 4) != []
+    assert compare.verdict(compare.paired([row("a", 0, 1900), row("a", 2, 1900)], [row("b", 0, 1700)], 4)) \
+        == "one seed only"
+    assert compare.paired([row("a", 0, 1900, k=6)], [row("b", 0, 1700)], 4) == []
+
+
+def test_within_budget_stops_at_the_first_miss(compare) -> None:
+    assert compare.within_budget([(1, 91.5), (2, 90.9), (3, 91.6)], 92.0) == (1, 91.5)
+    assert compare.within_budget([(6, 91.2)], 92.0) == (6, 91.2)
+    assert compare.within_budget([(1, 80.0)], 92.0) == (0, 92.0)
