@@ -40,13 +40,13 @@ from latency_aware import MODELS, _load  # noqa: E402  (one list of the trained 
 from easier_export.core.io import save_json, save_torch
 from easier_export.core.ort import cpu_name
 from easier_export.core.stats import PairedChange, paired_accuracy_change
-from easier_export.loop.config import LoopConfig
+from easier_export.loop.config import LoopConfig, Task
 from easier_export.loop.criteria.tlc import tlc_scores
 from easier_export.loop.entropy import measure
 from easier_export.loop.linearize import run_loop
-from easier_export.loop.state import cpu_state, snapshot_path
+from easier_export.loop.state import cpu_state
 from easier_export.loop.train import evaluate_metrics, finetune, seed_everything
-from easier_export.pipeline import CompressConfig, speedup_probe
+from easier_export.pipeline import CompressConfig, kept_steps, speedup_probe
 from easier_export.trace.edits import remove_sites, swap_rectifiers
 from easier_export.trace.sites import find_call_sites
 from easier_export.trace.tracing import trace
@@ -134,15 +134,13 @@ def cell(name: str, key: str, method: Method, seed: int, args: argparse.Namespac
                         "seed": seed, **method.loop})
     run_dir = out / f"{key}-s{seed}"
     result = run_loop(gm, f"{name}:{key}", loaders.train, loaders.val, cfg, DEVICE, run_dir)
-    curve, removed, outcomes = [], 0, {}
+    curve, removed = [], 0
     for r in result.history:
         removed += len(r.removed)
         curve.append((removed, r.val_top1))
-        snapshot = torch.load(snapshot_path(run_dir, r.round), weights_only=True)
-        model = remove_sites(gm, snapshot["removed"])
-        model.load_state_dict(snapshot["state_dict"])
-        correct = evaluate_metrics(model, loaders.val, DEVICE)["correct"]
-        outcomes[str(removed)] = "".join("1" if c > 0.5 else "0" for c in correct.tolist())
+    outcomes = {str(len(step.removed)): "".join("1" if c > 0.5 else "0" for c in
+                                                evaluate_metrics(step.model, loaders.val, DEVICE)["correct"].tolist())
+                for step in kept_steps(gm, result, run_dir, cfg, Task()) if step.round}  # every round is kept
     kept, top1 = within_budget(curve, result.base_top1)
     row = {"model": name, "method": key, "seed": seed, "base_top1": result.base_top1, "curve": curve,
            "removed": result.removed, "sites": len(find_call_sites(gm)), "within_budget": kept,
@@ -222,7 +220,7 @@ def outcomes(row: dict, k: int) -> torch.Tensor | None:
 
 def paired(a: list[dict], b: list[dict], k: int) -> list[tuple[int, PairedChange]]:
     """Method a minus method b at ``k`` removed, per seed both ran (the same finetuning data order), over the val
-    images: the change in points and its two-sided 95 % interval (lower end ``bound``, upper 2·change − bound)."""
+    images: the change in points, with a bound that makes ``interval`` two-sided 95 %."""
     pairs = []
     for ra in sorted(a, key=lambda r: r["seed"]):
         rb = next((r for r in b if r["seed"] == ra["seed"]), None)
@@ -232,14 +230,19 @@ def paired(a: list[dict], b: list[dict], k: int) -> list[tuple[int, PairedChange
     return pairs
 
 
+def interval(change: PairedChange) -> tuple[float, float]:
+    """The two-sided interval of a change whose one-sided ``bound`` was taken at 97.5 % (``paired``)."""
+    return change.bound, 2 * change.change - change.bound
+
+
 def verdict(pairs: list[tuple[int, PairedChange]]) -> str:
     """Ahead / behind only when every seed's interval excludes zero on the same side: a difference that one seed
     shows and the other does not is training noise, not a property of the method."""
     if len(pairs) < 2:
         return "one seed only"
-    if all(p.bound > 0 for _, p in pairs):
+    if all(interval(p)[0] > 0 for _, p in pairs):
         return "**ahead**"
-    if all(2 * p.change - p.bound < 0 for _, p in pairs):
+    if all(interval(p)[1] < 0 for _, p in pairs):
         return "**behind**"
     return "not distinguishable"
 
@@ -288,7 +291,7 @@ def differences(rows: list[dict], all_methods: dict[str, Method], name: str, ks:
         for k in ks:
             pairs = paired(by[key], by["easier"], k) if key != "easier" else []
             if pairs:
-                per_seed = "; ".join(f"s{seed} {p.change:+.2f} [{p.bound:+.2f}, {2 * p.change - p.bound:+.2f}]"
+                per_seed = "; ".join(f"s{seed} {p.change:+.2f} [{interval(p)[0]:+.2f}, {interval(p)[1]:+.2f}]"
                                      for seed, p in pairs)
                 lines.append(f"| {method.label} | {k} | {per_seed} | {verdict(pairs)} |")
     lines.append("")
