@@ -284,21 +284,23 @@ def differences(rows: list[dict], all_methods: dict[str, Method], name: str, ks:
     by = {key: [r for r in rows if r["model"] == name and r["method"] == key] for key in all_methods}
     if not by.get("easier"):
         return []
-    lines = ["", *wrapped(f"Paired differences ({name}): method minus EASIER at the same number removed, per seed "
-                          "both ran (in points, 95 % interval over the 5,000 val images)."), "",
-             "| method | removed | per seed | verdict |", "|---|---|---|---|"]
+    compared = []
     for key, method in all_methods.items():
         for k in ks:
             pairs = paired(by[key], by["easier"], k) if key != "easier" else []
             if pairs:
                 per_seed = "; ".join(f"s{seed} {p.change:+.2f} [{interval(p)[0]:+.2f}, {interval(p)[1]:+.2f}]"
                                      for seed, p in pairs)
-                lines.append(f"| {method.label} | {k} | {per_seed} | {verdict(pairs)} |")
-    lines.append("")
+                compared.append(f"| {method.label} | {k} | {per_seed} | {verdict(pairs)} |")
+    if not compared:
+        return []
+    lines = ["", *wrapped(f"Paired differences ({name}): method minus EASIER at the same number removed, per seed "
+                          "both ran (in points, 95 % interval over the 5,000 val images)."), "",
+             "| method | removed | per seed | verdict |", "|---|---|---|---|", *compared, ""]
     for k in ks:
         relu = {key: rs for key, rs in by.items() if rs and all_methods[key].swap is None
                 and all(outcomes(r, k) is not None for r in rs)}
-        if not relu:
+        if len(relu) < 2:
             continue
         best = max(relu, key=lambda key: mean([at(r["curve"], k) for r in relu[key]]))
         ahead = [all_methods[key].label for key in relu
@@ -337,7 +339,8 @@ def table(rows: list[dict], all_methods: dict[str, Method], args: argparse.Names
         mine = {key: rs for key, rs in mine.items() if rs}
         if not mine:
             continue
-        lines += ["", f"## {name}", "",
+        sites = next(iter(mine.values()))[0]["sites"]
+        lines += ["", f"### {name} ({sites} rectifier call sites)", "",
                   f"| method | seeds | removed within budget | top-1 at 4 removed | top-1 at {k} removed | "
                   "mean over the curve |", "|---|---|---|---|---|---|"]
         for key, rs in mine.items():
@@ -345,13 +348,15 @@ def table(rows: list[dict], all_methods: dict[str, Method], args: argparse.Names
                 f"| {all_methods[key].label} | {len(rs)} | {spread([r['within_budget'] for r in rs], '{:.1f}')} | "
                 f"{spread([at(r['curve'], 4) for r in rs])} | {spread([at(r['curve'], k) for r in rs])} | "
                 f"{spread([mean([a for _, a in r['curve']]) for r in rs])} |")
-        lines += ["", "| method | start top-1 | finetune epochs | wall (min) | speed-up b1 | removed (first seed) |",
-                  "|---|---|---|---|---|---|"]
+        lines += ["", "| method | start top-1 | finetune epochs | wall (min) | speed-up b1 |", "|---|---|---|---|---|"]
         for key, rs in mine.items():
             lines.append(
                 f"| {all_methods[key].label} | {mean([r['base_top1'] for r in rs]):.2f} | "
                 f"{rs[0]['finetune_epochs_total']:.2f} | {spread([r['wall_s'] / 60 for r in rs], '{:.1f}')} | "
-                f"×{spread([r.get('speedup_b1', math.nan) for r in rs])} | {' '.join(rs[0]['removed'])} |")
+                f"×{spread([r.get('speedup_b1', math.nan) for r in rs])} |")
+        lines += ["", "Removed, in order (first seed):", ""]
+        for key, rs in mine.items():
+            lines += wrapped(f"- {all_methods[key].label}: {' '.join(rs[0]['removed'])}", "  ")
         lines += differences(rows, all_methods, name, (4, k))
         path = args.out / name / "tlc_vs_entropy.json"
         if path.is_file():
@@ -359,8 +364,9 @@ def table(rows: list[dict], all_methods: dict[str, Method], args: argparse.Names
             lines += [""] + wrapped(
                 f"TLC's prediction vs the measured entropy: on the {t['sites_with_bn']} of {t['sites']} call sites "
                 f"fed directly by a BatchNorm, the rank correlation (Spearman ρ) between Φ(β/|γ|)-predicted and "
-                f"measured entropy (20 batches, train mode) is **{t['spearman']:.2f}**. The other sites (after a "
-                "residual add) have no BatchNorm to read: `--criterion tlc` uses their measured entropy.")
+                f"measured entropy (20 batches, train mode) is **{t['spearman']:.2f}**."
+                + (" The other sites (after a residual add) have no BatchNorm to read: `--criterion tlc` uses their "
+                   "measured entropy." if t["sites_with_bn"] < t["sites"] else ""))
     return "\n".join(lines) + "\n"
 
 

@@ -56,3 +56,4 @@ def test_within_budget_stops_at_the_first_miss(compare) -> None:
     assert compare.within_budget([(1, 91.5), (2, 90.9), (3, 91.6)], 92.0) == (1, 91.5)
     assert compare.within_budget([(6, 91.2)], 92.0) == (6, 91.2)
     assert compare.within_budget([(1, 80.0)], 92.0) == (0, 92.0)
+
