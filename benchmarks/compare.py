@@ -28,6 +28,7 @@ import os
 import sys
 import textwrap
 import traceback
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -279,38 +280,46 @@ def wrapped(text: str, indent: str = "") -> list[str]:
     return textwrap.wrap(text, 120, subsequent_indent=indent, break_on_hyphens=False)
 
 
-def differences(rows: list[dict], all_methods: dict[str, Method], name: str, ks: tuple[int, ...]) -> list[str]:
-    """Every method against EASIER at each removal count, then the best ReLU method against the others."""
-    by = {key: [r for r in rows if r["model"] == name and r["method"] == key] for key in all_methods}
-    if not by.get("easier"):
+def method_rows(mine: dict[str, list[dict]], all_methods: dict[str, Method],
+                cells: Callable[[list[dict]], list[str]]) -> list[str]:
+    """One table row per method: its label, then ``cells(its rows)``."""
+    return [f"| {all_methods[key].label} | {' | '.join(cells(rs))} |" for key, rs in mine.items()]
+
+
+def differences(mine: dict[str, list[dict]], all_methods: dict[str, Method], name: str,
+                ks: tuple[int, ...]) -> list[str]:
+    """Every method of ``mine`` (one model's cells by method) against EASIER at each removal count, then the best
+    ReLU method against the others."""
+    if "easier" not in mine:
         return []
     compared = []
-    for key, method in all_methods.items():
+    for key, rs in mine.items():
         for k in ks:
-            pairs = paired(by[key], by["easier"], k) if key != "easier" else []
+            pairs = paired(rs, mine["easier"], k) if key != "easier" else []
             if pairs:
                 per_seed = "; ".join(f"s{seed} {p.change:+.2f} [{interval(p)[0]:+.2f}, {interval(p)[1]:+.2f}]"
                                      for seed, p in pairs)
-                compared.append(f"| {method.label} | {k} | {per_seed} | {verdict(pairs)} |")
+                compared.append(f"| {all_methods[key].label} | {k} | {per_seed} | {verdict(pairs)} |")
     if not compared:
         return []
     lines = ["", *wrapped(f"Paired differences ({name}): method minus EASIER at the same number removed, per seed "
                           "both ran (in points, 95 % interval over the 5,000 val images)."), "",
              "| method | removed | per seed | verdict |", "|---|---|---|---|", *compared, ""]
     for k in ks:
-        relu = {key: rs for key, rs in by.items() if rs and all_methods[key].swap is None
-                and all(outcomes(r, k) is not None for r in rs)}
-        if len(relu) < 2:
+        top1 = {key: mean([at(r["curve"], k) for r in rs]) for key, rs in mine.items()
+                if all_methods[key].swap is None and all(outcomes(r, k) is not None for r in rs)}
+        if len(top1) < 2:
             continue
-        best = max(relu, key=lambda key: mean([at(r["curve"], k) for r in relu[key]]))
-        ahead = [all_methods[key].label for key in relu
-                 if key != best and verdict(paired(relu[best], relu[key], k)) == "**ahead**"]
-        tied = [all_methods[key].label for key in relu if key != best and all_methods[key].label not in ahead]
+        best = max(top1, key=top1.get)
+        others = [key for key in top1 if key != best]
+        ahead = [key for key in others if verdict(paired(mine[best], mine[key], k)) == "**ahead**"]
+        tied = [key for key in others if key not in ahead]
         lines += wrapped(
             f"- **Best at {k} removed** (named only where every seed's interval supports it): highest mean top-1 "
-            f"{all_methods[best].label} ({mean([at(r['curve'], k) for r in relu[best]]):.2f}%); "
-            + (f"ahead in every seed of {', '.join(ahead)}; " if ahead else "")
-            + ("the winner." if not tied else f"not distinguishable from {', '.join(tied)}: no winner."), "  ")
+            f"{all_methods[best].label} ({top1[best]:.2f}%); "
+            + (f"ahead in every seed of {', '.join(all_methods[key].label for key in ahead)}; " if ahead else "")
+            + ("the winner." if not tied else
+               f"not distinguishable from {', '.join(all_methods[key].label for key in tied)}: no winner."), "  ")
     return lines
 
 
@@ -343,21 +352,18 @@ def table(rows: list[dict], all_methods: dict[str, Method], args: argparse.Names
         lines += ["", f"### {name} ({sites} rectifier call sites)", "",
                   f"| method | seeds | removed within budget | top-1 at 4 removed | top-1 at {k} removed | "
                   "mean over the curve |", "|---|---|---|---|---|---|"]
-        for key, rs in mine.items():
-            lines.append(
-                f"| {all_methods[key].label} | {len(rs)} | {spread([r['within_budget'] for r in rs], '{:.1f}')} | "
-                f"{spread([at(r['curve'], 4) for r in rs])} | {spread([at(r['curve'], k) for r in rs])} | "
-                f"{spread([mean([a for _, a in r['curve']]) for r in rs])} |")
+        lines += method_rows(mine, all_methods, lambda rs: [
+            str(len(rs)), spread([r["within_budget"] for r in rs], "{:.1f}"), spread([at(r["curve"], 4) for r in rs]),
+            spread([at(r["curve"], k) for r in rs]), spread([mean([a for _, a in r["curve"]]) for r in rs])])
         lines += ["", "| method | start top-1 | finetune epochs | wall (min) | speed-up b1 |", "|---|---|---|---|---|"]
-        for key, rs in mine.items():
-            lines.append(
-                f"| {all_methods[key].label} | {mean([r['base_top1'] for r in rs]):.2f} | "
-                f"{rs[0]['finetune_epochs_total']:.2f} | {spread([r['wall_s'] / 60 for r in rs], '{:.1f}')} | "
-                f"×{spread([r.get('speedup_b1', math.nan) for r in rs])} |")
+        lines += method_rows(mine, all_methods, lambda rs: [
+            f"{mean([r['base_top1'] for r in rs]):.2f}", f"{rs[0]['finetune_epochs_total']:.2f}",
+            spread([r["wall_s"] / 60 for r in rs], "{:.1f}"),
+            f"×{spread([r.get('speedup_b1', math.nan) for r in rs])}"])
         lines += ["", "Removed, in order (first seed):", ""]
         for key, rs in mine.items():
             lines += wrapped(f"- {all_methods[key].label}: {' '.join(rs[0]['removed'])}", "  ")
-        lines += differences(rows, all_methods, name, (4, k))
+        lines += differences(mine, all_methods, name, (4, k))
         path = args.out / name / "tlc_vs_entropy.json"
         if path.is_file():
             t = json.loads(path.read_text())

@@ -3,6 +3,8 @@ interval over the val images excludes zero on the same side. Checked on construc
 
 from __future__ import annotations
 
+import argparse
+
 import pytest
 from conftest import benchmark_script
 
@@ -57,3 +59,14 @@ def test_within_budget_stops_at_the_first_miss(compare) -> None:
     assert compare.within_budget([(6, 91.2)], 92.0) == (6, 91.2)
     assert compare.within_budget([(1, 80.0)], 92.0) == (0, 92.0)
 
+
+def test_a_winner_needs_someone_to_beat(compare) -> None:
+    """One method alone is not called the winner; against a method it leads in both seeds it is."""
+    methods = compare.methods(argparse.Namespace(max_removed=6, finetune_epochs=1.0, entropy_reg=[0.1],
+                                                 entropy_tau=0.1))
+    easier = [row("easier", s, 1900) for s in (0, 1)]
+    assert compare.differences({"easier": easier}, methods, "resnet20", (4,)) == []
+    lines = compare.differences({"easier": easier, "random": [row("random", s, 1700) for s in (0, 1)]},
+                                methods, "resnet20", (4,))
+    assert any("| random order | 4 |" in line and "**behind**" in line for line in lines)
+    assert "the winner." in " ".join(lines)
