@@ -27,6 +27,7 @@ import math
 import os
 import sys
 import textwrap
+import time
 import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -65,12 +66,14 @@ class Method:
     loop: dict = field(default_factory=dict)
     swap: str | None = None
     one_shot: bool = False  # its budget is K rounds' worth of finetuning in one go
+    control: bool = False  # the rounds' finetuning with nothing removed: what removing costs is measured against it
 
 
 def methods(args: argparse.Namespace) -> dict[str, Method]:
     k, e = args.max_removed, args.finetune_epochs
     return {
         "easier": Method("EASIER (entropy)"),
+        "control": Method("finetune only, nothing removed (x = rounds)", control=True),
         "random": Method("random order", {"criterion": "random"}),
         "layerfold": Method("Layer Folding", {"criterion": "layerfold"}),
         "egp": Method("EGP", {"criterion": "egp"}),
@@ -130,6 +133,10 @@ def cell(name: str, key: str, method: Method, seed: int, args: argparse.Namespac
     print(f"== {name} {key} seed {seed}", flush=True)
     loaded, loaders, baseline = data(name, args)
     gm = start(name, loaded, loaders, baseline, out, method.swap, args)
+    if method.control:
+        row = control_cell(gm, loaders, seed, out / f"{key}-s{seed}", args)
+        save_json({"model": name, "method": key, "seed": seed, **row}, done)
+        return json.loads(done.read_text())
     cfg = LoopConfig(**{"max_drop": 100.0, "finetune_epochs": args.finetune_epochs, "lr": args.lr,
                         "entropy_batches": args.entropy_batches, "max_removed": args.max_removed, "patience": 0,
                         "seed": seed, **method.loop})
@@ -139,8 +146,7 @@ def cell(name: str, key: str, method: Method, seed: int, args: argparse.Namespac
     for r in result.history:
         removed += len(r.removed)
         curve.append((removed, r.val_top1))
-    outcomes = {str(len(step.removed)): "".join("1" if c > 0.5 else "0" for c in
-                                                evaluate_metrics(step.model, loaders.val, DEVICE)["correct"].tolist())
+    outcomes = {str(len(step.removed)): as_bits(evaluate_metrics(step.model, loaders.val, DEVICE)["correct"])
                 for step in kept_steps(gm, result, run_dir, cfg, Task()) if step.round}  # every round is kept
     kept, top1 = within_budget(curve, result.base_top1)
     row = {"model": name, "method": key, "seed": seed, "base_top1": result.base_top1, "curve": curve,
@@ -152,11 +158,42 @@ def cell(name: str, key: str, method: Method, seed: int, args: argparse.Namespac
     return row
 
 
+def as_bits(correct: torch.Tensor) -> str:
+    """Per-image val outcomes as a string of 0/1, the compact form a cell's JSON keeps for paired tests."""
+    return "".join("1" if c > 0.5 else "0" for c in correct.tolist())
+
+
+def control_cell(gm: torch.nn.Module, loaders, seed: int, run_dir: Path, args: argparse.Namespace) -> dict:
+    """The loop's rounds with nothing removed: round r finetunes with the data order the loop's round r uses
+    (``seed_everything(seed * 100_003 + r)``), so a method minus this row at r removed is what its r removals
+    cost beyond the finetuning they came with (a start that is still learning gains in every round). Resumes
+    from the last finished round."""
+    path = run_dir / "state.pt"
+    saved = torch.load(path, weights_only=True) if path.is_file() else {"curve": [], "outcomes": {}, "wall_s": 0.0}
+    if saved["curve"]:
+        gm.load_state_dict(saved["model"])
+    base = evaluate_metrics(gm, loaders.val, DEVICE)["top1"] if not saved["curve"] else saved["base_top1"]
+    for rnd in range(len(saved["curve"]) + 1, args.max_removed + 1):
+        t0 = time.perf_counter()
+        seed_everything(seed * 100_003 + rnd, loaders.train)
+        finetune(gm, loaders.train, DEVICE, args.finetune_epochs, args.lr)
+        metrics = evaluate_metrics(gm, loaders.val, DEVICE)
+        saved["curve"].append((rnd, metrics["top1"]))
+        saved["outcomes"][str(rnd)] = as_bits(metrics["correct"])
+        saved.update(model=cpu_state(gm), base_top1=base, wall_s=saved["wall_s"] + time.perf_counter() - t0)
+        save_torch(saved, path)
+        print(f"control round {rnd}: {metrics['top1']:.2f}", flush=True)
+    return {"base_top1": base, "curve": saved["curve"], "removed": [], "sites": len(find_call_sites(gm)),
+            "within_budget": math.nan, "top1_within": math.nan, "rounds": args.max_removed,
+            "wall_s": saved["wall_s"], "finetune_epochs_total": args.max_removed * args.finetune_epochs,
+            "outcomes": saved["outcomes"]}
+
+
 def measure_speed(name: str, rows: list[dict], all_methods: dict[str, Method], args: argparse.Namespace) -> None:
     """The shipped speed-up of each finished cell of ``name`` that has none: its start with the within-budget
     removals, folded and exported, raced against the original ReLU model. Cells that ship the same structure
     (same rectifier, same removed sites) share one measurement. Run alone: a race beside a training is noise."""
-    todo = [r for r in rows if r["model"] == name and "speedup_b1" not in r]
+    todo = [r for r in rows if r["model"] == name and "speedup_b1" not in r and not all_methods[r["method"]].control]
     if not todo:
         return
     loaded, loaders, baseline = data(name, args)
@@ -257,7 +294,7 @@ def plot(rows: list[dict], all_methods: dict[str, Method], path: Path) -> None:
     models = sorted({r["model"] for r in rows}, key=list(MODELS).index)
     fig, axes = plt.subplots(1, len(models), figsize=(7 * len(models), 4.8), squeeze=False)
     for ax, name in zip(axes[0], models, strict=True):
-        base = next(r["base_top1"] for r in rows if r["model"] == name and r["method"] == "easier")
+        base = next(r["base_top1"] for r in rows if r["model"] == name and all_methods[r["method"]].swap is None)
         for key, method in all_methods.items():
             mine = [r for r in rows if r["model"] == name and r["method"] == key]
             if not mine:
@@ -265,6 +302,7 @@ def plot(rows: list[dict], all_methods: dict[str, Method], path: Path) -> None:
             xs = [0] + [k for k, _ in mine[0]["curve"]]
             ys = [mean([r["base_top1"] for r in mine])] + [mean([at(r["curve"], k) for r in mine]) for k in xs[1:]]
             style = {"marker": "*", "markersize": 12, "linestyle": "none"} if method.one_shot else \
+                {"color": "black", "linestyle": ":"} if method.control else \
                 {"marker": "o", "linestyle": "--" if method.swap else "-"}
             ax.plot(xs, ys, label=method.label + (f" ({len(mine)} seeds)" if len(mine) > 1 else ""), **style)
         ax.axhline(base - BUDGET, color="grey", linestyle="--", linewidth=1, label=f"budget ({BUDGET} point)")
@@ -307,7 +345,8 @@ def differences(mine: dict[str, list[dict]], all_methods: dict[str, Method], nam
              "| method | removed | per seed | verdict |", "|---|---|---|---|", *compared, ""]
     for k in ks:
         top1 = {key: mean([at(r["curve"], k) for r in rs]) for key, rs in mine.items()
-                if all_methods[key].swap is None and all(outcomes(r, k) is not None for r in rs)}
+                if all_methods[key].swap is None and not all_methods[key].control
+                and all(outcomes(r, k) is not None for r in rs)}
         if len(top1) < 2:
             continue
         best = max(top1, key=top1.get)
@@ -362,7 +401,8 @@ def table(rows: list[dict], all_methods: dict[str, Method], args: argparse.Names
             f"×{spread([r.get('speedup_b1', math.nan) for r in rs])}"])
         lines += ["", "Removed, in order (first seed):", ""]
         for key, rs in mine.items():
-            lines += wrapped(f"- {all_methods[key].label}: {' '.join(rs[0]['removed'])}", "  ")
+            if not all_methods[key].control:
+                lines += wrapped(f"- {all_methods[key].label}: {' '.join(rs[0]['removed'])}", "  ")
         lines += differences(mine, all_methods, name, (4, k))
         path = args.out / name / "tlc_vs_entropy.json"
         if path.is_file():

@@ -70,3 +70,44 @@ def test_a_winner_needs_someone_to_beat(compare) -> None:
                                 methods, "resnet20", (4,))
     assert any("| random order | 4 |" in line and "**behind**" in line for line in lines)
     assert "the winner." in " ".join(lines)
+
+
+def test_finetuning_alone_is_never_the_winner(compare) -> None:
+    """The control row (nothing removed) is the yardstick for what removing costs, not a method that removes."""
+    methods = compare.methods(argparse.Namespace(max_removed=6, finetune_epochs=1.0, entropy_reg=[0.1],
+                                                 entropy_tau=0.1))
+    lines = compare.differences({"easier": [row("easier", s, 1700) for s in (0, 1)],
+                                 "random": [row("random", s, 1600) for s in (0, 1)],
+                                 "control": [row("control", s, 1900) for s in (0, 1)]}, methods, "resnet20", (4,))
+    assert any("finetune only" in line and "**ahead**" in line for line in lines)
+    assert "highest mean top-1 EASIER" in " ".join(lines)
+
+
+def test_the_control_resumes_where_it_stopped(compare, tmp_path) -> None:
+    """Two rounds in one go and one round, stopped, then resumed to two give the same weights and outcomes: each
+    round seeds its own data order, as the loop's rounds do."""
+    import torch
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from easier_export.trace.tracing import trace
+
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(64, 3, 8, 8, generator=g), torch.randint(0, 4, (64,), generator=g)
+    loaders = argparse.Namespace(
+        train=DataLoader(TensorDataset(x, y), batch_size=16, shuffle=True, generator=torch.Generator()),
+        val=DataLoader(TensorDataset(x[:32], y[:32]), batch_size=16))
+
+    def model() -> torch.nn.Module:
+        torch.manual_seed(1)
+        return trace(torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.ReLU(), torch.nn.Flatten(),
+                                         torch.nn.Linear(144, 4)))
+
+    def args(rounds: int) -> argparse.Namespace:
+        return argparse.Namespace(max_removed=rounds, finetune_epochs=1.0, lr=0.1)
+
+    whole = compare.control_cell(model(), loaders, 3, tmp_path / "whole", args(2))
+    compare.control_cell(model(), loaders, 3, tmp_path / "split", args(1))
+    resumed = compare.control_cell(model(), loaders, 3, tmp_path / "split", args(2))
+    assert [r for r, _ in whole["curve"]] == [1, 2] and whole["removed"] == []
+    assert resumed["curve"] == whole["curve"] and resumed["outcomes"] == whole["outcomes"]
+    assert whole["curve"][0][1] != whole["curve"][1][1] and whole["sites"] == 1
