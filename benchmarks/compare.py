@@ -324,26 +324,37 @@ def method_rows(mine: dict[str, list[dict]], all_methods: dict[str, Method],
     return [f"| {all_methods[key].label} | {' | '.join(cells(rs))} |" for key, rs in mine.items()]
 
 
-def differences(mine: dict[str, list[dict]], all_methods: dict[str, Method], name: str,
-                ks: tuple[int, ...]) -> list[str]:
-    """Every method of ``mine`` (one model's cells by method) against EASIER at each removal count, then the best
-    ReLU method against the others."""
-    if "easier" not in mine:
-        return []
+def paired_table(mine: dict[str, list[dict]], all_methods: dict[str, Method], ks: tuple[int, ...], reference: str,
+                 title: str) -> list[str]:
+    """Every method of ``mine`` (one model's cells by method) minus ``reference`` at each removal count, per seed;
+    the control is only ever a reference, and the swapped-rectifier rows only against EASIER (against the ReLU
+    control their difference would mix the swap's cost with the removals')."""
     compared = []
     for key, rs in mine.items():
+        if key == reference or all_methods[key].control or (all_methods[key].swap and reference != "easier"):
+            continue
         for k in ks:
-            pairs = paired(rs, mine["easier"], k) if key != "easier" else []
+            pairs = paired(rs, mine[reference], k)
             if pairs:
                 per_seed = "; ".join(f"s{seed} {p.change:+.2f} [{interval(p)[0]:+.2f}, {interval(p)[1]:+.2f}]"
                                      for seed, p in pairs)
                 compared.append(f"| {all_methods[key].label} | {k} | {per_seed} | {verdict(pairs)} |")
     if not compared:
         return []
-    lines = ["", *wrapped(f"Paired differences ({name}): method minus EASIER at the same number removed, per seed "
-                          "both ran (in points, 95 % interval over the 5,000 val images)."), "",
-             "| method | removed | per seed | verdict |", "|---|---|---|---|", *compared, ""]
-    for k in ks:
+    return ["", *wrapped(title + ", per seed both ran (in points, 95 % interval over the 5,000 val images)."), "",
+            "| method | removed | per seed | verdict |", "|---|---|---|---|", *compared]
+
+
+def differences(mine: dict[str, list[dict]], all_methods: dict[str, Method], name: str,
+                ks: tuple[int, ...]) -> list[str]:
+    """Every method against EASIER at each removal count, the best ReLU method against the others, then what
+    each method's removals cost against finetuning alone."""
+    lines = []
+    if "easier" in mine:
+        lines += paired_table(mine, all_methods, ks, "easier",
+                              f"Paired differences ({name}): method minus EASIER at the same number removed")
+    best_lines = []
+    for k in ks if lines else ():
         top1 = {key: mean([at(r["curve"], k) for r in rs]) for key, rs in mine.items()
                 if all_methods[key].swap is None and not all_methods[key].control
                 and all(outcomes(r, k) is not None for r in rs)}
@@ -353,12 +364,17 @@ def differences(mine: dict[str, list[dict]], all_methods: dict[str, Method], nam
         others = [key for key in top1 if key != best]
         ahead = [key for key in others if verdict(paired(mine[best], mine[key], k)) == "**ahead**"]
         tied = [key for key in others if key not in ahead]
-        lines += wrapped(
+        best_lines += wrapped(
             f"- **Best at {k} removed** (named only where every seed's interval supports it): highest mean top-1 "
             f"{all_methods[best].label} ({top1[best]:.2f}%); "
             + (f"ahead in every seed of {', '.join(all_methods[key].label for key in ahead)}; " if ahead else "")
             + ("the winner." if not tied else
                f"not distinguishable from {', '.join(all_methods[key].label for key in tied)}: no winner."), "  ")
+    lines += ["", *best_lines] if best_lines else []
+    if "control" in mine:
+        lines += paired_table(mine, all_methods, ks, "control",
+                              f"What the removals cost ({name}): method at k removed minus the same start finetuned "
+                              "as many epochs with nothing removed (negative: the removals cost that much)")
     return lines
 
 
