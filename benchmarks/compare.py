@@ -450,6 +450,17 @@ def agreement(outs: list[Path], k: int) -> str:
     return "\n".join(lines) + "\n"
 
 
+def shard_arg(text: str) -> tuple[int, int]:
+    """``K/N`` with 0 ≤ K < N: a shard outside the range would run nothing and say nothing."""
+    try:
+        k, n = (int(x) for x in text.split("/"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not K/N (two integers)") from None
+    if not 0 <= k < n:
+        raise argparse.ArgumentTypeError(f"{text!r}: K must be in 0..N-1")
+    return k, n
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--models", nargs="+", default=["resnet20"], choices=list(MODELS))
@@ -466,7 +477,8 @@ def main() -> None:
                         help="strengths of the --entropy-reg rows (one row each)")
     parser.add_argument("--entropy-tau", type=float, default=0.1)
     parser.add_argument("--report-only", action="store_true", help="no new runs: rewrite table and plot")
-    parser.add_argument("--shard", default="0/1", help="K/N: run every N-th cell from the K-th (N side by side)")
+    parser.add_argument("--shard", type=shard_arg, default=(0, 1),
+                        help="K/N: run every N-th cell from the K-th (N side by side)")
     parser.add_argument("--speed", action="store_true",
                         help="no new runs: time the finished cells that have no speed-up yet (alone on the machine)")
     parser.add_argument("--bench-seconds", type=float, default=2.0)
@@ -481,7 +493,7 @@ def main() -> None:
     all_methods = methods(args)
     todo = [(m, k, s) for m in args.models for k in (args.methods or all_methods) for s in args.seeds]
     todo += [(m, k, s) for m in args.models for s in args.extra_seeds for k in args.extra_methods]
-    shard, shards = (int(x) for x in args.shard.split("/"))
+    shard, shards = args.shard
 
     def finished() -> list[dict]:
         return [json.loads(p.read_text()) for p in sorted(args.out.glob("*/*-s*.json"))]

@@ -115,3 +115,10 @@ def test_the_control_resumes_where_it_stopped(compare, tmp_path) -> None:
     assert [r for r, _ in whole["curve"]] == [1, 2] and whole["removed"] == []
     assert resumed["curve"] == whole["curve"] and resumed["outcomes"] == whole["outcomes"]
     assert whole["curve"][0][1] != whole["curve"][1][1] and whole["sites"] == 1
+
+
+def test_a_shard_outside_its_range_is_refused(compare) -> None:
+    assert compare.shard_arg("1/2") == (1, 2)
+    for bad in ("2/2", "-1/2", "1", "a/b", "0/0"):
+        with pytest.raises(argparse.ArgumentTypeError):
+            compare.shard_arg(bad)
