@@ -7,8 +7,8 @@ the same finetune budget per round for every method; each (model, method, seed) 
 vs activations removed (the paper's figure); "removed within budget" then applies EASIER's rule to the curve
 (the rounds before the first one more than 1 point below the start). Every cell is cached under
 runs/compare/<model>/ (a rerun skips finished cells; an interrupted cell resumes from its state.pt).
-The shipped ORT speed-up per cell: the start with the within-budget removals, folded (auto), exported and raced
-against the original (batch 1, 1 thread).
+The shipped ORT speed-up per cell: the start with the within-budget removals, folded the ways `compress` tries
+(the planner's merges, every merge, BatchNorm only), exported and raced against the original (batch 1, 1 thread).
 
 Per-image val outcomes at each removal count give paired differences between methods per seed; a method is called
 ahead or behind only where every seed agrees beyond its interval. Cells run side by side (``--shard K/N``, one core
@@ -396,8 +396,9 @@ def table(rows: list[dict], all_methods: dict[str, Method], args: argparse.Names
         f"{args.finetune_epochs} epoch) in one go (`--entropy-reg`: half with the penalty, half after the "
         f"removal). The rectifier ablation swaps every ReLU, finetunes {args.recover_epochs} epoch to recover, and "
         "measures its budget from that model. Values: mean over seeds (min–max). Speed-up: the within-budget model "
-        "folded (`--fold auto`), exported and raced against the original ReLU model (batch 1, 1 thread, low end "
-        "of the 95 % interval), afterwards and alone on the machine (`--speed`). Wall: the rounds' time.")
+        "folded the three ways `compress` tries (`--fold auto`, every merge, BatchNorm only), exported and raced "
+        "against the original ReLU model (batch 1, 1 thread; the best low end of a 95 % interval), afterwards and "
+        "alone on the machine (`--speed`). Wall: the rounds' time.")
     for name in MODELS:
         mine = {key: [r for r in rows if r["model"] == name and r["method"] == key] for key in all_methods}
         mine = {key: rs for key, rs in mine.items() if rs}

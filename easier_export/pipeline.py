@@ -31,7 +31,7 @@ from easier_export.ship.bench import bench, race
 from easier_export.ship.export import MIN_OPSET, eval_copy, export_onnx, mark_unverified, print_verify, verify_onnx
 from easier_export.ship.precision import PrecisionChoice
 from easier_export.ship.report import build_report, write_report
-from easier_export.ship.shipping import Shipment, Step, choose
+from easier_export.ship.shipping import Shipment, Step, choose, modes_for
 from easier_export.ship.tables import print_rounds, summary_table
 from easier_export.trace.edits import remove_sites
 from easier_export.trace.sites import find_call_sites
@@ -151,21 +151,25 @@ def _bench(exports: dict, example: torch.Tensor, cfg: CompressConfig, original: 
 
 def speedup_probe(original: nn.Module, example: torch.Tensor, work_dir: Path,
                   cfg: CompressConfig) -> Callable[[fx.GraphModule], float]:
-    """Measures what would ship after a round: fold (``cfg.fold``), export, race against the original on the
-    target at the smallest benchmark batch (the race that decides shipping) and return the low end of the
-    speed-up's 95 % interval: the speed-up reached beyond the noise (1.0 where the target cannot run). The
-    original is exported once, before the loop changes it."""
+    """Measures what would ship after a round: the model folded every way shipping tries (``modes_for``: the
+    planner's merges can lose in the whole model where an unmerged fold wins), each exported and raced against
+    the original on the target at the smallest benchmark batch (the race that decides shipping); returns the
+    best low end of a speed-up's 95 % interval: the speed-up reached beyond the noise (1.0 where the target
+    cannot run). The original is exported once, before the loop changes it."""
     base = Path(export_onnx(original, example, work_dir / "original.onnx", {}, cfg.simplify, cfg.opset)["path"])
     batch = min(cfg.bench_batches)
 
     def probe(model: fx.GraphModule) -> float:
-        folded, _ = fold_model(eval_copy(model), example, mode=cfg.fold, target=cfg.target,
-                               cache=latency_table_path(work_dir.parent, cfg), threads=cfg.threads,
-                               precision=cfg.planning_precision)
-        path = Path(export_onnx(folded, example, work_dir / "folded.onnx", {}, cfg.simplify, cfg.opset)["path"])
-        raced = race({"original": base, "folded": path}, "original", tuple(example.shape[1:]), cfg.target, batch,
+        files = {}
+        for mode in modes_for(cfg.fold, cfg.loop.relocates):
+            folded, _ = fold_model(eval_copy(model), example, mode=mode, target=cfg.target,
+                                   cache=latency_table_path(work_dir.parent, cfg), threads=cfg.threads,
+                                   precision=cfg.planning_precision)
+            path = work_dir / f"folded-{mode}.onnx"
+            files[mode] = Path(export_onnx(folded, example, path, {}, cfg.simplify, cfg.opset)["path"])
+        raced = race({"original": base, **files}, "original", tuple(example.shape[1:]), cfg.target, batch,
                      cfg.threads, max_seconds=cfg.bench_seconds)
-        return raced["folded"].low if raced else 1.0
+        return max(raced[mode].low for mode in files) if raced else 1.0
 
     return probe
 
