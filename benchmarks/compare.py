@@ -73,7 +73,7 @@ def methods(args: argparse.Namespace) -> dict[str, Method]:
     k, e = args.max_removed, args.finetune_epochs
     return {
         "easier": Method("EASIER (entropy)"),
-        "control": Method("finetune only, nothing removed (x = rounds)", control=True),
+        "control": Method("finetune only (control)", control=True),
         "random": Method("random order", {"criterion": "random"}),
         "layerfold": Method("Layer Folding", {"criterion": "layerfold"}),
         "egp": Method("EGP", {"criterion": "egp"}),
