@@ -45,7 +45,7 @@ from easier_export.core.stats import PairedChange, paired_accuracy_change
 from easier_export.loop.config import LoopConfig, Task
 from easier_export.loop.criteria.tlc import tlc_scores
 from easier_export.loop.entropy import measure
-from easier_export.loop.linearize import run_loop
+from easier_export.loop.linearize import round_seed, run_loop
 from easier_export.loop.state import cpu_state
 from easier_export.loop.train import evaluate_metrics, finetune, seed_everything
 from easier_export.pipeline import CompressConfig, kept_steps, speedup_probe
@@ -165,9 +165,8 @@ def as_bits(correct: torch.Tensor) -> str:
 
 def control_cell(gm: torch.nn.Module, loaders, seed: int, run_dir: Path, args: argparse.Namespace) -> dict:
     """The loop's rounds with nothing removed: round r finetunes with the data order the loop's round r uses
-    (``seed_everything(seed * 100_003 + r)``), so a method minus this row at r removed is what its r removals
-    cost beyond the finetuning they came with (a start that is still learning gains in every round). Resumes
-    from the last finished round."""
+    (``round_seed``), so a method minus this row at r removed is what its r removals cost beyond the finetuning
+    they came with (a start that is still learning gains in every round). Resumes from the last finished round."""
     path = run_dir / "state.pt"
     saved = torch.load(path, weights_only=True) if path.is_file() else {"curve": [], "outcomes": {}, "wall_s": 0.0}
     if saved["curve"]:
@@ -175,7 +174,7 @@ def control_cell(gm: torch.nn.Module, loaders, seed: int, run_dir: Path, args: a
     base = evaluate_metrics(gm, loaders.val, DEVICE)["top1"] if not saved["curve"] else saved["base_top1"]
     for rnd in range(len(saved["curve"]) + 1, args.max_removed + 1):
         t0 = time.perf_counter()
-        seed_everything(seed * 100_003 + rnd, loaders.train)
+        seed_everything(round_seed(seed, rnd), loaders.train)
         finetune(gm, loaders.train, DEVICE, args.finetune_epochs, args.lr)
         metrics = evaluate_metrics(gm, loaders.val, DEVICE)
         saved["curve"].append((rnd, metrics["top1"]))
@@ -191,8 +190,9 @@ def control_cell(gm: torch.nn.Module, loaders, seed: int, run_dir: Path, args: a
 
 def measure_speed(name: str, rows: list[dict], all_methods: dict[str, Method], args: argparse.Namespace) -> None:
     """The shipped speed-up of each finished cell of ``name`` that has none: its start with the within-budget
-    removals, folded and exported, raced against the original ReLU model. Cells that ship the same structure
-    (same rectifier, same removed sites) share one measurement. Run alone: a race beside a training is noise."""
+    removals, folded the ways shipping tries and exported, raced against the original ReLU model. Cells that ship
+    the same structure (same rectifier, same removed sites) share one measurement. Run alone: a race beside a
+    training is noise."""
     todo = [r for r in rows if r["model"] == name and "speedup_b1" not in r and not all_methods[r["method"]].control]
     if not todo:
         return

@@ -60,6 +60,12 @@ class _Run:
     probe: Callable[[fx.GraphModule], float] | None
 
 
+def round_seed(seed: int, rnd: int) -> int:
+    """The seed of round ``rnd`` (0: the baseline finetune) of a run seeded ``seed``: per round, so a resumed run
+    replays what an uninterrupted one does, and a benchmark's control can finetune on the same data order."""
+    return seed * 100_003 + rnd
+
+
 def run_loop(gm: fx.GraphModule, source: str, train_loader, val_loader, cfg: LoopConfig, device: torch.device,
              out_dir: Path, table: LatencyTable | None = None,
              probe: Callable[[fx.GraphModule], float] | None = None, task: Task = Task()) -> LoopResult:
@@ -100,7 +106,7 @@ def _start(gm: fx.GraphModule, expected: dict, cfg: LoopConfig, task: Task, trai
     """A new run: the original (finetuned first, with ``--baseline-epochs``) measured on the val split, stored."""
     state = LoopState(expected, 0.0)
     if cfg.baseline_epochs > 0:
-        seed_everything(cfg.seed * 100_003, train_loader)
+        seed_everything(round_seed(cfg.seed, 0), train_loader)
         with progress("finetune original (baseline)", math.ceil(cfg.baseline_epochs * len(train_loader))) as adv:
             finetune(gm, train_loader, device, cfg.baseline_epochs, cfg.lr, on_step=adv, optimizer=cfg.optimizer)
         state.baseline = cpu_state(gm)
@@ -138,10 +144,10 @@ def _round(current: fx.GraphModule, state: LoopState, run: _Run) -> tuple[fx.Gra
     if stopped is not None:
         return current, stopped
     t0 = time.perf_counter()
-    round_seed = cfg.seed * 100_003 + rnd
-    seed_everything(round_seed, run.train)
+    seed = round_seed(cfg.seed, rnd)
+    seed_everything(seed, run.train)
     scored = current if cfg.entropy_reg == 0 else _regularised(current, sites, run)
-    scores, stats = score_sites(scored, sites, run.train, run.device, cfg, round_seed, run.task.pad_id)
+    scores, stats = score_sites(scored, sites, run.train, run.device, cfg, seed, run.task.pad_id)
     if rnd == 1:
         state.entropy0 = [s.to_dict() for s in stats.values()]
     chosen, us_saved = choose(scores, cfg, state.history, state.removed, run.groups)
@@ -149,7 +155,7 @@ def _round(current: fx.GraphModule, state: LoopState, run: _Run) -> tuple[fx.Gra
         state.finished = True  # exhausted: no stop rule can reopen it
         save_state(run.out_dir, state)
         return current, "no candidate left" + (" with a measured saving" if run.groups is not None else "")
-    candidate, stand_in = _candidate(scored, chosen, rnd, round_seed, run)
+    candidate, stand_in = _candidate(scored, chosen, rnd, seed, run)
     record = _judge(candidate, state, run, rnd, chosen, min(scores[n] for n in chosen), us_saved, stand_in, t0)
     if record.within_budget:
         current = _keep(candidate, state, record, run)
