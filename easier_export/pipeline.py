@@ -31,7 +31,7 @@ from easier_export.ship.bench import bench, race
 from easier_export.ship.export import MIN_OPSET, eval_copy, export_onnx, mark_unverified, print_verify, verify_onnx
 from easier_export.ship.precision import PrecisionChoice
 from easier_export.ship.report import build_report, write_report
-from easier_export.ship.shipping import Shipment, Step, choose, modes_for
+from easier_export.ship.shipping import Shipment, Step, choose, modes_for, same_file
 from easier_export.ship.tables import print_rounds, summary_table
 from easier_export.trace.edits import remove_sites
 from easier_export.trace.sites import find_call_sites
@@ -165,8 +165,10 @@ def speedup_probe(original: nn.Module, example: torch.Tensor, work_dir: Path,
             folded, _ = fold_model(eval_copy(model), example, mode=mode, target=cfg.target,
                                    cache=latency_table_path(work_dir.parent, cfg), threads=cfg.threads,
                                    precision=cfg.planning_precision)
-            path = work_dir / f"folded-{mode}.onnx"
-            files[mode] = Path(export_onnx(folded, example, path, {}, cfg.simplify, cfg.opset)["path"])
+            path = Path(export_onnx(folded, example, work_dir / f"folded-{mode}.onnx", {}, cfg.simplify,
+                                    cfg.opset)["path"])
+            if not any(same_file(path, other) for other in files.values()):  # one graph under two modes: raced once
+                files[mode] = path
         raced = race({"original": base, **files}, "original", tuple(example.shape[1:]), cfg.target, batch,
                      cfg.threads, max_seconds=cfg.bench_seconds)
         return max(raced[mode].low for mode in files) if raced else 1.0

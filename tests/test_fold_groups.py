@@ -135,3 +135,18 @@ def test_speedup_probe_gives_the_speedup_reached_beyond_the_noise(tmp_path, monk
     assert probe(linear) == 1.2 and probe(linear) == 1.04
     assert raced == [["all", "none", "original"]] * 2
     assert all((tmp_path / "probe" / f"folded-{mode}.onnx").is_file() for mode in ("all", "none"))
+
+
+def test_speedup_probe_races_one_graph_once(tmp_path, monkeypatch) -> None:
+    """Where no merge applies, every fold mode exports the same graph: it is raced once, not against itself."""
+    from easier_export import pipeline
+    from easier_export.core.stats import Speedup
+    from easier_export.load.arch import DemoInvRes
+
+    raced = []
+    monkeypatch.setattr(pipeline, "race", lambda files, *a, **k: raced.append(sorted(files)) or {
+        "all": Speedup(1.0, 0.97, 1.03, 6)})
+    gm = trace(DemoInvRes().eval())
+    cfg = pipeline.CompressConfig(fold="all", bench_batches=(1,), bench_seconds=0.2)
+    assert pipeline.speedup_probe(gm, torch.randn(1, 1, 16, 16), tmp_path / "probe", cfg)(gm) == 0.97
+    assert raced == [["all", "original"]]
