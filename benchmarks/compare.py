@@ -29,6 +29,7 @@ import sys
 import textwrap
 import time
 import traceback
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -60,7 +61,7 @@ BUDGET = 1.0  # points of top-1 below the start: EASIER's rule, applied to each 
 
 @dataclass(frozen=True)
 class Method:
-    """One line of the figure: LoopConfig overrides, and a rectifier to swap ReLU for before the loop."""
+    """One line of the figure: LoopConfig overrides, and a rectifier to swap the model's own for before the loop."""
 
     label: str
     loop: dict = field(default_factory=dict)
@@ -85,9 +86,9 @@ def methods(args: argparse.Namespace) -> dict[str, Method]:
                                           {"one_shot": k, "entropy_reg": reg, "entropy_tau": args.entropy_tau,
                                            "finetune_epochs": k * e / 2}, one_shot=True)
            for reg in args.entropy_reg},
-        "leaky_relu": Method("EASIER, ReLU → LeakyReLU", swap="leaky_relu"),
-        "gelu": Method("EASIER, ReLU → GELU", swap="gelu"),
-        "silu": Method("EASIER, ReLU → SiLU", swap="silu"),
+        "leaky_relu": Method("EASIER, rectifier → LeakyReLU", swap="leaky_relu"),
+        "gelu": Method("EASIER, rectifier → GELU", swap="gelu"),
+        "silu": Method("EASIER, rectifier → SiLU", swap="silu"),
     }
 
 
@@ -101,8 +102,8 @@ def data(name: str, args: argparse.Namespace):
 def start(name: str, loaded, loaders, epochs: float, out: Path, swap: str | None, args) -> torch.nn.Module:
     """The traced original after its baseline finetune (and a rectifier swap + recovery), cached once."""
     path = out / ("start.pt" if swap is None else f"start-{swap}.pt")
-    gm = trace(loaded.model.eval()) if swap is None else swap_rectifiers(start(name, loaded, loaders, epochs, out,
-                                                                               None, args), "relu", swap)
+    gm = trace(loaded.model.eval()) if swap is None else swapped(start(name, loaded, loaders, epochs, out, None,
+                                                                       args), swap)
     if path.is_file():
         gm.load_state_dict(torch.load(path, weights_only=True))
         return gm
@@ -110,6 +111,17 @@ def start(name: str, loaded, loaders, epochs: float, out: Path, swap: str | None
     finetune(gm, loaders.train, DEVICE, epochs if swap is None else args.recover_epochs, args.lr)
     save_torch(cpu_state(gm), path)
     return gm
+
+
+def native_rectifier(gm: torch.fx.GraphModule) -> str:
+    """The rectifier the model was trained with (its most common call-site kind): what the ablation swaps out."""
+    return Counter(site.op for site in find_call_sites(gm)).most_common(1)[0][0]
+
+
+def swapped(gm: torch.fx.GraphModule, swap: str) -> torch.fx.GraphModule:
+    """``gm`` with its own rectifier swapped for ``swap`` at every call site (ReLU in the ResNets, ReLU6 in
+    MobileNetV2)."""
+    return swap_rectifiers(gm, native_rectifier(gm), swap)
 
 
 def within_budget(curve: list[tuple[int, float]], base: float) -> tuple[int, float]:
@@ -122,16 +134,20 @@ def within_budget(curve: list[tuple[int, float]], base: float) -> tuple[int, flo
     return kept, top1
 
 
-def cell(name: str, key: str, method: Method, seed: int, args: argparse.Namespace) -> dict:
+def cell(name: str, key: str, method: Method, seed: int, args: argparse.Namespace) -> dict | None:
     """One (model, method, seed): its curve, the removals within budget, and per removal count the per-image
-    val outcomes (from the round's saved weights), for paired differences between methods. No timing: cells run
-    side by side; ``--speed`` times them afterwards, alone."""
+    val outcomes (from the round's saved weights), for paired differences between methods; None for a swap to the
+    model's own rectifier (nothing to ablate). No timing: cells run side by side; ``--speed`` times them
+    afterwards, alone."""
     out = args.out / name
     done = out / f"{key}-s{seed}.json"
     if done.is_file():
         return json.loads(done.read_text())
     print(f"== {name} {key} seed {seed}", flush=True)
     loaded, loaders, baseline = data(name, args)
+    if method.swap == native_rectifier(trace(loaded.model.eval())):
+        print(f"skipped: {name} already runs {method.swap}", flush=True)
+        return None
     gm = start(name, loaded, loaders, baseline, out, method.swap, args)
     if method.control:
         row = control_cell(gm, loaders, seed, out / f"{key}-s{seed}", args)
@@ -190,7 +206,7 @@ def control_cell(gm: torch.nn.Module, loaders, seed: int, run_dir: Path, args: a
 
 def measure_speed(name: str, rows: list[dict], all_methods: dict[str, Method], args: argparse.Namespace) -> None:
     """The shipped speed-up of each finished cell of ``name`` that has none: its start with the within-budget
-    removals, folded the ways shipping tries and exported, raced against the original ReLU model. Cells that ship
+    removals, folded the ways shipping tries and exported, raced against the original model. Cells that ship
     the same structure (same rectifier, same removed sites) share one measurement. Run alone: a race beside a
     training is noise."""
     todo = [r for r in rows if r["model"] == name and "speedup_b1" not in r and not all_methods[r["method"]].control]
@@ -206,7 +222,7 @@ def measure_speed(name: str, rows: list[dict], all_methods: dict[str, Method], a
         swap = all_methods[row["method"]].swap
         sites = tuple(sorted(row["removed"][:row["within_budget"]]))
         if (swap, sites) not in measured:
-            gm = original if swap is None else swap_rectifiers(original, "relu", swap)
+            gm = original if swap is None else swapped(original, swap)
             measured[swap, sites] = probe((remove_sites(gm, list(sites)) if sites else gm).eval())
             print(f"{name} {swap or 'relu'} {len(sites)} removed: ×{measured[swap, sites]:.2f}", flush=True)
         row["speedup_b1"] = measured[swap, sites]
@@ -327,7 +343,7 @@ def method_rows(mine: dict[str, list[dict]], all_methods: dict[str, Method],
 def paired_table(mine: dict[str, list[dict]], all_methods: dict[str, Method], ks: tuple[int, ...], reference: str,
                  title: str) -> list[str]:
     """Every method of ``mine`` (one model's cells by method) minus ``reference`` at each removal count, per seed;
-    the control is only ever a reference, and the swapped-rectifier rows only against EASIER (against the ReLU
+    the control is only ever a reference, and the swapped-rectifier rows only against EASIER (against the
     control their difference would mix the swap's cost with the removals')."""
     compared = []
     for key, rs in mine.items():
@@ -347,7 +363,7 @@ def paired_table(mine: dict[str, list[dict]], all_methods: dict[str, Method], ks
 
 def differences(mine: dict[str, list[dict]], all_methods: dict[str, Method], name: str,
                 ks: tuple[int, ...]) -> list[str]:
-    """Every method against EASIER at each removal count, the best ReLU method against the others, then what
+    """Every method against EASIER at each removal count, the best unswapped method against the others, then what
     each method's removals cost against finetuning alone."""
     lines = []
     if "easier" in mine:
@@ -394,10 +410,11 @@ def table(rows: list[dict], all_methods: dict[str, Method], args: argparse.Names
         f"'Within budget' applies EASIER's rule to the curve: the removals before the first round more than "
         f"{BUDGET} point below the start. One-shot methods get the iterative runs' total finetuning ({k} × "
         f"{args.finetune_epochs} epoch) in one go (`--entropy-reg`: half with the penalty, half after the "
-        f"removal). The rectifier ablation swaps every ReLU, finetunes {args.recover_epochs} epoch to recover, and "
+        f"removal). The rectifier ablation swaps every rectifier (ReLU in the "
+        f"ResNets, ReLU6 in MobileNetV2) for another, finetunes {args.recover_epochs} epoch to recover, and "
         "measures its budget from that model. Values: mean over seeds (min–max). Speed-up: the within-budget model "
         "folded the three ways `compress` tries (`--fold auto`, every merge, BatchNorm only), exported and raced "
-        "against the original ReLU model (batch 1, 1 thread; the best low end of a 95 % interval), afterwards and "
+        "against the original model (batch 1, 1 thread; the best low end of a 95 % interval), afterwards and "
         "alone on the machine (`--speed`). Wall: the rounds' time.")
     for name in MODELS:
         mine = {key: [r for r in rows if r["model"] == name and r["method"] == key] for key in all_methods}

@@ -122,3 +122,15 @@ def test_a_shard_outside_its_range_is_refused(compare) -> None:
     for bad in ("2/2", "-1/2", "1", "a/b", "0/0"):
         with pytest.raises(argparse.ArgumentTypeError):
             compare.shard_arg(bad)
+
+
+def test_the_ablation_swaps_the_rectifier_the_model_was_trained_with(compare) -> None:
+    from torch import nn
+
+    from easier_export.trace.sites import find_call_sites
+    from easier_export.trace.tracing import trace
+
+    gm = trace(nn.Sequential(nn.Conv2d(3, 4, 1), nn.ReLU6(), nn.Conv2d(4, 4, 1), nn.ReLU6(), nn.Conv2d(4, 2, 1),
+                             nn.ReLU()))
+    assert compare.native_rectifier(gm) == "relu6"
+    assert [site.op for site in find_call_sites(compare.swapped(gm, "silu"))] == ["silu", "silu", "relu"]
