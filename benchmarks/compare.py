@@ -145,7 +145,7 @@ def cell(name: str, key: str, method: Method, seed: int, args: argparse.Namespac
         return json.loads(done.read_text())
     print(f"== {name} {key} seed {seed}", flush=True)
     loaded, loaders, baseline = data(name, args)
-    if method.swap == native_rectifier(trace(loaded.model.eval())):
+    if method.swap is not None and method.swap == native_rectifier(trace(loaded.model.eval())):
         print(f"skipped: {name} already runs {method.swap}", flush=True)
         return None
     gm = start(name, loaded, loaders, baseline, out, method.swap, args)

@@ -26,7 +26,7 @@ import onnxruntime as ort
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from latency_aware import MODELS  # noqa: E402
+from latency_aware import MODELS, weights_of  # noqa: E402
 
 from easier_export.core import ort as core_ort  # noqa: E402
 from easier_export.core.ort import cpu_name  # noqa: E402
@@ -38,15 +38,15 @@ from easier_export.trace.edits import remove_sites  # noqa: E402
 from easier_export.trace.tracing import trace  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-OPSET = 18
 
 
-def study_model(model: str, cell: str, study: Path, trained: Path) -> torch.fx.GraphModule:
-    """The study's start model of ``model`` with ``cell``'s within-budget removals (compare.py's cached files)."""
-    arch, weights, _ = MODELS[model]
-    gm = trace(load_model(arch, weights=weights or trained / f"{arch}.pt").model.eval())
-    gm.load_state_dict(torch.load(study / model / "start.pt", weights_only=True))
-    row = json.loads((study / model / f"{cell}.json").read_text())
+def study_model(args: argparse.Namespace) -> torch.fx.GraphModule:
+    """The study's start model of ``--model`` with ``--cell``'s within-budget removals (compare.py's cached
+    files)."""
+    study = args.study / args.model
+    gm = trace(load_model(MODELS[args.model][0], weights=weights_of(args.model, args)).model.eval())
+    gm.load_state_dict(torch.load(study / "start.pt", weights_only=True))
+    row = json.loads((study / f"{args.cell}.json").read_text())
     return remove_sites(gm, row["removed"][:row["within_budget"]]).eval()
 
 
@@ -60,7 +60,7 @@ def folds(gm: torch.fx.GraphModule, out: Path) -> tuple[dict[str, Path], list[st
         models[f"merge {i} alone"] = fold_model(gm, example, mode="auto", replay=[r.nodes])[0]
     files = {}
     for i, (label, model) in enumerate(models.items()):
-        files[label] = Path(export_onnx(model, example, out / f"fold-{i}.onnx", {}, True, OPSET)["path"])
+        files[label] = Path(export_onnx(model, example, out / f"fold-{i}.onnx")["path"])
     return files, [f"merge {i}: {r.detail} ({r.us_before:.2f} → {r.us_after:.2f} µs alone)"
                    for i, r in enumerate(merges)]
 
@@ -97,7 +97,7 @@ def main() -> None:
     torch.set_num_threads(1)
     out = args.study / args.model / "merge_interaction"
     out.mkdir(parents=True, exist_ok=True)
-    files, merges = folds(study_model(args.model, args.cell, args.study, args.trained), out)
+    files, merges = folds(study_model(args), out)
     found = races(files, args.repeats, args.seconds, core_ort.session_options)
     columns = [f"race {i + 1}" for i in range(len(found))]
     if args.no_arena:
