@@ -224,7 +224,7 @@ def measure_speed(name: str, rows: list[dict], all_methods: dict[str, Method], a
         if (swap, sites) not in measured:
             gm = original if swap is None else swapped(original, swap)
             measured[swap, sites] = probe((remove_sites(gm, list(sites)) if sites else gm).eval())
-            print(f"{name} {swap or 'relu'} {len(sites)} removed: ×{measured[swap, sites]:.2f}", flush=True)
+            print(f"{name} {swap or 'own rectifier'} {len(sites)} removed: ×{measured[swap, sites]:.2f}", flush=True)
         row["speedup_b1"] = measured[swap, sites]
         save_json(row, args.out / name / f"{row['method']}-s{row['seed']}.json")
 
@@ -244,7 +244,7 @@ def tlc_vs_entropy(name: str, args: argparse.Namespace) -> dict:
     def ranks(d: dict) -> torch.Tensor:
         return torch.tensor([sorted(names, key=lambda n: d[n]).index(n) for n in names], dtype=torch.float64)
 
-    rho = float(torch.corrcoef(torch.stack([ranks(predicted), ranks(measured)]))[0, 1])
+    rho = float(torch.corrcoef(torch.stack([ranks(predicted), ranks(measured)]))[0, 1]) if len(names) > 1 else None
     row = {"sites_with_bn": len(names), "sites": len(sites), "spearman": rho,
            "predicted": predicted, "measured": measured}
     save_json(row, path)
@@ -442,6 +442,9 @@ def table(rows: list[dict], all_methods: dict[str, Method], args: argparse.Names
         if path.is_file():
             t = json.loads(path.read_text())
             lines += [""] + wrapped(
+                f"TLC's prediction vs the measured entropy: {t['sites_with_bn']} of the {t['sites']} call sites are "
+                "fed directly by a BatchNorm, too few to rank; `--criterion tlc` uses the measured entropy at the "
+                f"other {t['sites'] - t['sites_with_bn']}." if t["spearman"] is None else
                 f"TLC's prediction vs the measured entropy: on the {t['sites_with_bn']} of {t['sites']} call sites "
                 f"fed directly by a BatchNorm, the rank correlation (Spearman ρ) between Φ(β/|γ|)-predicted and "
                 f"measured entropy (20 batches, train mode) is **{t['spearman']:.2f}**."
