@@ -441,15 +441,18 @@ def table(rows: list[dict], all_methods: dict[str, Method], args: argparse.Names
         path = args.out / name / "tlc_vs_entropy.json"
         if path.is_file():
             t = json.loads(path.read_text())
-            lines += [""] + wrapped(
-                f"TLC's prediction vs the measured entropy: {t['sites_with_bn']} of the {t['sites']} call sites are "
-                "fed directly by a BatchNorm, too few to rank; `--criterion tlc` uses the measured entropy at the "
-                f"other {t['sites'] - t['sites_with_bn']}." if t["spearman"] is None else
-                f"TLC's prediction vs the measured entropy: on the {t['sites_with_bn']} of {t['sites']} call sites "
-                f"fed directly by a BatchNorm, the rank correlation (Spearman ρ) between Φ(β/|γ|)-predicted and "
-                f"measured entropy (20 batches, train mode) is **{t['spearman']:.2f}**."
-                + (" The other sites (after a residual add) have no BatchNorm to read: `--criterion tlc` uses their "
-                   "measured entropy." if t["sites_with_bn"] < t["sites"] else ""))
+            if t["spearman"] is None:
+                finding = (f"{t['sites_with_bn']} of the {t['sites']} call sites are fed directly by a BatchNorm, too "
+                           "few to rank; `--criterion tlc` uses the measured entropy at the other "
+                           f"{t['sites'] - t['sites_with_bn']}.")
+            else:
+                finding = (f"on the {t['sites_with_bn']} of {t['sites']} call sites fed directly by a BatchNorm, the "
+                           "rank correlation (Spearman ρ) between Φ(β/|γ|)-predicted and measured entropy (20 "
+                           f"batches, train mode) is **{t['spearman']:.2f}**.")
+                if t["sites_with_bn"] < t["sites"]:
+                    finding += (" The other sites (after a residual add) have no BatchNorm to read: `--criterion tlc` "
+                                "uses their measured entropy.")
+            lines += [""] + wrapped(f"TLC's prediction vs the measured entropy: {finding}")
     return "\n".join(lines) + "\n"
 
 
