@@ -5,8 +5,9 @@ One data set (../shared CIFAR-10 JPEGs), one start per model (the original after
 the same finetune budget per round for every method; each (model, method, seed) runs the loop with
 ``--max-drop`` out of the way (every round kept, up to ``--max-removed``), so each method draws a curve of top-1
 vs activations removed (the paper's figure); "removed within budget" then applies EASIER's rule to the curve
-(the rounds before the first one more than 1 point below the start). Every cell is cached under
-runs/compare/<model>/ (a rerun skips finished cells; an interrupted cell resumes from its state.pt).
+(the rounds before the first one more than 1 point below the start). A finished cell is a small JSON under
+benchmarks/compare_cells/<model>/, committed, so the study survives a fresh checkout (a rerun skips it); the heavy
+state (the cached start, an interrupted cell's state.pt, which it resumes from) lives under runs/compare/<model>/.
 The shipped ORT speed-up per cell: the start with the within-budget removals, folded the ways `compress` tries
 (the planner's merges, every merge, BatchNorm only), exported and raced against the original (batch 1, 1 thread).
 
@@ -22,6 +23,7 @@ each); ``--speed`` then times them alone:
 from __future__ import annotations
 
 import argparse
+import base64
 import json
 import math
 import os
@@ -34,6 +36,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -140,7 +143,7 @@ def cell(name: str, key: str, method: Method, seed: int, args: argparse.Namespac
     model's own rectifier (nothing to ablate). No timing: cells run side by side; ``--speed`` times them
     afterwards, alone."""
     out = args.out / name
-    done = out / f"{key}-s{seed}.json"
+    done = args.cells / name / f"{key}-s{seed}.json"
     if done.is_file():
         return json.loads(done.read_text())
     print(f"== {name} {key} seed {seed}", flush=True)
@@ -175,8 +178,10 @@ def cell(name: str, key: str, method: Method, seed: int, args: argparse.Namespac
 
 
 def as_bits(correct: torch.Tensor) -> str:
-    """Per-image val outcomes as a string of 0/1, the compact form a cell's JSON keeps for paired tests."""
-    return "".join("1" if c > 0.5 else "0" for c in correct.tolist())
+    """Per-image val outcomes packed 8 to a byte, in base64 after their count: what a committed cell keeps for
+    paired tests (5,000 images in 840 characters)."""
+    flags = (correct > 0.5).numpy().astype(np.uint8)
+    return f"{len(flags)}:" + base64.b64encode(np.packbits(flags, bitorder="little").tobytes()).decode()
 
 
 def control_cell(gm: torch.nn.Module, loaders, seed: int, run_dir: Path, args: argparse.Namespace) -> dict:
@@ -226,12 +231,12 @@ def measure_speed(name: str, rows: list[dict], all_methods: dict[str, Method], a
             measured[swap, sites] = probe((remove_sites(gm, list(sites)) if sites else gm).eval())
             print(f"{name} {swap or 'own rectifier'} {len(sites)} removed: ×{measured[swap, sites]:.2f}", flush=True)
         row["speedup_b1"] = measured[swap, sites]
-        save_json(row, args.out / name / f"{row['method']}-s{row['seed']}.json")
+        save_json(row, args.cells / name / f"{row['method']}-s{row['seed']}.json")
 
 
 def tlc_vs_entropy(name: str, args: argparse.Namespace) -> dict:
     """TLC's predicted entropy vs the measured one on the start model's BN → act sites (Spearman ρ)."""
-    path = args.out / name / "tlc_vs_entropy.json"
+    path = args.cells / name / "tlc_vs_entropy.json"
     if path.is_file():
         return json.loads(path.read_text())
     loaded, loaders, baseline = data(name, args)
@@ -268,8 +273,13 @@ def at(curve: list, k: int) -> float:
 
 
 def outcomes(row: dict, k: int) -> torch.Tensor | None:
-    bits = row.get("outcomes", {}).get(str(k))
-    return None if bits is None else torch.tensor([c == "1" for c in bits], dtype=torch.float64)
+    """``as_bits`` read back: 1.0 where the image was classified correctly at ``k`` removed."""
+    packed = row.get("outcomes", {}).get(str(k))
+    if packed is None:
+        return None
+    count, payload = packed.split(":")
+    flags = np.unpackbits(np.frombuffer(base64.b64decode(payload), np.uint8), count=int(count), bitorder="little")
+    return torch.from_numpy(flags.astype(np.float64))
 
 
 def paired(a: list[dict], b: list[dict], k: int) -> list[tuple[int, PairedChange]]:
@@ -438,7 +448,7 @@ def table(rows: list[dict], all_methods: dict[str, Method], args: argparse.Names
             if not all_methods[key].control:
                 lines += wrapped(f"- {all_methods[key].label}: {' '.join(rs[0]['removed'])}", "  ")
         lines += differences(mine, all_methods, name, (4, k))
-        path = args.out / name / "tlc_vs_entropy.json"
+        path = args.cells / name / "tlc_vs_entropy.json"
         if path.is_file():
             t = json.loads(path.read_text())
             if t["spearman"] is None:
@@ -457,7 +467,7 @@ def table(rows: list[dict], all_methods: dict[str, Method], args: argparse.Names
 
 
 def agreement(outs: list[Path], k: int) -> str:
-    """Do two seeds of one method agree at ``k`` removed? Per finetune budget (one ``--out`` each), method and
+    """Do two seeds of one method agree at ``k`` removed? Per finetune budget (one ``--cells`` folder each), method and
     seed: top-1 at 1..k removed, the gap between the method's seeds at ``k``, the sites and the cell's wall time.
     Measured before the study, to choose its finetune budget."""
     lines = ["| epochs / round | method | seed | top-1 at 1..k removed | gap at k (seeds) | removed, in order | wall |",
@@ -507,7 +517,9 @@ def main() -> None:
                         help="no new runs: time the finished cells that have no speed-up yet (alone on the machine)")
     parser.add_argument("--bench-seconds", type=float, default=2.0)
     parser.add_argument("--agreement", type=Path, nargs="+", default=None,
-                        help="no new runs: print the seed-agreement table of these --out folders (one per budget)")
+                        help="no new runs: print the seed-agreement table of these --cells folders (one per budget)")
+    parser.add_argument("--cells", type=Path, default=ROOT / "benchmarks" / "compare_cells",
+                        help="finished cells (small JSON, committed); --out keeps the heavy state")
     common_args(parser, "compare", "compare", entropy_batches=5, workers=1)
     args = parse(parser)
     if args.agreement:
@@ -520,7 +532,7 @@ def main() -> None:
     shard, shards = args.shard
 
     def finished() -> list[dict]:
-        return [json.loads(p.read_text()) for p in sorted(args.out.glob("*/*-s*.json"))]
+        return [json.loads(p.read_text()) for p in sorted(args.cells.glob("*/*-s*.json"))]
 
     def write() -> None:
         rows = finished()

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 
 import pytest
+import torch
 from conftest import benchmark_script
 
 N = 2000
@@ -17,41 +18,53 @@ def compare():
         yield module
 
 
-def row(method: str, seed: int, right: int, k: int = 4, first: int = 0) -> dict:
+def row(compare, method: str, seed: int, right: int, k: int = 4, first: int = 0) -> dict:
     """A cell whose model at ``k`` removed gets images first..first+right-1 right (of N)."""
-    bits = "".join("1" if first <= i < first + right else "0" for i in range(N))
+    correct = torch.tensor([1.0 if first <= i < first + right else 0.0 for i in range(N)])
     return {"model": "resnet20", "method": method, "seed": seed, "curve": [(k, 100.0 * right / N)],
-            "outcomes": {str(k): bits}}
+            "outcomes": {str(k): compare.as_bits(correct)}}
+
+
+def test_outcomes_survive_packing(compare) -> None:
+    """A committed cell keeps per-image outcomes packed: they read back image for image, whatever the count."""
+    for n in (1, 7, 8, 9, 5000):
+        correct = (torch.arange(n) * 7919 % 3 == 0).to(torch.float32)
+        packed = {"outcomes": {"4": compare.as_bits(correct)}}
+        assert torch.equal(compare.outcomes(packed, 4), correct.to(torch.float64))
+    assert len(compare.as_bits(torch.ones(5000))) < 850
 
 
 def test_ahead_in_every_seed(compare) -> None:
-    pairs = compare.paired([row("a", 0, 1900), row("a", 1, 1880)], [row("b", 0, 1700), row("b", 1, 1720)], 4)
+    a = [row(compare, "a", 0, 1900), row(compare, "a", 1, 1880)]
+    b = [row(compare, "b", 0, 1700), row(compare, "b", 1, 1720)]
+    pairs = compare.paired(a, b, 4)
     assert [seed for seed, _ in pairs] == [0, 1]
     assert pairs[0][1].change == pytest.approx(10.0) and pairs[1][1].change == pytest.approx(8.0)
     assert compare.verdict(pairs) == "**ahead**"
-    assert compare.verdict(compare.paired([row("b", 0, 1700), row("b", 1, 1720)],
-                                          [row("a", 0, 1900), row("a", 1, 1880)], 4)) == "**behind**"
+    assert compare.verdict(compare.paired(b, a, 4)) == "**behind**"
 
 
 def test_one_seed_against_it_is_noise(compare) -> None:
     """Seed 0 far ahead, seed 1 level: not a property of the method."""
-    pairs = compare.paired([row("a", 0, 1900), row("a", 1, 1700)], [row("b", 0, 1700), row("b", 1, 1700)], 4)
+    pairs = compare.paired([row(compare, "a", 0, 1900), row(compare, "a", 1, 1700)],
+                           [row(compare, "b", 0, 1700), row(compare, "b", 1, 1700)], 4)
     assert compare.verdict(pairs) == "not distinguishable"
 
 
 def test_same_accuracy_on_other_images_is_not_a_difference(compare) -> None:
     """Equal top-1 but 200 images swapped: the interval spans zero, however many images disagree."""
-    pairs = compare.paired([row("a", s, 1700, first=200) for s in (0, 1)], [row("b", s, 1700) for s in (0, 1)], 4)
+    pairs = compare.paired([row(compare, "a", s, 1700, first=200) for s in (0, 1)],
+                           [row(compare, "b", s, 1700) for s in (0, 1)], 4)
     assert all(p.change == 0 and p.discordant == 400 and p.bound < 0 for _, p in pairs)
     assert compare.verdict(pairs) == "not distinguishable"
 
 
 def test_only_shared_seeds_and_counts_pair(compare) -> None:
     """A seed or a removal count one method lacks (a one-shot run has only its K) is not paired."""
-    assert compare.paired([row("a", 0, 1900), row("a", 2, 1900)], [row("b", 0, 1700)], 4) != []
-    assert compare.verdict(compare.paired([row("a", 0, 1900), row("a", 2, 1900)], [row("b", 0, 1700)], 4)) \
-        == "one seed only"
-    assert compare.paired([row("a", 0, 1900, k=6)], [row("b", 0, 1700)], 4) == []
+    a, b = [row(compare, "a", 0, 1900), row(compare, "a", 2, 1900)], [row(compare, "b", 0, 1700)]
+    assert compare.paired(a, b, 4) != []
+    assert compare.verdict(compare.paired(a, b, 4)) == "one seed only"
+    assert compare.paired([row(compare, "a", 0, 1900, k=6)], [row(compare, "b", 0, 1700)], 4) == []
 
 
 def test_within_budget_stops_at_the_first_miss(compare) -> None:
@@ -64,9 +77,9 @@ def test_a_winner_needs_someone_to_beat(compare) -> None:
     """One method alone is not called the winner; against a method it leads in both seeds it is."""
     methods = compare.methods(argparse.Namespace(max_removed=6, finetune_epochs=1.0, entropy_reg=[0.1],
                                                  entropy_tau=0.1))
-    easier = [row("easier", s, 1900) for s in (0, 1)]
+    easier = [row(compare, "easier", s, 1900) for s in (0, 1)]
     assert compare.differences({"easier": easier}, methods, "resnet20", (4,)) == []
-    lines = compare.differences({"easier": easier, "random": [row("random", s, 1700) for s in (0, 1)]},
+    lines = compare.differences({"easier": easier, "random": [row(compare, "random", s, 1700) for s in (0, 1)]},
                                 methods, "resnet20", (4,))
     assert any("| random order | 4 |" in line and "**behind**" in line for line in lines)
     assert "the winner." in " ".join(lines)
@@ -77,9 +90,10 @@ def test_finetuning_alone_is_the_yardstick_not_a_method(compare) -> None:
     what its removals cost."""
     methods = compare.methods(argparse.Namespace(max_removed=6, finetune_epochs=1.0, entropy_reg=[0.1],
                                                  entropy_tau=0.1))
-    lines = compare.differences({"easier": [row("easier", s, 1700) for s in (0, 1)],
-                                 "random": [row("random", s, 1600) for s in (0, 1)],
-                                 "control": [row("control", s, 1900) for s in (0, 1)]}, methods, "resnet20", (4,))
+    lines = compare.differences({"easier": [row(compare, "easier", s, 1700) for s in (0, 1)],
+                                 "random": [row(compare, "random", s, 1600) for s in (0, 1)],
+                                 "control": [row(compare, "control", s, 1900) for s in (0, 1)]},
+                                methods, "resnet20", (4,))
     split = next(i for i, line in enumerate(lines) if line.startswith("What the removals cost"))
     ranked, cost = " ".join(lines[:split]), lines[split:]
     assert "highest mean top-1 EASIER" in ranked and "finetune only" not in ranked
@@ -90,7 +104,6 @@ def test_finetuning_alone_is_the_yardstick_not_a_method(compare) -> None:
 def test_the_control_resumes_where_it_stopped(compare, tmp_path) -> None:
     """Two rounds in one go and one round, stopped, then resumed to two give the same weights and outcomes: each
     round seeds its own data order, as the loop's rounds do."""
-    import torch
     from torch.utils.data import DataLoader, TensorDataset
 
     from easier_export.trace.tracing import trace
