@@ -10,6 +10,7 @@ run() { OMP_NUM_THREADS=1 .venv/bin/python benchmarks/compare.py --shard "$K/2" 
           >> "runs/compare-q-$K.log" 2>&1; }
 mkdir -p runs
 run --models vit --methods easier random control egp layerfold
-run --models resnet32 --methods easier control one-shot entropy-reg-0.1 gradient sparsity entropy-reg-0.5 \
-    leaky_relu gelu silu
+run --models resnet32 --methods easier control
+run --models resnet32 vit --methods one-shot entropy-reg-0.1 gradient sparsity entropy-reg-0.5
+run --models resnet32 --methods leaky_relu gelu silu
 run --models resnet32 vit --methods random --seeds 2 3 4
