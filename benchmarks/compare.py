@@ -137,13 +137,28 @@ def within_budget(curve: list[tuple[int, float]], base: float) -> tuple[int, flo
     return kept, top1
 
 
+def cell_file(cells: Path, name: str, key: str, seed: int) -> Path:
+    """Where a finished cell of ``name`` lives (committed, so the study survives a fresh checkout)."""
+    return cells / name / f"{key}-s{seed}.json"
+
+
+def tlc_file(cells: Path, name: str) -> Path:
+    """Where TLC's prediction vs the measured entropy of ``name`` lives, beside its cells."""
+    return cells / name / "tlc_vs_entropy.json"
+
+
+def read_cells(cells: Path) -> list[dict]:
+    """Every finished cell under ``cells``, one folder per model."""
+    return [json.loads(p.read_text()) for p in sorted(cells.glob("*/*-s*.json"))]
+
+
 def cell(name: str, key: str, method: Method, seed: int, args: argparse.Namespace) -> dict | None:
     """One (model, method, seed): its curve, the removals within budget, and per removal count the per-image
     val outcomes (from the round's saved weights), for paired differences between methods; None for a swap to the
     model's own rectifier (nothing to ablate). No timing: cells run side by side; ``--speed`` times them
     afterwards, alone."""
     out = args.out / name
-    done = args.cells / name / f"{key}-s{seed}.json"
+    done = cell_file(args.cells, name, key, seed)
     if done.is_file():
         return json.loads(done.read_text())
     print(f"== {name} {key} seed {seed}", flush=True)
@@ -231,12 +246,12 @@ def measure_speed(name: str, rows: list[dict], all_methods: dict[str, Method], a
             measured[swap, sites] = probe((remove_sites(gm, list(sites)) if sites else gm).eval())
             print(f"{name} {swap or 'own rectifier'} {len(sites)} removed: ×{measured[swap, sites]:.2f}", flush=True)
         row["speedup_b1"] = measured[swap, sites]
-        save_json(row, args.cells / name / f"{row['method']}-s{row['seed']}.json")
+        save_json(row, cell_file(args.cells, name, row["method"], row["seed"]))
 
 
 def tlc_vs_entropy(name: str, args: argparse.Namespace) -> dict:
     """TLC's predicted entropy vs the measured one on the start model's BN → act sites (Spearman ρ)."""
-    path = args.cells / name / "tlc_vs_entropy.json"
+    path = tlc_file(args.cells, name)
     if path.is_file():
         return json.loads(path.read_text())
     loaded, loaders, baseline = data(name, args)
@@ -448,7 +463,7 @@ def table(rows: list[dict], all_methods: dict[str, Method], args: argparse.Names
             if not all_methods[key].control:
                 lines += wrapped(f"- {all_methods[key].label}: {' '.join(rs[0]['removed'])}", "  ")
         lines += differences(mine, all_methods, name, (4, k))
-        path = args.cells / name / "tlc_vs_entropy.json"
+        path = tlc_file(args.cells, name)
         if path.is_file():
             t = json.loads(path.read_text())
             if t["spearman"] is None:
@@ -473,7 +488,7 @@ def agreement(outs: list[Path], k: int) -> str:
     lines = ["| epochs / round | method | seed | top-1 at 1..k removed | gap at k (seeds) | removed, in order | wall |",
              "|---|---|---|---|---|---|---|"]
     for out in outs:
-        rows = [json.loads(p.read_text()) for p in sorted(out.glob("*/*-s*.json"))]
+        rows = read_cells(out)
         for key in dict.fromkeys(r["method"] for r in rows):
             mine = sorted((r for r in rows if r["method"] == key), key=lambda r: r["seed"])
             gap = max(at(r["curve"], k) for r in mine) - min(at(r["curve"], k) for r in mine)
@@ -531,18 +546,15 @@ def main() -> None:
     todo += [(m, k, s) for m in args.models for s in args.extra_seeds for k in args.extra_methods]
     shard, shards = args.shard
 
-    def finished() -> list[dict]:
-        return [json.loads(p.read_text()) for p in sorted(args.cells.glob("*/*-s*.json"))]
-
     def write() -> None:
-        rows = finished()
+        rows = read_cells(args.cells)
         if rows:
             args.table.write_text(table(rows, all_methods, args))
             plot(rows, all_methods, args.table.with_name("compare.png"))
 
     if args.speed:
         for name in args.models:
-            measure_speed(name, finished(), all_methods, args)
+            measure_speed(name, read_cells(args.cells), all_methods, args)
     elif not args.report_only:
         for name in args.models:
             tlc_vs_entropy(name, args)
